@@ -1,0 +1,79 @@
+r"""Byte-level decoder-only Transformer LM on Shakespeare.
+
+python scripts/train.py --config=configs/lm.py:tiny --workdir=runs/tiny
+
+Presets (the part after the colon):
+  tiny   ~0.8M params: the CPU demo and tests (8 simulated devices).
+  small  ~26M params: a single accelerator.
+  1b     ~1.1B params: TPU pod slices / GPU nodes (FSDP over all devices).
+  bench  the reference shapes of ../shared/bench/ref_lm.py (GELU MLP, tied
+         embeddings, seq 256, batch 16) for scripts/benchmark.py.
+Override anything: --config.mesh.fsdp=4 --config.train.steps=100 ...
+"""
+import ml_collections
+
+SIZES = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
+                 max_len=256),
+    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                  d_ff=1408, max_len=1024),
+    # TinyLlama-like shapes: 22 x (GQA 32/4 heads, SwiGLU 5632).
+    "1b": dict(d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+               d_ff=5632, max_len=2048, scan_layers=True, remat="full"),
+    # Same FLOPs per token as the reference: GELU MLP with 4x width.
+    "bench": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
+                  d_ff=1024, max_len=256, mlp="gelu"),
+}
+
+
+def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  if size not in SIZES:
+    raise ValueError(f"configs/lm.py:{size} is unknown; use one of "
+                     f"{sorted(SIZES)}.")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(
+      name="transformer",
+      vocab_size=256,  # Bytes.
+      mlp="swiglu",
+      tie_embeddings=True,
+      scan_layers=False,  # True: nnx.scan over layers (faster compile).
+      remat="none",  # none | full | dots | dots_no_batch.
+      **SIZES[size])
+  # Device mesh; one axis may be -1 (all remaining devices). The demo and the
+  # tests use the 8 simulated CPU devices as data=2 x fsdp=2 x tensor=2.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  accel = size in ("small", "1b")
+  c.precision = dict(
+      compute_dtype="bfloat16" if accel else "float32",
+      param_dtype="float32")  # Params and optimizer state stay float32.
+  c.optimizer = dict(
+      name="adamw",  # adamw | adafactor | lion | sgd | momentum | adagrad.
+      learning_rate=3e-3 if size in ("tiny", "bench") else 3e-4,
+      schedule="cosine",  # constant | cosine | linear (after warmup).
+      warmup_steps=50 if size in ("tiny", "bench") else 2000,
+      end_learning_rate_fraction=0.1,
+      b1=0.9, b2=0.95,
+      weight_decay=0.1,  # Decoupled; masked off vectors (norms, biases).
+      grad_clip_norm=1.0)
+  c.train = dict(
+      steps=600 if size in ("tiny", "bench") else 100_000,
+      batch_size=32 if size in ("tiny", "bench") else 256,  # Global.
+      grad_accum_steps=1,  # Microbatches per step (same math, less memory).
+      log_every=20,
+      eval_every=200,
+      eval_batches=8,  # Fixed validation batches per eval.
+      checkpoint_every=200,
+      max_checkpoints=3)
+  c.data = dict(
+      corpus="shakespeare",  # shakespeare | python_stdlib | text_dir.
+      text_dir="",  # For corpus=text_dir: a directory of .txt files.
+      data_dir="",  # tfds data dir; "" = $LM_DATA_DIR or ~/.cache/lm/...
+      tokenizer="byte",
+      seq_len=0)  # Training window; 0 = config.model.max_len.
+  if size == "bench":
+    c.train.batch_size = 16
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+  if size == "1b":
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  return c

@@ -1,0 +1,188 @@
+"""From a prepared tfds corpus to batches: the grain pipeline.
+
+tfds.data_source (random access over documents) -> byte tokens, documents
+joined with an end-of-document token -> non-overlapping windows of
+max_len + 1 tokens -> this process's share -> shuffle (a new order every
+epoch, fixed by the seed) -> batch. Windows, not documents, are shuffled: a
+corpus of 42 plays would give a very coarse shuffle otherwise.
+
+The iterator is a grain `DatasetIterator`: its state is checkpointed with the
+model so a resumed run reads exactly the batches the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+from pathlib import Path
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lm.data import sources, text_corpus, tokenizer as tokenizer_lib
+
+CORPORA = ("shakespeare", "python_stdlib", "text_dir")
+
+
+def seq_len(config) -> int:
+  """Training window length: config.data.seq_len, or the model's max_len."""
+  return config.data.get("seq_len", 0) or config.model.max_len
+
+
+def data_dir(data_cfg) -> Path:
+  path = data_cfg.get("data_dir") or os.environ.get("LM_DATA_DIR") or \
+      "~/.cache/lm/tensorflow_datasets"
+  return Path(os.path.expanduser(path))
+
+
+def builder(data_cfg) -> tfds.core.DatasetBuilder:
+  corpus = data_cfg.corpus
+  if corpus not in CORPORA:
+    raise sources.DataError(f"config.data.corpus={corpus!r} is unknown; use "
+                            f"one of {CORPORA}.")
+  config = (text_corpus.text_dir_config(data_cfg.text_dir)
+            if corpus == "text_dir" else corpus)
+  return text_corpus.TextCorpus(config=config, data_dir=str(data_dir(data_cfg)),
+                                file_format="array_record")
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+  """Serializes preparation across processes (e.g. parallel test workers)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
+  """Prepares the corpus once (idempotent, safe to call concurrently)."""
+  tfds.disable_progress_bar()
+  b = builder(data_cfg)
+  root = data_dir(data_cfg)
+  with _lock(root / f".prepare-{b.name}-{b.builder_config.name}.lock"):
+    if not b.is_prepared():
+      manual_dir = root / "downloads" / "manual"
+      if data_cfg.corpus == "shakespeare":
+        # tfds wants the manual dir filled before it starts.
+        sources.fetch_shakespeare(manual_dir)
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual_dir)))
+  return b
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTokens:
+  tokens: np.ndarray  # All documents of the split, each followed by EOS.
+  num_bytes: int  # UTF-8 bytes of text behind those tokens.
+
+  @property
+  def bytes_per_token(self) -> float:
+    return self.num_bytes / len(self.tokens)
+
+
+def load_tokens(b: tfds.core.DatasetBuilder, split: str,
+                tok) -> SplitTokens:
+  source = b.as_data_source(split=split)
+  pieces, num_bytes = [], 0
+  eos = np.array([tok.eos_id], np.int32)
+  for i in range(len(source)):
+    text = source[i]["text"]
+    ids = tok.encode(text)
+    if len(ids):
+      pieces += [ids.astype(np.int32), eos]
+      num_bytes += tok.num_bytes(text)
+  if not pieces:
+    raise sources.DataError(f"The {split!r} split of {b.builder_config.name!r}"
+                            f" in {b.data_dir} is empty.")
+  dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
+  return SplitTokens(np.concatenate(pieces).astype(dtype), num_bytes)
+
+
+class Windows(grain.sources.RandomAccessDataSource):
+  """Non-overlapping windows of `length` + 1 tokens (inputs + shifted targets)."""
+
+  def __init__(self, tokens: np.ndarray, length: int):
+    self.tokens = tokens
+    self.length = length
+
+  def __len__(self) -> int:
+    return (len(self.tokens) - 1) // self.length
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    start = int(i) * self.length
+    return self.tokens[start:start + self.length + 1].astype(np.int32)
+
+
+def _process_windows(tokens, length, process_index, process_count):
+  """This process's share: every process_count-th window."""
+  return grain.MapDataset.source(
+      Windows(tokens, length))[process_index::process_count]
+
+
+def train_iterator(tokens: np.ndarray, *, length: int, batch_size: int,
+                   seed: int, process_index: int = 0, process_count: int = 1):
+  """Endless shuffled batches of `batch_size` (this process's share)."""
+  windows = _process_windows(tokens, length, process_index, process_count)
+  if len(windows) < batch_size:
+    raise sources.DataError(
+        f"The training split has {len(windows)} windows of "
+        f"config.data.seq_len+1={length + 1} tokens for this process, fewer "
+        f"than one batch of {batch_size}: lower config.train.batch_size or "
+        "config.model.max_len, or add text.")
+  ds = (windows.shuffle(seed=seed).repeat()
+        .batch(batch_size, drop_remainder=True)
+        .map(lambda tokens: {"tokens": tokens}))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                   prefetch_buffer_size=2)))
+
+
+def eval_batches(tokens: np.ndarray, *, length: int, batch_size: int,
+                 max_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
+  """The first `max_batches` batches of the split, in order (deterministic)."""
+  windows = _process_windows(tokens, length, process_index, process_count)
+  n = min(max_batches, len(windows) // batch_size)
+  if n == 0:
+    raise sources.DataError(
+        f"The validation split has {len(windows)} windows of "
+        f"config.data.seq_len+1={length + 1} tokens, fewer than one batch of "
+        f"{batch_size}: lower config.train.batch_size or config.model.max_len.")
+  return [{"tokens": np.stack([windows[b * batch_size + i]
+                               for i in range(batch_size)])}
+          for b in range(n)]
+
+
+@dataclasses.dataclass
+class Data:
+  train: object  # grain DatasetIterator of {"tokens": B_local x (L+1)}.
+  eval: list[dict]  # Fixed validation batches.
+  tokenizer: object
+  eval_bytes_per_token: float
+
+
+def make(config, process_index: int = 0, process_count: int = 1) -> Data:
+  """Prepares (if needed) and opens the corpus named by `config.data`."""
+  tok = tokenizer_lib.get(config.data.tokenizer)
+  b = prepare(config.data)
+  length = seq_len(config)
+  local_batch = config.train.batch_size // process_count
+  train_tokens = load_tokens(b, "train", tok)
+  val_tokens = load_tokens(b, "validation", tok)
+  return Data(
+      train=train_iterator(train_tokens.tokens, length=length,
+                           batch_size=local_batch, seed=config.seed,
+                           process_index=process_index,
+                           process_count=process_count),
+      eval=eval_batches(val_tokens.tokens, length=length,
+                        batch_size=local_batch,
+                        max_batches=config.train.eval_batches,
+                        process_index=process_index,
+                        process_count=process_count),
+      tokenizer=tok,
+      eval_bytes_per_token=val_tokens.bytes_per_token)

@@ -1,0 +1,87 @@
+"""Building blocks shared by two or more models: dense, norm, rotary embedding.
+
+Every parameter is created with logical axis names (see `lm/parallel/rules.py`)
+through `param_init`; nothing here knows about meshes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param_init(initializer, *names: str | None):
+  """Attaches logical axis names to an initializer.
+
+  `eager_sharding=False`: the names are logical, not mesh axes, so flax must
+  not try to shard the value with them when it is created; the trainer maps
+  them to mesh axes through the rules table and shards the whole state at once.
+  """
+  return nnx.with_partitioning(initializer, names, eager_sharding=False)
+
+
+def fan_in_normal(fan_in: int):
+  return nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+class Einsum(nnx.Module):
+  """A weight of any shape contracted with the input by an einsum equation.
+
+  Used for every projection so attention weights keep their head axes
+  (D x H x K rather than D x HK) and can be named and sharded per axis.
+  """
+
+  def __init__(self, equation: str, shape: Sequence[int],
+               names: Sequence[str | None], *, fan_in: int, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.equation = equation
+    self.dtype = dtype
+    init = param_init(fan_in_normal(fan_in), *names)
+    self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.equation, x.astype(self.dtype),
+                      self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with its statistics in float32 whatever the compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    del rngs  # Deterministic init; the argument keeps constructors uniform.
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(param_init(nnx.initializers.ones, "norm")(
+        None, (dim,), param_dtype))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    y = x * inv_rms * self.scale[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
+         base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  half = x_BxLxHxK.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xK2 = (positions_BxL.astype(jnp.float32)[:, :, None, None]
+                    * inv_freq)
+  sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+REMAT_POLICIES = {
+    "none": None,  # No rematerialization: keep every activation.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}

@@ -1,0 +1,255 @@
+"""Decoder-only Transformer LM: RoPE, RMSNorm (pre-norm), grouped-query
+attention, SwiGLU (or GELU) MLP, optional tied embeddings, optional scan over
+layers with a configurable remat policy.
+
+The same blocks serve a bidirectional encoder (`causal=False`).
+
+Shapes: B batch, L query length, S key/cache length, D d_model, F d_ff,
+H query heads, N kv heads, K head dim, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.models import layers
+from lm.parallel import constrain
+
+Cache = dict[str, jax.Array]  # {"k": [layers] B x S x N x K, "v": same}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int = 256
+  max_len: int = 256  # Positional limit: longest sequence (or KV cache).
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  d_ff: int = 512
+  head_dim: int = 0  # 0: d_model // n_heads.
+  mlp: str = "swiglu"  # "swiglu" | "gelu".
+  rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  causal: bool = True
+  scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
+  remat: str = "none"  # A key of layers.REMAT_POLICIES.
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation.
+  dtype: str = "float32"  # Compute dtype.
+  param_dtype: str = "float32"
+
+  @property
+  def k(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    D, H, N, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.k
+    dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q = dense("bld,dhk->blhk", (D, H, K), ("embed", "heads", "head_dim"),
+                   fan_in=D)
+    self.k = dense("bld,dnk->blnk", (D, N, K),
+                   ("embed", "kv_heads", "head_dim"), fan_in=D)
+    self.v = dense("bld,dnk->blnk", (D, N, K),
+                   ("embed", "kv_heads", "head_dim"), fan_in=D)
+    self.o = dense("blhk,hkd->bld", (H, K, D), ("heads", "head_dim", "embed"),
+                   fan_in=H * K)
+    self.cfg = cfg
+
+  def __call__(self, x_BxLxD, positions_BxL, cache: Cache | None,
+               cache_index):
+    cfg = self.cfg
+    q_BxLxHxK = layers.rope(self.q(x_BxLxD), positions_BxL, cfg.rope_base)
+    k_BxLxNxK = layers.rope(self.k(x_BxLxD), positions_BxL, cfg.rope_base)
+    v_BxLxNxK = self.v(x_BxLxD)
+    q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
+    k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
+    v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
+    if cache is None:
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, is_causal=cfg.causal,
+          implementation=cfg.attention_impl)
+      new_cache = None
+    else:
+      # Decoding: write this chunk's keys/values at cache_index, then attend
+      # to every filled cache slot at or before each query's position.
+      start = (0, cache_index, 0, 0)
+      k_BxSxNxK = jax.lax.dynamic_update_slice(
+          cache["k"], k_BxLxNxK.astype(cache["k"].dtype), start)
+      v_BxSxNxK = jax.lax.dynamic_update_slice(
+          cache["v"], v_BxLxNxK.astype(cache["v"].dtype), start)
+      L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
+      q_pos_L = cache_index + jnp.arange(L)
+      mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
+      out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxSxNxK.astype(q_BxLxHxK.dtype),
+          v_BxSxNxK.astype(q_BxLxHxK.dtype), mask=mask_LxS[None, None],
+          implementation=cfg.attention_impl)
+      new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
+    return self.o(out_BxLxHxK), new_cache
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    D, F = cfg.d_model, cfg.d_ff
+    dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs)
+    if cfg.mlp == "swiglu":
+      self.gate = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
+    self.up = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
+    self.down = dense("blf,fd->bld", (F, D), ("mlp", "embed"), fan_in=F)
+    self.kind = cfg.mlp
+
+  def __call__(self, x_BxLxD):
+    if self.kind == "swiglu":
+      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+    else:
+      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD))
+    h_BxLxF = constrain(h_BxLxF, "batch", "length", "act_mlp")
+    return self.down(h_BxLxF)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block. Under tensor parallelism the attention and MLP
+  outputs are each reduced once over `tensor` (row-parallel o / down)."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    norm = functools.partial(layers.RMSNorm, cfg.d_model, eps=cfg.norm_eps,
+                             dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             rngs=rngs)
+    self.attn_norm = norm()
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = norm()
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, cache=None, cache_index=None):
+    h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cache,
+                               cache_index)
+    x_BxLxD = x_BxLxD + h_BxLxD
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return constrain(x_BxLxD, "batch", "length", "act_embed"), cache
+
+
+class Transformer(nnx.Module):
+  """Token ids -> hidden states; `Model` adds the LM head."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.cfg = cfg
+    embed_init = layers.param_init(
+        nnx.initializers.normal(stddev=cfg.d_model ** -0.5), "vocab", "embed")
+    self.embedding = nnx.Param(embed_init(
+        rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.param_dtype))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return Block(cfg, rngs)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps,
+                                     dtype=cfg.dtype,
+                                     param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0)
+    return constrain(x_BxLxD.astype(self.cfg.dtype), "batch", "length",
+                     "act_embed")
+
+  def __call__(self, tokens_BxL, positions_BxL=None, cache=None,
+               cache_index=None):
+    cfg = self.cfg
+    if positions_BxL is None:
+      start = 0 if cache_index is None else cache_index
+      positions_BxL = start + jnp.broadcast_to(
+          jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    x_BxLxD = self.embed(tokens_BxL)
+    policy = layers.REMAT_POLICIES[cfg.remat]
+
+    def run_block(block, x_BxLxD, layer_cache):
+      return block(x_BxLxD, positions_BxL, layer_cache, cache_index)
+
+    if cfg.remat != "none":
+      run_block = nnx.remat(run_block, policy=policy)
+
+    if cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def scan_blocks(block, x_BxLxD, layer_cache):
+        return run_block(block, x_BxLxD, layer_cache)
+      x_BxLxD, new_cache = scan_blocks(self.blocks, x_BxLxD, cache)
+    else:
+      new_layers = []
+      for i, block in enumerate(self.blocks):
+        layer_cache = None if cache is None else jax.tree.map(
+            lambda c: c[i], cache)
+        x_BxLxD, c = run_block(block, x_BxLxD, layer_cache)
+        new_layers.append(c)
+      new_cache = None if cache is None else jax.tree.map(
+          lambda *c: jnp.stack(c), *new_layers)
+    return self.final_norm(x_BxLxD), new_cache
+
+
+class Model(nnx.Module):
+  """Decoder-only LM: tokens -> float32 logits (and an updated KV cache)."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.transformer = Transformer(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.head = layers.Einsum(
+          "bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+          fan_in=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          rngs=rngs)
+
+  def __call__(self, tokens_BxL, positions_BxL=None, cache: Cache | None = None,
+               cache_index=None) -> tuple[jax.Array, Cache | None]:
+    x_BxLxD, cache = self.transformer(tokens_BxL, positions_BxL, cache,
+                                      cache_index)
+    if self.cfg.tie_embeddings:
+      embedding_VxD = self.transformer.embedding[...].astype(self.cfg.dtype)
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD)
+    else:
+      logits_BxLxV = self.head(x_BxLxD)
+    logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
+    # The loss and sampling read float32 logits whatever the compute dtype.
+    return logits_BxLxV.astype(jnp.float32), cache
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.k)
+    dtype = dtype or cfg.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+  """Analytic training FLOPs per token (forward + backward = 3x forward).
+
+  Counts matmuls only: projections, MLP, LM head, and the two attention
+  matmuls over the full L x L score matrix (what the XLA kernel computes,
+  although half of it is masked for causal attention).
+  """
+  D, F, H, N, K, V = (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads,
+                      cfg.k, cfg.vocab_size)
+  mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+  per_layer = 2 * (D * H * K * 2 + D * N * K * 2 + mlp_mats * D * F)
+  per_layer += 2 * 2 * seq_len * H * K  # q.k^T and p.v
+  forward = cfg.n_layers * per_layer + 2 * D * V
+  return 3.0 * forward
+
+
+def make(cfg: Config, rngs: nnx.Rngs) -> Model:
+  return Model(cfg, rngs)
+
+

@@ -1,0 +1,71 @@
+"""Builds the device mesh from `config.mesh`."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+# Order matters: data-like axes first so that on real hardware the innermost
+# (fastest interconnect) axis carries the most traffic (tensor parallel).
+AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
+                  axes: Sequence[str] = AXES) -> dict[str, int]:
+  """Fills in the single -1 axis so the product equals `num_devices`.
+
+  Raises ValueError naming `config.mesh.*` when that is impossible.
+  """
+  sizes = {a: int(mesh_config.get(a, 1)) for a in axes}
+  unknown = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: mesh axis sizes "
+                     "must be positive, or -1 for 'all remaining devices'.")
+  if len(unknown) > 1:
+    raise ValueError(f"config.mesh: only one axis may be -1, got {unknown}; "
+                     "set all but one to explicit sizes.")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if unknown:
+    if num_devices % known:
+      raise ValueError(
+          f"config.mesh: the fixed axes multiply to {known}, which does not "
+          f"divide the {num_devices} devices, so config.mesh.{unknown[0]}=-1 "
+          "cannot be filled in; pick sizes whose product divides "
+          f"{num_devices}.")
+    sizes[unknown[0]] = num_devices // known
+  elif known != num_devices:
+    shape = ", ".join(f"{a}={s}" for a, s in sizes.items())
+    raise ValueError(
+        f"config.mesh: {shape} multiplies to {known} but there are "
+        f"{num_devices} devices; make the product {num_devices}, or set one "
+        "axis to -1 to use all remaining devices.")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all (or the given) devices with axes `AXES`.
+
+  Axis types are Auto: shardings are propagated by XLA from the in/out
+  shardings and our `with_sharding_constraint` hints. (jax 0.10 defaults to
+  Explicit axes, under which every sharded contraction would need an explicit
+  `out_sharding`.)
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = resolve_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in AXES)
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split (data x fsdp)."""
+  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))

@@ -1,0 +1,102 @@
+"""Logical axis names -> mesh axes: the only place logical names are mapped.
+
+Parameters and activations are annotated with logical names (see the table
+below); a strategy is a choice of mesh shape plus this table, never model code.
+
+Letters used in tensor names across the project:
+  B batch, L length (query), S length (key/value, cache), D model width,
+  F mlp hidden, H query heads, N kv heads, K head dim, V vocab.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """Logical axis -> mesh axis. The field names are the logical axis names.
+
+  Parameters: `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`,
+  `norm`, `layers`. Activations use the `act_*` names, which differ from the
+  parameter names because FSDP shards a weight's `embed` dimension but never an
+  activation's.
+  """
+  # Parameters.
+  embed: MeshAxes = "fsdp"  # ZeRO-3: every weight is split over fsdp ...
+  mlp: MeshAxes = "tensor"  # ... and Megatron splits the MLP hidden ...
+  heads: MeshAxes = "tensor"  # ... and the attention heads over tensor.
+  kv_heads: MeshAxes = "tensor"
+  head_dim: MeshAxes = None
+  vocab: MeshAxes = "tensor"
+  norm: MeshAxes = None  # Norm scales are tiny: replicate them.
+  layers: MeshAxes = None  # Stacked (scanned) layer axis.
+  # Activations.
+  batch: MeshAxes = ("data", "fsdp")
+  length: MeshAxes = None
+  act_embed: MeshAxes = None
+  act_mlp: MeshAxes = "tensor"
+  act_heads: MeshAxes = "tensor"
+  act_kv_heads: MeshAxes = "tensor"
+  act_vocab: MeshAxes = "tensor"
+
+  def __call__(self, *names: str | None) -> P:
+    return P(*(self.mesh_axes(n) for n in names))
+
+  def mesh_axes(self, name: str | None) -> MeshAxes:
+    if name is None:
+      return None
+    if not hasattr(self, name):
+      raise KeyError(f"Unknown logical axis name {name!r}; known: "
+                     f"{[f.name for f in dataclasses.fields(self)]}.")
+    return getattr(self, name)
+
+  def spec(self, logical: P | tuple | None) -> P:
+    """A logical PartitionSpec (as stored in parameter metadata) -> mesh spec."""
+    if logical is None:
+      return P()
+    return self(*logical)
+
+
+_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
+    "lm_rules", default=Rules())
+
+
+def current() -> Rules:
+  return _RULES.get()
+
+
+@contextlib.contextmanager
+def use(rules: Rules):
+  """Makes `rules` the table used by `constrain` (and by trainer helpers)."""
+  token = _RULES.set(rules)
+  try:
+    yield rules
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Constrains an activation's sharding by logical names.
+
+  A no-op when no mesh is active (e.g. a model called eagerly in a unit test),
+  so model code can call it unconditionally.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, current()(*names))
+
+
+def tree_specs(logical_specs: Any, rules: Rules | None = None) -> Any:
+  """Maps a tree of logical PartitionSpecs to a tree of mesh PartitionSpecs."""
+  rules = rules or current()
+  return jax.tree.map(rules.spec, logical_specs,
+                      is_leaf=lambda x: isinstance(x, P) or x is None)

@@ -1,0 +1,2 @@
+"""Training: state, pure steps, optimizers, checkpoints and the loop."""
+from lm.train.loop import run

@@ -1,0 +1,197 @@
+"""The training loop: validate -> mesh -> data -> sharded state (restored if a
+checkpoint exists) -> jitted steps -> metrics, evals, checkpoints.
+
+The loop never has more than `MAX_IN_FLIGHT` steps dispatched ahead of the
+host: it reads each step's loss (a scalar) one step behind, which also lets it
+stop on the first non-finite loss. Unbounded async dispatch over many
+simulated devices can trip XLA:CPU's collective rendezvous timeout.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lm import data as data_lib
+from lm import validation
+from lm.parallel import make_mesh, rules as rules_lib
+from lm.parallel.mesh import describe
+from lm.train import checkpoint as ckpt_lib
+from lm.train import state as state_lib
+from lm.train import step as step_lib
+from lm.train.metrics_log import MetricsLog, log
+
+MAX_IN_FLIGHT = 2
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT ask the loop to checkpoint and exit at the next step.
+
+  A second Ctrl-C interrupts at once (orbax discards the partial save).
+  """
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    log(f"{self.requested} received: saving a checkpoint, then stopping.")
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def write_config(config, workdir: Path) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = workdir / "config.json.tmp"
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  tmp.replace(workdir / "config.json")  # Atomic: never a half-written file.
+
+
+def evaluate(eval_step, params, batches, setup, bytes_per_token: float
+             ) -> dict[str, float]:
+  loss_sum, count = 0.0, 0.0
+  for batch in batches:
+    out = jax.device_get(eval_step(params, _global(batch, setup)))
+    loss_sum += float(out["loss_sum"])
+    count += float(out["count"])
+  loss = loss_sum / count
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": loss / math.log(2) / bytes_per_token}
+
+
+def _global(batch: dict, setup: state_lib.Setup) -> dict:
+  """Host-local rows -> one global array sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(
+      setup.batch_sharding(v.ndim), np.asarray(v)) for k, v in batch.items()}
+
+
+def run(config, workdir: str | Path, *, stop_at_step: int | None = None
+        ) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns final metrics.
+
+  `stop_at_step` checkpoints and returns after that step, as a preemption
+  would (for tests and for splitting a run into pieces).
+  """
+  validation.validate(config)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  total = config.train.steps
+  mesh = make_mesh(config.mesh)
+  data = data_lib.make(config, jax.process_index(), jax.process_count())
+  write_config(config, workdir)
+
+  rules = rules_lib.Rules()
+  with jax.set_mesh(mesh), rules_lib.use(rules), _StopSignals() as signals:
+    setup = state_lib.make_setup(config, mesh, rules)
+    ckpt = ckpt_lib.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.train.get("max_checkpoints", 3))
+    metrics_log = MetricsLog(workdir, total)
+    try:
+      return _train(config, setup, data, ckpt, metrics_log, signals,
+                    stop_at_step, mesh)
+    finally:
+      ckpt.close()
+      metrics_log.close()
+
+
+def _train(config, setup, data, ckpt, metrics_log, signals, stop_at_step,
+           mesh) -> dict:
+  total = config.train.steps
+  latest = ckpt.latest_step()
+  n_params = state_lib.count_params(setup.abstract_state.params)
+  log(f"mesh {describe(mesh)} on {jax.device_count()} {jax.devices()[0].platform}"
+      f" devices | {n_params:,} parameters")
+  if latest is not None:
+    state = ckpt.restore(setup.abstract_state, data.train)
+    log(f"resumed from step {latest} in {ckpt.directory}")
+  else:
+    state = setup.init_fn(jax.random.key(config.seed))
+  step = int(jax.device_get(state.step))
+  if step >= total:
+    log(f"already trained to step {step} (config.train.steps={total}).")
+  train_step = step_lib.jit_train_step(
+      setup, config.train.get("grad_accum_steps", 1))
+  eval_step = step_lib.jit_eval_step(setup)
+  tokens_per_step = config.train.batch_size * data_lib.pipeline.seq_len(config)
+  pending = collections.deque()  # (step, metrics) not yet read on the host.
+  window = []  # Train metrics since the last log line.
+  last_log_time, last_log_step = time.time(), step
+  last_saved = latest
+  result = {}
+
+  def drain(keep: int):
+    nonlocal last_log_time, last_log_step
+    while len(pending) > keep:
+      s, m = pending.popleft()
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not math.isfinite(m["loss"]):
+        raise NonFiniteLossError(
+            f"The training loss became {m['loss']} at step {s}. The last good "
+            f"checkpoint is step {last_saved} in {ckpt.directory}. Lower "
+            "config.optimizer.learning_rate, set "
+            "config.optimizer.grad_clip_norm, or use float32.")
+      window.append(m)
+      if s % config.train.log_every == 0 or s == total:
+        now = time.time()
+        mean = {k: float(np.mean([w[k] for w in window])) for k in m}
+        mean["learning_rate"] = m["learning_rate"]
+        mean["tokens_per_sec"] = (tokens_per_step * (s - last_log_step)
+                                  / max(now - last_log_time, 1e-9))
+        metrics_log.write(s, "train", mean)
+        metrics_log.progress(s, mean)
+        result["train"] = mean
+        window.clear()
+        last_log_time, last_log_step = now, s
+
+  while step < total:
+    batch = _global(next(data.train), setup)
+    state, metrics = train_step(state, batch)
+    step += 1
+    pending.append((step, metrics))
+    drain(keep=MAX_IN_FLIGHT)
+    stopping = signals.requested or step == stop_at_step
+    if config.train.eval_every and (step % config.train.eval_every == 0
+                                    or step == total):
+      drain(keep=0)
+      result["eval"] = evaluate(eval_step, state.params, data.eval, setup,
+                                data.eval_bytes_per_token)
+      metrics_log.write(step, "eval", result["eval"])
+      metrics_log.progress(step, result["eval"], split="eval")
+    every = config.train.checkpoint_every
+    if (every and step % every == 0) or step == total or stopping:
+      drain(keep=0)  # Never checkpoint a state whose loss was not checked.
+      ckpt.save(step, state, data.train, force=True)
+      last_saved = step
+    if stopping:
+      log(f"stopped at step {step}; rerun the same command to resume.")
+      break
+  drain(keep=0)
+  result["step"] = step
+  result["params"] = state.params
+  return result

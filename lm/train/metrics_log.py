@@ -1,0 +1,77 @@
+"""Where metrics go: metrics.jsonl, TensorBoard event files, a progress line.
+
+Only process 0 writes (multi-host safe). TensorBoard files are written with
+the `tensorboard` package's own event writer, so no TensorFlow is needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricsLog:
+
+  def __init__(self, workdir: str | Path, total_steps: int):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.start_time = time.time()
+    self.start_step: int | None = None
+    if self.enabled:
+      workdir = Path(workdir)
+      self.jsonl = open(workdir / "metrics.jsonl", "a")
+      self.tb = EventFileWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+    self.jsonl.flush()
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=v)
+        for k, v in clean.items()])
+    self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                      summary=summary))
+    self.tb.flush()
+
+  def progress(self, step: int, metrics: dict, split: str = "train") -> None:
+    """One human-readable line: step, loss, throughput, ETA."""
+    if not self.enabled:
+      return
+    if self.start_step is None:
+      self.start_step, self.start_time = step, time.time()
+    parts = [f"step {step:>6d}/{self.total_steps}", f"{split}"]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items()
+              if k in ("loss", "perplexity", "bits_per_byte")]
+    if "tokens_per_sec" in metrics:
+      parts.append(f"{metrics['tokens_per_sec']:,.0f} tok/s")
+    done = step - self.start_step
+    if split == "train" and done > 0:
+      eta = (time.time() - self.start_time) / done * (self.total_steps - step)
+      parts.append(f"ETA {_duration(eta)}")
+    print(" | ".join(parts), flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,105 @@
+"""Optimizers and learning-rate schedules from `config.optimizer`.
+
+Every optimizer is the same chain, so clipping, weight decay and the schedule
+behave identically whichever update rule is chosen:
+
+  clip_by_global_norm -> update rule -> decoupled weight decay -> -lr * update
+
+Weight decay is masked off vectors (norm scales, biases): only parameters with
+two or more dimensions decay, as in MaxText and big_vision.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _adamw(c):
+  return optax.scale_by_adam(b1=c.get("b1", 0.9), b2=c.get("b2", 0.95),
+                             eps=c.get("eps", 1e-8))
+
+
+def _adafactor(c):
+  # Factored second moments (memory ~ rows + cols) with update clipping, as in
+  # optax.adafactor and T5X; momentum off by default.
+  return optax.chain(
+      optax.scale_by_factored_rms(decay_rate=c.get("decay_rate", 0.8)),
+      optax.clip_by_block_rms(c.get("clipping_threshold", 1.0)))
+
+
+def _lion(c):
+  return optax.scale_by_lion(b1=c.get("b1", 0.9), b2=c.get("b2", 0.99))
+
+
+def _sgd(c):
+  del c
+  return optax.identity()
+
+
+def _momentum(c):
+  return optax.trace(decay=c.get("momentum", 0.9),
+                     nesterov=c.get("nesterov", False))
+
+
+def _adagrad(c):
+  return optax.scale_by_rss(
+      initial_accumulator_value=c.get("initial_accumulator_value", 0.1),
+      eps=c.get("eps", 1e-7))
+
+
+UPDATE_RULES: dict[str, Callable] = {
+    "adamw": _adamw,
+    "adafactor": _adafactor,
+    "lion": _lion,
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adagrad": _adagrad,
+}
+
+
+def schedule(c, total_steps: int) -> optax.Schedule:
+  """`c` is config.optimizer; decay runs to `total_steps`."""
+  peak = c.learning_rate
+  warmup = int(c.get("warmup_steps", 0))
+  name = c.get("schedule", "cosine")
+  end = peak * c.get("end_learning_rate_fraction", 0.0)
+  decay_steps = max(total_steps - warmup, 1)
+  if name == "constant":
+    after = optax.constant_schedule(peak)
+  elif name == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak
+                                        if peak else 0.0)
+  elif name == "linear":
+    after = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    raise ValueError(f"config.optimizer.schedule={name!r} is unknown; use one "
+                     f"of {SCHEDULES}.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make(c, total_steps: int) -> tuple[optax.GradientTransformation,
+                                       optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule) for config.optimizer `c`."""
+  if c.name not in UPDATE_RULES:
+    raise ValueError(f"config.optimizer.name={c.name!r} is unknown; use one of "
+                     f"{sorted(UPDATE_RULES)}.")
+  lr = schedule(c, total_steps)
+  parts = []
+  if c.get("grad_clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
+  parts.append(UPDATE_RULES[c.name](c))
+  if c.get("weight_decay", 0.0):
+    parts.append(optax.add_decayed_weights(c.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(lr))
+  return optax.chain(*parts), lr

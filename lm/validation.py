@@ -1,0 +1,137 @@
+"""Config validation: every check runs before any data is read or anything is
+compiled, and every message names the config key and how to fix it."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from lm import models
+from lm.data import pipeline, sources, tokenizer as tokenizer_lib
+from lm.models import layers
+from lm.parallel import mesh as mesh_lib
+from lm.train import optim
+
+DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(value, allowed, key: str) -> None:
+  _require(value in allowed, f"{key}={value!r} is unknown; use one of "
+           f"{sorted(allowed)}.")
+
+
+def validate(config, num_devices: int | None = None,
+             process_count: int | None = None) -> dict[str, int]:
+  """Raises ConfigError on the first problem; returns the resolved mesh."""
+  num_devices = num_devices or jax.device_count()
+  process_count = process_count or jax.process_count()
+  try:
+    mesh = mesh_lib.resolve_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+  # Names.
+  _one_of(config.model.name, models.MODELS, "config.model.name")
+  _one_of(config.optimizer.name, optim.UPDATE_RULES, "config.optimizer.name")
+  _one_of(config.optimizer.get("schedule", "cosine"), optim.SCHEDULES,
+          "config.optimizer.schedule")
+  _one_of(config.precision.compute_dtype, DTYPES,
+          "config.precision.compute_dtype")
+  _one_of(config.precision.param_dtype, PARAM_DTYPES,
+          "config.precision.param_dtype")
+  try:
+    cfg = models.model_config(config)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from None
+  _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
+  _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
+  _one_of(cfg.attention_impl, ("xla", "cudnn"), "config.model.attention_impl")
+
+  # Model shapes.
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+              "vocab_size", "max_len"):
+    _require(getattr(cfg, key) > 0, f"config.model.{key}={getattr(cfg, key)} "
+             "must be positive.")
+  _require(cfg.n_heads % cfg.n_kv_heads == 0,
+           f"config.model.n_heads={cfg.n_heads} is not a multiple of "
+           f"config.model.n_kv_heads={cfg.n_kv_heads}: grouped-query attention"
+           " shares each kv head among n_heads/n_kv_heads query heads.")
+  _require(cfg.head_dim or cfg.d_model % cfg.n_heads == 0,
+           f"config.model.d_model={cfg.d_model} is not divisible by "
+           f"config.model.n_heads={cfg.n_heads}; change one, or set "
+           "config.model.head_dim.")
+  _require(cfg.k % 2 == 0, f"head dim {cfg.k} must be even for RoPE; set "
+           "config.model.head_dim or change d_model/n_heads.")
+
+  # Mesh vs shapes.
+  t, f = mesh["tensor"], mesh["fsdp"]
+  for key in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+    value = getattr(cfg, key)
+    _require(value % t == 0,
+             f"config.model.{key}={value} is not divisible by "
+             f"config.mesh.tensor={t}: tensor parallelism splits it evenly. "
+             f"Pick a tensor size that divides it, or change {key}.")
+  _require(cfg.d_model % f == 0,
+           f"config.model.d_model={cfg.d_model} is not divisible by "
+           f"config.mesh.fsdp={f}: FSDP splits every weight's d_model axis.")
+
+  # Batch.
+  batch, accum = config.train.batch_size, config.train.get("grad_accum_steps",
+                                                          1)
+  shards = mesh["data"] * mesh["fsdp"]
+  _require(accum >= 1, f"config.train.grad_accum_steps={accum} must be >= 1.")
+  _require(batch % accum == 0,
+           f"config.train.batch_size={batch} is not divisible by "
+           f"config.train.grad_accum_steps={accum}.")
+  _require((batch // accum) % shards == 0,
+           f"config.train.batch_size={batch} (per microbatch "
+           f"{batch // accum}) is not divisible by config.mesh.data x "
+           f"config.mesh.fsdp = {mesh['data']} x {mesh['fsdp']} = {shards}: "
+           "each data shard needs the same number of rows. Use a multiple "
+           f"of {shards * accum}.")
+  _require(batch % process_count == 0,
+           f"config.train.batch_size={batch} is not divisible by the "
+           f"{process_count} processes.")
+
+  # Training loop.
+  _require(config.train.steps > 0, "config.train.steps must be positive.")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    _require(config.train[key] >= 0, f"config.train.{key} must be >= 0 "
+             "(0 turns it off).")
+  _require(config.train.log_every > 0, "config.train.log_every must be > 0.")
+  _require(config.train.get("eval_batches", 1) > 0,
+           "config.train.eval_batches must be > 0.")
+
+  # Data.
+  _one_of(config.data.corpus, pipeline.CORPORA, "config.data.corpus")
+  _one_of(config.data.tokenizer, tokenizer_lib.TOKENIZERS,
+          "config.data.tokenizer")
+  vocab = tokenizer_lib.get(config.data.tokenizer).vocab_size
+  _require(cfg.vocab_size >= vocab,
+           f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
+           f"{config.data.tokenizer!r} tokenizer's {vocab} tokens.")
+  seq_len = pipeline.seq_len(config)
+  _require(0 < seq_len <= cfg.max_len,
+           f"config.data.seq_len={seq_len} is over the model's positional "
+           f"limit config.model.max_len={cfg.max_len}; lower seq_len or raise "
+           "max_len.")
+  if config.data.corpus == "text_dir":
+    try:
+      sources.text_dir_files(config.data.text_dir)
+    except sources.DataError as e:
+      raise ConfigError(str(e)) from None
+  return mesh
+
+
+def model_summary(config) -> dict:
+  return dataclasses.asdict(models.model_config(config))
