@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
   import lm.train  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS on import)
   result = lm.train.run(_CONFIG.value, _WORKDIR.value,
                         stop_at_step=_STOP_AT.value)

@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch, *, setup: Setup, accum_steps: int = 1
                        accum_steps)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": setup.schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)

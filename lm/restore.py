@@ -1,0 +1,67 @@
+"""Loading a trained run back: its config, mesh and latest parameters.
+
+Shared by the tools that read a workdir (generate, eval); the mesh can differ
+from the one that trained, since checkpoints restore with resharding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from lm.parallel import make_mesh, rules as rules_lib
+from lm.train import checkpoint as ckpt_lib
+from lm.train import state as state_lib
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  path = Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a run "
+                            "directory written by scripts/train.py.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def mesh_for(config, mesh_arg: str | None) -> dict[str, int]:
+  """`--mesh=data,fsdp,tensor` if given; the training mesh if it fits the
+  devices here; otherwise FSDP over all devices."""
+  if mesh_arg:
+    sizes = [int(s) for s in mesh_arg.split(",")]
+    return dict(zip(("data", "fsdp", "tensor"), sizes))
+  try:
+    from lm.parallel import resolve_shape  # noqa: PLC0415
+    resolve_shape(config.mesh, jax.device_count())
+    return dict(config.mesh)
+  except ValueError:
+    return dict(data=1, fsdp=-1, tensor=1)
+
+
+@dataclasses.dataclass
+class Loaded:
+  config: ml_collections.ConfigDict
+  setup: state_lib.Setup
+  params: object
+  step: int
+
+
+def load(workdir: str | Path, mesh_arg: str | None = None,
+         rules: rules_lib.Rules | None = None) -> Loaded:
+  """Restores the latest checkpoint of `workdir` onto a mesh of this host's
+  devices. Call inside `jax.set_mesh(loaded.setup.mesh)` afterwards too."""
+  config = load_config(workdir)
+  with config.unlocked():
+    config.mesh = mesh_for(config, mesh_arg)
+  mesh = make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh, rules)
+  ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'}"
+                            ": train first (scripts/train.py).")
+  with jax.set_mesh(mesh):
+    state = ckpt.restore(setup.abstract_state)
+  ckpt.close()
+  return Loaded(config=config, setup=setup, params=state.params, step=step)
