@@ -62,7 +62,7 @@ def logical_param_specs(model_cfg, family_name: str):
     abstract_model = nnx.eval_shape(
         lambda: family.make(model_cfg, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model)
-  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   return graphdef, logical
 
 
@@ -79,7 +79,7 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
 
   def init(key: jax.Array) -> TrainState:
     model = family.make(model_cfg, nnx.Rngs(params=key))
-    params = nnx.state(model).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params))
 

@@ -1,0 +1,225 @@
+r"""Benchmarks our train step against the reference (../shared/bench/ref_lm.py).
+
+python scripts/benchmark.py --config=configs/lm.py:bench \
+    [--steps=20 --rounds=3 --out=bench.json --config.precision.compute_dtype=bfloat16]
+
+Like with like (see DESIGN.md): the reference gets our shapes on its command
+line, both report tokens/s and MFU from the same analytic FLOPs (cross-checked
+with XLA's cost analysis), and the two run interleaved in one session because
+the machine is shared and noisy: each round runs the reference subprocess
+(this process idles meanwhile), then times our step.
+"""
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round, each side.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
+_REF = flags.DEFINE_string("ref", "../shared/bench/ref_lm.py",
+                           "Reference script (relative: to cwd, else repo root).")
+_REF_ATTN = flags.DEFINE_string("ref_attn", "naive",
+                                "Reference attention: naive | xla.")
+_OUT = flags.DEFINE_string("out", None, "Also write all numbers here as JSON.")
+flags.mark_flags_as_required(["config"])
+
+WARMUP_STEPS = 2  # Per round, as the reference does: excluded from medians.
+
+
+def _timed(fn, *args) -> float:
+  """Seconds for one call, including waiting for the device."""
+  import jax  # noqa: PLC0415
+  t = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t
+
+
+def matmul_peak_gflops(dtype: str, reps: int = 10, budget_s: float = 20.0
+                       ) -> dict[int, float]:
+  """Median GFLOP/s of a jitted square matmul per size (as matmul_peak.py)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  result, dot = {}, jax.jit(jnp.dot)
+  for n in (2048, 4096):
+    if result and 2 * n**3 / (result[n // 2] * 1e9) * (reps + 2) > budget_s:
+      break  # At the last size's speed this size would overrun the budget.
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a_NxN = jax.random.normal(k1, (n, n), dtype)
+    b_NxN = jax.random.normal(k2, (n, n), dtype)
+    for _ in range(2):  # Warm-up: compile and first touch of the buffers.
+      _timed(dot, a_NxN, b_NxN)
+    t = statistics.median(_timed(dot, a_NxN, b_NxN) for _ in range(reps))
+    result[n] = 2 * n**3 / t / 1e9
+  return result
+
+
+def run_reference(path: str, model_cfg, seq_len: int, batch: int, steps: int,
+                  attn: str) -> dict:
+  """One reference run with our shapes; its last stdout line is JSON."""
+  cmd = [sys.executable, path, "--dtype", model_cfg.dtype, "--steps",
+         str(steps), "--attn", attn, "--layers", str(model_cfg.n_layers),
+         "--d", str(model_cfg.d_model), "--heads", str(model_cfg.n_heads),
+         "--ff", str(model_cfg.d_ff), "--vocab", str(model_cfg.vocab_size),
+         "--seq", str(seq_len), "--batch", str(batch)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def _cost_flops(compiled) -> float:
+  cost = compiled.cost_analysis()  # A dict, or a list of one per program.
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _xla_peak_bytes(compiled) -> float:
+  """Arguments + outputs + temporaries, less donated (aliased) buffers."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return float("nan")
+  get = lambda name: getattr(mem, name, 0) or 0
+  return float(get("temp_size_in_bytes") + get("argument_size_in_bytes") +
+               get("output_size_in_bytes") - get("alias_size_in_bytes"))
+
+
+def _ref_path(path: str) -> str:
+  if os.path.isabs(path) or os.path.exists(path):
+    return os.path.abspath(path)
+  return os.path.join(ROOT, path)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import dataclasses  # noqa: PLC0415
+  import math  # noqa: PLC0415
+  import jax  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS on import)
+  import numpy as np  # noqa: PLC0415
+  import lm.parallel  # noqa: PLC0415
+  import lm.train.state  # noqa: PLC0415
+  import lm.train.step  # noqa: PLC0415
+  from lm.data import pipeline  # noqa: PLC0415
+  from lm.models import transformer  # noqa: PLC0415
+
+  config, steps, ref = _CONFIG.value, _STEPS.value, _ref_path(_REF.value)
+  if steps <= WARMUP_STEPS:
+    raise app.UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
+  peaks = matmul_peak_gflops(config.precision.compute_dtype)
+  peak_gflops = max(peaks.values())
+
+  # A fully explicit mesh (bench: 1x1x1) takes the first devices, so the
+  # benchmark also runs where XLA_FLAGS simulates several CPU devices.
+  sizes = [int(config.mesh.get(a, 1)) for a in lm.parallel.AXES]
+  devices = None if -1 in sizes else jax.devices()[:math.prod(sizes)]
+  mesh = lm.parallel.make_mesh(config.mesh, devices)
+  seq_len, batch_size = pipeline.seq_len(config), config.train.batch_size
+  rng = np.random.default_rng(0)
+
+  with jax.set_mesh(mesh), lm.parallel.rules.use(lm.parallel.Rules()):
+    setup = lm.train.state.make_setup(config, mesh)
+    model_cfg = setup.model_cfg
+    vocab = model_cfg.vocab_size
+
+    def make_batch() -> dict:
+      # Token 0 never appears, as in the reference (it masks 0 targets).
+      tokens_BxL1 = rng.integers(1, vocab, (batch_size, seq_len + 1), np.int32)
+      return {"tokens": jax.device_put(tokens_BxL1, setup.batch_sharding())}
+
+    state = setup.init_fn(jax.random.key(config.seed))
+    fn = lm.train.step.jit_train_step(setup, config.train.grad_accum_steps)
+    batch = make_batch()
+    t = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+
+    ours_ms, ref_runs = [], []
+    for _ in range(_ROUNDS.value):
+      ref_runs.append(run_reference(ref, model_cfg, seq_len, batch_size, steps,
+                                    _REF_ATTN.value))
+      # steps + 1 as the reference runs, so both keep steps - 1 per round.
+      for i in range(steps + 1):
+        batch = jax.block_until_ready(make_batch())  # Input prep not timed.
+        t = time.perf_counter()
+        # The state is donated: always continue from the returned one.
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= WARMUP_STEPS:
+          ours_ms.append((time.perf_counter() - t) * 1e3)
+    final_loss = float(metrics["loss"])
+
+  # The reference's own medians skip its first 2 steps; pool its steady steps
+  # across rounds so both sides' medians are over all rounds alike.
+  ref_ms = [t for r in ref_runs for t in r["times_ms"][WARMUP_STEPS:]]
+  tokens = batch_size * seq_len
+  # Reference shapes: MHA with a GELU MLP; equal to ours for the bench preset.
+  ref_cfg = dataclasses.replace(model_cfg, mlp="gelu",
+                                n_kv_heads=model_cfg.n_heads, head_dim=0)
+  rows = {}
+  for name, ms, cfg, compile_, xla_flops, xla_mem, rss in (
+      ("ours", ours_ms, model_cfg, compile_s, _cost_flops(compiled),
+       _xla_peak_bytes(compiled) / 2**20,
+       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      ("reference (ref_lm.py)", ref_ms, ref_cfg,
+       statistics.median(r["aot_compile_s"] for r in ref_runs),
+       ref_runs[0]["xla_cost_flops"], float("nan"),
+       max(r["peak_rss_mb"] for r in ref_runs))):
+    step_s = statistics.median(ms) / 1e3
+    flops = transformer.flops_per_token(cfg, seq_len) * tokens
+    rows[name] = dict(
+        step_ms_median=step_s * 1e3, step_ms_min=min(ms), n_steps=len(ms),
+        tokens_per_s=tokens / step_s, mfu=flops / step_s / (peak_gflops * 1e9),
+        compile_s=compile_, xla_peak_mem_mb=xla_mem, peak_rss_mb=rss,
+        xla_flops_per_step=xla_flops, analytic_flops_per_step=flops)
+  rows["ours"]["loss_last"] = final_loss
+  rows["reference (ref_lm.py)"]["loss_last"] = ref_runs[-1]["loss_last"]
+
+  fmt = lambda x, spec: "n/a" if math.isnan(x) else format(x, spec)
+  print("| impl | step time median (ms) | tokens/s | MFU (%) | compile (s) | "
+        "peak memory XLA (MB) | peak RSS (MB) | XLA flops/step (G) | "
+        "analytic flops/step (G) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for name, r in rows.items():
+    print(f"| {name} | {r['step_ms_median']:.2f} | {r['tokens_per_s']:,.0f} | "
+          f"{100 * r['mfu']:.1f} | {r['compile_s']:.2f} | "
+          f"{fmt(r['xla_peak_mem_mb'], '.1f')} | {r['peak_rss_mb']:.0f} | "
+          f"{fmt(r['xla_flops_per_step'] / 1e9, '.2f')} | "
+          f"{r['analytic_flops_per_step'] / 1e9:.2f} |")
+  device = jax.devices()[0]
+  command = shlex.join(["python"] + sys.argv)
+  print(f"\nmatmul peak ({config.precision.compute_dtype}): {peak_gflops:.1f} "
+        "GFLOP/s (" + ", ".join(f"n={n}: {g:.1f}" for n, g in peaks.items())
+        + f"); jax {jax.__version__}; {jax.device_count()} x "
+        f"{device.device_kind} ({device.platform}), mesh {dict(mesh.shape)}; "
+        f"{_ROUNDS.value} rounds x {steps} steps, {WARMUP_STEPS} warm-up "
+        f"steps per round excluded; reference attention {_REF_ATTN.value}")
+  print(f"command: {command}")
+  if _OUT.value:
+    # NaN (no XLA memory for the reference) -> null: strict JSON readers.
+    nan_to_none = lambda x: {k: nan_to_none(v) for k, v in x.items()} if \
+        isinstance(x, dict) else None if x != x else x
+    with open(_OUT.value, "w") as f:
+      json.dump(nan_to_none(dict(rows=rows, matmul_peak_gflops=peak_gflops,
+                     matmul_gflops_by_size=peaks, jax_version=jax.__version__,
+                     device_kind=device.device_kind,
+                     device_count=jax.device_count(),
+                     mesh=dict(mesh.shape), steps=steps, rounds=_ROUNDS.value,
+                     ours_step_ms=ours_ms, ref_runs=ref_runs, command=command)),
+                f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
