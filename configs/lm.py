@@ -38,8 +38,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       mlp="swiglu",
       tie_embeddings=True,
       scan_layers=False,  # True: nnx.scan over layers (faster compile).
-      remat="none",  # none | full | dots | dots_no_batch.
-      **SIZES[size])
+      remat="none")  # none | full | dots | dots_no_batch.
+  c.model.update(SIZES[size])
   # Device mesh; one axis may be -1 (all remaining devices). The demo and the
   # tests use the 8 simulated CPU devices as data=2 x fsdp=2 x tensor=2.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -1,0 +1,101 @@
+"""Every config loads; every bad value fails before compiling, naming the key."""
+import glob
+import importlib.util
+import math
+import os
+
+import pytest
+
+from conftest import REPO, tiny_config
+from lm import validation
+from lm.validation import ConfigError
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_loads_and_validates(path):
+  module = _load(path)
+  presets = getattr(module, "SIZES", {None: None})
+  for preset in presets:
+    config = module.get_config(preset) if preset else module.get_config()
+    # On its own mesh: 8 devices where an axis is -1, else the fixed product.
+    sizes = list(config.mesh.values())
+    devices = 8 if -1 in sizes else math.prod(sizes)
+    validation.validate(config, num_devices=devices)
+
+
+def test_unknown_preset_is_named():
+  with pytest.raises(ValueError, match="configs/lm.py:huge"):
+    _load(os.path.join(REPO, "configs", "lm.py")).get_config("huge")
+
+
+BAD = [
+    ({"mesh": dict(data=3, fsdp=1, tensor=1)}, r"config\.mesh.*8 devices"),
+    ({"mesh": dict(data=-1, fsdp=-1, tensor=1)}, r"config\.mesh: only one"),
+    ({"mesh": dict(data=-1, fsdp=3, tensor=1)}, r"config\.mesh.*divide"),
+    ({"mesh": dict(data=8, fsdp=1, tensor=1), "train.batch_size": 12},
+     r"config\.train\.batch_size=12.*config\.mesh\.data x config\.mesh\.fsdp"),
+    ({"mesh": dict(data=1, fsdp=1, tensor=8)},
+     r"config\.model\.n_heads=4 is not divisible by config\.mesh\.tensor=8"),
+    ({"mesh": dict(data=4, fsdp=1, tensor=2), "model.n_kv_heads": 1},
+     r"config\.model\.n_kv_heads=1 is not divisible by config\.mesh\.tensor"),
+    ({"mesh": dict(data=4, fsdp=1, tensor=2), "model.d_ff": 129},
+     r"config\.model\.d_ff=129 is not divisible by config\.mesh\.tensor=2"),
+    ({"model.n_kv_heads": 3}, r"n_heads=4 is not a multiple of.*n_kv_heads=3"),
+    ({"optimizer.name": "adamm"}, r"config\.optimizer\.name='adamm'"),
+    ({"optimizer.schedule": "cosin"}, r"config\.optimizer\.schedule='cosin'"),
+    ({"precision.compute_dtype": "fp8"}, r"config\.precision\.compute_dtype"),
+    ({"precision.param_dtype": "int8"}, r"config\.precision\.param_dtype"),
+    ({"model.remat": "some"}, r"config\.model\.remat='some'"),
+    ({"data.seq_len": 64}, r"config\.data\.seq_len=64 is over.*max_len=32"),
+    ({"model.vocab_size": 100}, r"config\.model\.vocab_size=100"),
+    ({"data.corpus": "wiki"}, r"config\.data\.corpus='wiki'"),
+    ({"data.corpus": "text_dir", "data.text_dir": "/nonexistent/dir"},
+     r"config\.data\.text_dir='/nonexistent/dir' is not a directory"),
+    ({"data.corpus": "text_dir"}, r"needs config\.data\.text_dir"),
+    ({"train.grad_accum_steps": 3}, r"config\.train\.batch_size=16 is not "
+     r"divisible by config\.train\.grad_accum_steps=3"),
+    ({"model.n_layer": 3}, r"config\.model\.n_layer is not a field"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD,
+                         ids=[m for _, m in BAD])
+def test_bad_config_is_rejected_with_the_key_named(overrides, message):
+  config = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                          **overrides})
+  with pytest.raises(ConfigError, match=message):
+    validation.validate(config, num_devices=8)
+
+
+def test_empty_text_dir_is_rejected(tmp_path):
+  (tmp_path / "a.txt").write_text("only one file")
+  (tmp_path / "empty.txt").write_text("")
+  config = tiny_config(**{"data.corpus": "text_dir",
+                          "data.text_dir": str(tmp_path),
+                          "mesh": dict(data=-1, fsdp=1, tensor=1)})
+  with pytest.raises(ConfigError, match="holds 1 non-empty .txt file"):
+    validation.validate(config, num_devices=8)
+
+
+def test_bad_config_fails_before_any_compile(tmp_path, monkeypatch):
+  """lm.train.run validates first: nothing is compiled or written."""
+  import jax  # noqa: PLC0415
+  import lm.train  # noqa: PLC0415
+
+  def no_jit(*a, **k):
+    raise AssertionError("jit called before validation")
+  monkeypatch.setattr(jax, "jit", no_jit)
+  config = tiny_config(**{"mesh": dict(data=1, fsdp=1, tensor=8)})
+  with pytest.raises(ConfigError):
+    lm.train.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -1,0 +1,62 @@
+"""Optimizers, schedules and the weight-decay mask."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from lm.train import optim
+
+
+def _cfg(**kw):
+  base = dict(name="adamw", learning_rate=0.1, schedule="constant",
+              warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
+  return ConfigDict(dict(base, **kw))
+
+
+@pytest.mark.parametrize("name", sorted(optim.UPDATE_RULES))
+def test_every_optimizer_minimizes_a_quadratic(name):
+  lr = {"sgd": 0.1, "momentum": 0.05, "adagrad": 0.5}.get(name, 0.05)
+  tx, _ = optim.make(_cfg(name=name, learning_rate=lr), total_steps=200)
+  target = jnp.arange(12.0).reshape(3, 4) / 10
+  params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros((4,))}
+  loss = lambda p: jnp.sum((p["w"] - target) ** 2) + jnp.sum((p["b"] - 1) ** 2)
+  state = tx.init(params)
+  start = loss(params)
+  for _ in range(200):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert loss(params) < 0.05 * start, name
+
+
+def test_weight_decay_skips_vectors():
+  tx, _ = optim.make(_cfg(name="sgd", weight_decay=0.5), total_steps=10)
+  params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)))
+  np.testing.assert_array_equal(updates["scale"], 0.0)
+
+
+def test_clipping_bounds_the_global_norm():
+  tx, _ = optim.make(_cfg(name="sgd", learning_rate=1.0, grad_clip_norm=1.0),
+                     total_steps=10)
+  params = {"w": jnp.zeros((10,))}
+  updates, _ = tx.update({"w": jnp.full((10,), 100.0)}, tx.init(params),
+                         params)
+  np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
+
+
+def test_schedules():
+  _, cos = optim.make(_cfg(schedule="cosine", warmup_steps=10,
+                           end_learning_rate_fraction=0.1), total_steps=110)
+  np.testing.assert_allclose([cos(0), cos(5), cos(10), cos(60), cos(110)],
+                             [0.0, 0.05, 0.1, 0.055, 0.01], rtol=1e-5,
+                             atol=1e-7)
+  _, lin = optim.make(_cfg(schedule="linear", warmup_steps=10),
+                      total_steps=110)
+  np.testing.assert_allclose([lin(10), lin(60), lin(110)], [0.1, 0.05, 0.0],
+                             atol=1e-7)
+  _, const = optim.make(_cfg(), total_steps=110)
+  assert float(const(0)) == float(const(100)) == pytest.approx(0.1)
