@@ -163,7 +163,11 @@ class Transformer(nnx.Module):
                                      param_dtype=cfg.param_dtype, rngs=rngs)
 
   def embed(self, tokens_BxL: jax.Array) -> jax.Array:
-    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0)
+    # Gather the (FSDP/tensor-sharded) table whole before the lookup, as FSDP
+    # does for every weight; a lookup into the sharded table makes XLA pick a
+    # layout it can only undo by full rematerialization.
+    table_VxD = constrain(self.embedding[...], None, None)
+    x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0)
     return constrain(x_BxLxD.astype(self.cfg.dtype), "batch", "length",
                      "act_embed")
 

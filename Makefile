@@ -1,0 +1,39 @@
+# make demo: set up, prepare data, train the tiny LM on 8 simulated devices
+#            (data=2 x fsdp=2 x tensor=2), evaluate, print a sample.
+# make test: set up, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_DIR ?= runs/demo
+SIM8 := XLA_FLAGS=--xla_force_host_platform_device_count=8
+MESH := --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
+
+.PHONY: setup data demo test bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(VENV)/bin/python scripts/prepare_data.py --config=configs/lm.py:tiny
+
+demo: data
+	rm -rf $(DEMO_DIR)
+	$(SIM8) $(VENV)/bin/python scripts/train.py --config=configs/lm.py:tiny \
+	  --workdir=$(DEMO_DIR) $(MESH)
+	$(SIM8) $(VENV)/bin/python scripts/generate.py --workdir=$(DEMO_DIR) \
+	  --prompt="ROMEO." --max_new_tokens=240 --temperature=0.8 --top_k=40
+
+# pytest exits 5 when it collects no tests: that is not a failure here.
+test: setup
+	$(VENV)/bin/python -m pytest -n 2 -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: setup
+	$(VENV)/bin/python scripts/benchmark.py --config=configs/lm.py:bench
+
+clean:
+	rm -rf $(VENV) runs .test_data
