@@ -3,7 +3,7 @@ r"""Byte-level decoder-only Transformer LM on Shakespeare.
 python scripts/train.py --config=configs/lm.py:tiny --workdir=runs/tiny
 
 Presets (the part after the colon):
-  tiny   ~0.8M params: the CPU demo and tests (8 simulated devices).
+  tiny   ~1.0M params: the CPU demo and tests (8 simulated devices).
   small  ~26M params: a single accelerator.
   1b     ~1.1B params: TPU pod slices / GPU nodes (FSDP over all devices).
   bench  the reference shapes of ../shared/bench/ref_lm.py (GELU MLP, tied

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from lm.parallel import make_mesh, rules as rules_lib
+from lm.parallel import make_mesh, resolve_shape, rules as rules_lib
 from lm.train import checkpoint as ckpt_lib
 from lm.train import state as state_lib
 
@@ -32,7 +32,6 @@ def mesh_for(config, mesh_arg: str | None) -> dict[str, int]:
     sizes = [int(s) for s in mesh_arg.split(",")]
     return dict(zip(("data", "fsdp", "tensor"), sizes))
   try:
-    from lm.parallel import resolve_shape  # noqa: PLC0415
     resolve_shape(config.mesh, jax.device_count())
     return dict(config.mesh)
   except ValueError:

@@ -2,8 +2,6 @@
 compiled, and every message names the config key and how to fix it."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
 from lm import models
@@ -131,7 +129,3 @@ def validate(config, num_devices: int | None = None,
     except sources.DataError as e:
       raise ConfigError(str(e)) from None
   return mesh
-
-
-def model_summary(config) -> dict:
-  return dataclasses.asdict(models.model_config(config))

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
 
   def __init__(self, directory: str | Path, *, max_to_keep: int = 3,
-               save_every: int = 0, async_save: bool = True):
+               async_save: bool = True):
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -27,8 +26,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True,
             # An interrupted save leaves a temp dir: remove it, never read it.
             cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save,
-            save_interval_steps=max(save_every, 1)),
+            enable_async_checkpointing=async_save),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -36,7 +34,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator=None, *,
            force: bool = False) -> bool:
-    """Starts an async save (when due, or always with force=True)."""
+    """Starts an async save; the loop decides when one is due."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -60,9 +58,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract_with_shardings(tree: Any) -> Any:
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
