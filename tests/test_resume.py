@@ -77,6 +77,16 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path, data_dir):
   acc = event_accumulator.EventAccumulator(os.path.join(whole, "tensorboard"))
   acc.Reload()
   assert len(acc.Scalars("train/loss")) == 10
+  # scripts/eval.py on the same split reproduces the loop's last eval.
+  env = dict(os.environ, LM_DATA_DIR=data_dir,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, os.path.join(REPO, "scripts",
+                                                     "eval.py"),
+                        f"--workdir={whole}", "--split=validation"],
+                       cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"loss {evals[-1]['loss']:.4f}" in out.stdout
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir):
