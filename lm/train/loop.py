@@ -114,18 +114,18 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
     metrics_log = MetricsLog(workdir, total)
     try:
       return _train(config, setup, data, ckpt, metrics_log, signals,
-                    stop_at_step, mesh)
+                    stop_at_step)
     finally:
       ckpt.close()
       metrics_log.close()
 
 
-def _train(config, setup, data, ckpt, metrics_log, signals, stop_at_step,
-           mesh) -> dict:
+def _train(config, setup, data, ckpt, metrics_log, signals,
+           stop_at_step) -> dict:
   total = config.train.steps
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
-  log(f"mesh {describe(mesh)} on {jax.device_count()} {jax.devices()[0].platform}"
+  log(f"mesh {describe(setup.mesh)} on {jax.device_count()} {jax.devices()[0].platform}"
       f" devices | {n_params:,} parameters")
   if latest is not None:
     state = ckpt.restore(setup.abstract_state, data.train)
