@@ -5,13 +5,22 @@ from __future__ import annotations
 import jax
 
 from lm import models
-from lm.data import pipeline, sources, tokenizer as tokenizer_lib
-from lm.models import layers
+from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
+from lm.models import gan, layers
+from lm.tasks import classify
 from lm.parallel import mesh as mesh_lib
 from lm.train import optim
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
+
+
+# Which model families each task trains.
+TASK_MODELS = {
+    "lm": ("transformer",),
+    "classify": ("mlp", "transformer_classifier"),
+    "gan": ("gan",),
+}
 
 
 class ConfigError(ValueError):
@@ -47,41 +56,30 @@ def validate(config, num_devices: int | None = None,
           "config.precision.compute_dtype")
   _one_of(config.precision.param_dtype, PARAM_DTYPES,
           "config.precision.param_dtype")
+  task = config.get("task", "lm")
+  _one_of(task, TASK_MODELS, "config.task")
+  _require(config.model.name in TASK_MODELS[task],
+           f"config.model.name={config.model.name!r} cannot be trained by "
+           f"config.task={task!r}; use one of {TASK_MODELS[task]}.")
   try:
     cfg = models.model_config(config)
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from None
-  _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
-  _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
-  _one_of(cfg.attention_impl, ("xla", "cudnn"), "config.model.attention_impl")
-
-  # Model shapes.
-  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-              "vocab_size", "max_len"):
-    _require(getattr(cfg, key) > 0, f"config.model.{key}={getattr(cfg, key)} "
-             "must be positive.")
-  _require(cfg.n_heads % cfg.n_kv_heads == 0,
-           f"config.model.n_heads={cfg.n_heads} is not a multiple of "
-           f"config.model.n_kv_heads={cfg.n_kv_heads}: grouped-query attention"
-           " shares each kv head among n_heads/n_kv_heads query heads.")
-  _require(cfg.head_dim or cfg.d_model % cfg.n_heads == 0,
-           f"config.model.d_model={cfg.d_model} is not divisible by "
-           f"config.model.n_heads={cfg.n_heads}; change one, or set "
-           "config.model.head_dim.")
-  _require(cfg.k % 2 == 0, f"head dim {cfg.k} must be even for RoPE; set "
-           "config.model.head_dim or change d_model/n_heads.")
-
-  # Mesh vs shapes.
-  t, f = mesh["tensor"], mesh["fsdp"]
-  for key in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-    value = getattr(cfg, key)
-    _require(value % t == 0,
-             f"config.model.{key}={value} is not divisible by "
-             f"config.mesh.tensor={t}: tensor parallelism splits it evenly. "
-             f"Pick a tensor size that divides it, or change {key}.")
-  _require(cfg.d_model % f == 0,
-           f"config.model.d_model={cfg.d_model} is not divisible by "
-           f"config.mesh.fsdp={f}: FSDP splits every weight's d_model axis.")
+  if config.model.name in ("transformer", "transformer_classifier"):
+    _transformer(cfg, mesh)
+  elif config.model.name == "mlp":
+    _one_of(cfg.activation, layers.ACTIVATIONS, "config.model.activation")
+    _require(cfg.depth >= 1 and cfg.width >= 1, "config.model.depth and "
+             "config.model.width must be positive.")
+    _require(0.0 <= cfg.dropout < 1.0,
+             f"config.model.dropout={cfg.dropout} must be in [0, 1).")
+  elif config.model.name == "gan":
+    _one_of(cfg.arch, gan.ARCHS, "config.model.arch")
+    h, w, _ = cfg.image_shape
+    _require(cfg.arch != "dcgan" or (h % 4 == 0 and w % 4 == 0),
+             f"config.model.image_shape={cfg.image_shape}: the dcgan "
+             "architecture upsamples twice by 2, so height and width must be"
+             " multiples of 4; use arch='mlp' for other shapes.")
 
   # Batch.
   batch, accum = config.train.batch_size, config.train.get("grad_accum_steps",
@@ -110,22 +108,101 @@ def validate(config, num_devices: int | None = None,
   _require(config.train.get("eval_batches", 1) > 0,
            "config.train.eval_batches must be > 0.")
 
-  # Data.
-  _one_of(config.data.corpus, pipeline.CORPORA, "config.data.corpus")
+  {"lm": _lm_data, "classify": _classify_data, "gan": _gan_data}[task](
+      config, cfg)
+  return mesh
+
+
+def _transformer(cfg, mesh: dict[str, int]) -> None:
+  _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
+  _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
+  _one_of(cfg.attention_impl, ("xla", "cudnn"), "config.model.attention_impl")
+  # Model shapes.
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+              "vocab_size", "max_len"):
+    _require(getattr(cfg, key) > 0, f"config.model.{key}={getattr(cfg, key)} "
+             "must be positive.")
+  _require(cfg.n_heads % cfg.n_kv_heads == 0,
+           f"config.model.n_heads={cfg.n_heads} is not a multiple of "
+           f"config.model.n_kv_heads={cfg.n_kv_heads}: grouped-query attention"
+           " shares each kv head among n_heads/n_kv_heads query heads.")
+  _require(cfg.head_dim or cfg.d_model % cfg.n_heads == 0,
+           f"config.model.d_model={cfg.d_model} is not divisible by "
+           f"config.model.n_heads={cfg.n_heads}; change one, or set "
+           "config.model.head_dim.")
+  _require(cfg.k % 2 == 0, f"head dim {cfg.k} must be even for RoPE; set "
+           "config.model.head_dim or change d_model/n_heads.")
+
+  # Mesh vs shapes.
+  t, f = mesh["tensor"], mesh["fsdp"]
+  for key in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+    value = getattr(cfg, key)
+    _require(value % t == 0,
+             f"config.model.{key}={value} is not divisible by "
+             f"config.mesh.tensor={t}: tensor parallelism splits it evenly. "
+             f"Pick a tensor size that divides it, or change {key}.")
+  _require(cfg.d_model % f == 0,
+           f"config.model.d_model={cfg.d_model} is not divisible by "
+           f"config.mesh.fsdp={f}: FSDP splits every weight's d_model axis.")
+
+
+
+def _image_shape(config, cfg) -> None:
+  dataset = config.data.get("dataset", "")
+  _one_of(dataset, images.DATASETS, "config.data.dataset")
+  expected = tuple(images.IMAGE_SHAPES[dataset])
+  _require(tuple(cfg.image_shape) == expected,
+           f"config.model.image_shape={tuple(cfg.image_shape)} does not fit "
+           f"config.data.dataset={dataset!r}, whose images are {expected}; "
+           f"set config.model.image_shape={expected}.")
+  for key in ("max_shift", "max_rotation"):
+    _require(config.data.get(key, 0) >= 0, f"config.data.{key} must be >= 0.")
+
+
+def _classify_data(config, cfg) -> None:
+  dataset = config.data.get("dataset", "")
+  _one_of(dataset, classify.DATASETS, "config.data.dataset")
+  text = dataset in classify.TEXT_DATASETS
+  want = "transformer_classifier" if text else "mlp"
+  _require(config.model.name == want,
+           f"config.data.dataset={dataset!r} is classified by "
+           f"config.model.name={want!r}, not {config.model.name!r}.")
+  num_classes = len(genres.GENRES) if text else images.NUM_CLASSES
+  _require(cfg.num_classes == num_classes,
+           f"config.model.num_classes={cfg.num_classes} differs from the "
+           f"{num_classes} labels of config.data.dataset={dataset!r}; set "
+           f"config.model.num_classes={num_classes}.")
+  if text:
+    _tokens(config, cfg, config.data.get("seq_len", 0))
+  else:
+    _image_shape(config, cfg)
+
+
+def _gan_data(config, cfg) -> None:
+  _image_shape(config, cfg)
+  accum = config.train.get("grad_accum_steps", 1)
+  _require(accum == 1, f"config.train.grad_accum_steps={accum}: the GAN step "
+           "updates two networks in turn on the whole batch; set it to 1.")
+
+
+def _tokens(config, cfg, seq_len: int) -> None:
   _one_of(config.data.tokenizer, tokenizer_lib.TOKENIZERS,
           "config.data.tokenizer")
   vocab = tokenizer_lib.get(config.data.tokenizer).vocab_size
   _require(cfg.vocab_size >= vocab,
            f"config.model.vocab_size={cfg.vocab_size} is smaller than the "
            f"{config.data.tokenizer!r} tokenizer's {vocab} tokens.")
-  seq_len = pipeline.seq_len(config)
   _require(0 < seq_len <= cfg.max_len,
-           f"config.data.seq_len={seq_len} is over the model's positional "
-           f"limit config.model.max_len={cfg.max_len}; lower seq_len or raise "
-           "max_len.")
+           f"config.data.seq_len={seq_len} must be positive and at most the "
+           f"model's positional limit config.model.max_len={cfg.max_len}; "
+           "lower seq_len or raise max_len.")
+
+
+def _lm_data(config, cfg) -> None:
+  _one_of(config.data.corpus, pipeline.CORPORA, "config.data.corpus")
+  _tokens(config, cfg, pipeline.seq_len(config))
   if config.data.corpus == "text_dir":
     try:
       sources.text_dir_files(config.data.text_dir)
     except sources.DataError as e:
       raise ConfigError(str(e)) from None
-  return mesh

@@ -111,6 +111,7 @@ def main(argv):
   import numpy as np  # noqa: PLC0415
   import lm.parallel  # noqa: PLC0415
   import lm.train.state  # noqa: PLC0415
+  import lm.tasks  # noqa: PLC0415
   import lm.train.step  # noqa: PLC0415
   from lm.data import pipeline  # noqa: PLC0415
   from lm.models import transformer  # noqa: PLC0415
@@ -140,7 +141,8 @@ def main(argv):
       return {"tokens": jax.device_put(tokens_BxL1, setup.batch_sharding())}
 
     state = setup.init_fn(jax.random.key(config.seed))
-    fn = lm.train.step.jit_train_step(setup, config.train.grad_accum_steps)
+    fn = lm.train.step.jit_train_step(setup, lm.tasks.get(config),
+                                      config.train.grad_accum_steps)
     batch = make_batch()
     t = time.perf_counter()
     compiled = fn.lower(state, batch).compile()

@@ -1,7 +1,9 @@
 r"""Evaluates the latest checkpoint of a run on a held-out split.
 
 python scripts/eval.py --workdir=runs/tiny [--split=test --batches=16]
-Prints loss, perplexity and bits per byte (as in metrics.jsonl eval lines).
+Prints the metrics of the run's eval lines: for an LM loss, perplexity and
+bits per byte on --split; for a classifier or a GAN the whole test split
+(--split and --batches apply to LMs only).
 """
 import os
 import sys
@@ -22,30 +24,39 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  import types  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
 
-  from lm import restore  # noqa: PLC0415
+  from lm import restore, tasks  # noqa: PLC0415
   from lm.data import pipeline, tokenizer as tokenizer_lib  # noqa: PLC0415
   from lm.parallel import rules as rules_lib  # noqa: PLC0415
   from lm.train import loop, step as step_lib  # noqa: PLC0415
 
   loaded = restore.load(_WORKDIR.value, _MESH.value)
   config = loaded.config
-  tok = tokenizer_lib.get(config.data.tokenizer)
-  split = pipeline.load_tokens(pipeline.prepare(config.data), _SPLIT.value,
-                               tok)
-  batches = pipeline.eval_batches(
-      split.tokens, length=pipeline.seq_len(config),
-      batch_size=config.train.batch_size // jax.process_count(),
-      max_batches=_BATCHES.value or config.train.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  task = tasks.get(config)
+  pi, pc = jax.process_index(), jax.process_count()
+  if task.name == "lm":
+    tok = tokenizer_lib.get(config.data.tokenizer)
+    split = pipeline.load_tokens(pipeline.prepare(config.data), _SPLIT.value,
+                                 tok)
+    data = types.SimpleNamespace(
+        eval=pipeline.eval_batches(
+            split.tokens, length=pipeline.seq_len(config),
+            batch_size=config.train.batch_size // pc,
+            max_batches=_BATCHES.value or config.train.eval_batches,
+            process_index=pi, process_count=pc),
+        eval_bytes_per_token=split.bytes_per_token)
+    where = f"{_SPLIT.value} ({len(data.eval)} batches)"
+  else:
+    data = task.make_data(pi, pc)
+    where = "test"
   with jax.set_mesh(loaded.setup.mesh), rules_lib.use(loaded.setup.rules):
-    metrics = loop.evaluate(step_lib.jit_eval_step(loaded.setup),
-                            loaded.params, batches, loaded.setup,
-                            split.bytes_per_token)
-  print(f"step {loaded.step} {_SPLIT.value} ({len(batches)} batches): " +
+    metrics = loop.evaluate(task, step_lib.jit_eval_step(loaded.setup, task),
+                            loaded.params, data, loaded.setup)
+  print(f"step {loaded.step} {where}: " +
         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
 
 if __name__ == "__main__":
   app.run(main)

@@ -5,6 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
+from lm import tasks
 from lm.parallel import Rules, make_mesh, rules as rules_lib
 from lm.train import state as state_lib, step as step_lib
 
@@ -34,7 +35,7 @@ def _train(mesh_shape, steps=3, **overrides):
   with jax.set_mesh(mesh), rules_lib.use(Rules()):
     setup = state_lib.make_setup(config, mesh)
     state = setup.init_fn(jax.random.key(0))
-    fn = step_lib.jit_train_step(setup,
+    fn = step_lib.jit_train_step(setup, tasks.get(config),
                                  config.train.get("grad_accum_steps", 1))
     losses = []
     for b in batches:

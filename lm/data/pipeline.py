@@ -49,7 +49,7 @@ def builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
+def file_lock(path: Path):
   """Serializes preparation across processes (e.g. parallel test workers)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w") as f:
@@ -65,7 +65,7 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   tfds.disable_progress_bar()
   b = builder(data_cfg)
   root = data_dir(data_cfg)
-  with _lock(root / f".prepare-{b.name}-{b.builder_config.name}.lock"):
+  with file_lock(root / f".prepare-{b.name}-{b.builder_config.name}.lock"):
     if not b.is_prepared():
       manual_dir = root / "downloads" / "manual"
       if data_cfg.corpus == "shakespeare":

@@ -1,16 +1,21 @@
 """The explicit registry of model families: the trainer never names a class.
 
-Each entry is a module with a frozen `Config` dataclass and `make(cfg, rngs)`.
+Each entry is a module with a frozen `Config` dataclass and `make(cfg, rngs)`;
+a family trained by several optimizers (the GAN) lists its parameter groups
+in `OPTIMIZER_GROUPS`.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 
-from lm.models import transformer
+from lm.models import gan, mlp, transformer, transformer_classifier
 
 MODELS: dict[str, types.ModuleType] = {
     "transformer": transformer,
+    "transformer_classifier": transformer_classifier,
+    "mlp": mlp,
+    "gan": gan,
 }
 
 
@@ -18,7 +23,10 @@ def model_config(config) -> object:
   """Builds the model's frozen Config from `config.model` + `config.precision`."""
   family = MODELS[config.model.name]
   fields = {f.name for f in dataclasses.fields(family.Config)}
-  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  # Lists (from JSON or the command line) become tuples: the config is part
+  # of the model's static graph, which must be hashable.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in config.model.items() if k != "name"}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(

@@ -47,6 +47,65 @@ class Einsum(nnx.Module):
                       self.kernel[...].astype(self.dtype))
 
 
+class Dense(nnx.Module):
+  """x @ W (+ b) over the last axis; `names` are the logical (in, out) axes."""
+
+  def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None],
+               *, dtype, param_dtype, rngs: nnx.Rngs, use_bias: bool = True,
+               initializer=None):
+    self.dtype = dtype
+    init = param_init(initializer or fan_in_normal(d_in), *names)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
+    self.bias = (nnx.Param(param_init(nnx.initializers.zeros, names[1])(
+        None, (d_out,), param_dtype)) if use_bias else None)
+
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    y_BxO = x_BxI.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y_BxO = y_BxO + self.bias[...].astype(self.dtype)
+    return y_BxO
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    del rngs  # Deterministic init.
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(param_init(nnx.initializers.ones, "norm")(
+        None, (dim,), param_dtype))
+    self.bias = nnx.Param(param_init(nnx.initializers.zeros, "norm")(
+        None, (dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(
+        jnp.float32)
+    return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when `key` is None (evaluation)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.2),
+}
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm with its statistics in float32 whatever the compute dtype."""
 

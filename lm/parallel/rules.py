@@ -25,7 +25,9 @@ class Rules:
   """Logical axis -> mesh axis. The field names are the logical axis names.
 
   Parameters: `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`,
-  `norm`, `layers`. Activations use the `act_*` names, which differ from the
+  `norm`, `layers`, `classes`, `kernel_space` (conv kernels are named
+  (kernel_space, kernel_space, embed, mlp): input channels FSDP, output
+  channels tensor). Activations use the `act_*` names, which differ from the
   parameter names because FSDP shards a weight's `embed` dimension but never an
   activation's.
   """
@@ -38,6 +40,8 @@ class Rules:
   vocab: MeshAxes = "tensor"
   norm: MeshAxes = None  # Norm scales are tiny: replicate them.
   layers: MeshAxes = None  # Stacked (scanned) layer axis.
+  classes: MeshAxes = None  # A classifier head's 4-10 outputs: replicate.
+  kernel_space: MeshAxes = None  # A conv kernel's height and width.
   # Activations.
   batch: MeshAxes = ("data", "fsdp")
   length: MeshAxes = None

@@ -19,8 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lm import data as data_lib
-from lm import validation
+from lm import tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel.mesh import describe
 from lm.train import checkpoint as ckpt_lib
@@ -72,22 +71,20 @@ def write_config(config, workdir: Path) -> None:
   tmp.replace(workdir / "config.json")  # Atomic: never a half-written file.
 
 
-def evaluate(eval_step, params, batches, setup, bytes_per_token: float
-             ) -> dict[str, float]:
-  loss_sum, count = 0.0, 0.0
-  for batch in batches:
-    out = jax.device_get(eval_step(params, _global(batch, setup)))
-    loss_sum += float(out["loss_sum"])
-    count += float(out["count"])
-  loss = loss_sum / count
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_byte": loss / math.log(2) / bytes_per_token}
+def evaluate(task, eval_step, params, data, setup, *, workdir=None,
+             step: int = 0) -> dict[str, float]:
+  """Runs the eval step over every eval batch; the task turns the (host)
+  outputs into metrics and may write images into workdir."""
+  outputs = [jax.device_get(eval_step(params, global_batch(batch, setup)))
+             for batch in data.eval]
+  return task.summarize(outputs, data, workdir=workdir, step=step)
 
 
-def _global(batch: dict, setup: state_lib.Setup) -> dict:
-  """Host-local rows -> one global array sharded over (data, fsdp)."""
+def global_batch(batch: dict, setup: state_lib.Setup) -> dict:
+  """Host-local rows -> global arrays sharded over (data, fsdp)."""
   return {k: jax.make_array_from_process_local_data(
-      setup.batch_sharding(v.ndim), np.asarray(v)) for k, v in batch.items()}
+      setup.batch_sharding(np.ndim(v), k), np.asarray(v))
+          for k, v in batch.items()}
 
 
 def run(config, workdir: str | Path, *, stop_at_step: int | None = None
@@ -102,7 +99,8 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
   workdir.mkdir(parents=True, exist_ok=True)
   total = config.train.steps
   mesh = make_mesh(config.mesh)
-  data = data_lib.make(config, jax.process_index(), jax.process_count())
+  task = tasks.get(config)
+  data = task.make_data(jax.process_index(), jax.process_count())
   write_config(config, workdir)
 
   rules = rules_lib.Rules()
@@ -113,15 +111,15 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
         max_to_keep=config.train.get("max_checkpoints", 3))
     metrics_log = MetricsLog(workdir, total)
     try:
-      return _train(config, setup, data, ckpt, metrics_log, signals,
-                    stop_at_step)
+      return _train(config, task, setup, data, ckpt, metrics_log, signals,
+                    stop_at_step, workdir)
     finally:
       ckpt.close()
       metrics_log.close()
 
 
-def _train(config, setup, data, ckpt, metrics_log, signals,
-           stop_at_step) -> dict:
+def _train(config, task, setup, data, ckpt, metrics_log, signals,
+           stop_at_step, workdir) -> dict:
   total = config.train.steps
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
@@ -136,9 +134,9 @@ def _train(config, setup, data, ckpt, metrics_log, signals,
   if step >= total:
     log(f"already trained to step {step} (config.train.steps={total}).")
   train_step = step_lib.jit_train_step(
-      setup, config.train.get("grad_accum_steps", 1))
-  eval_step = step_lib.jit_eval_step(setup)
-  tokens_per_step = config.train.batch_size * data_lib.pipeline.seq_len(config)
+      setup, task, config.train.get("grad_accum_steps", 1))
+  eval_step = step_lib.jit_eval_step(setup, task)
+  unit, units_per_step = task.throughput()
   pending = collections.deque()  # (step, metrics) not yet read on the host.
   window = []  # Train metrics since the last log line.
   last_log_time, last_log_step = time.time(), step
@@ -161,8 +159,8 @@ def _train(config, setup, data, ckpt, metrics_log, signals,
         now = time.time()
         mean = {k: float(np.mean([w[k] for w in window])) for k in m}
         mean["learning_rate"] = m["learning_rate"]
-        mean["tokens_per_sec"] = (tokens_per_step * (s - last_log_step)
-                                  / max(now - last_log_time, 1e-9))
+        mean[f"{unit}_per_sec"] = (units_per_step * (s - last_log_step)
+                                   / max(now - last_log_time, 1e-9))
         metrics_log.write(s, "train", mean)
         metrics_log.progress(s, mean)
         result["train"] = mean
@@ -170,7 +168,7 @@ def _train(config, setup, data, ckpt, metrics_log, signals,
         last_log_time, last_log_step = now, s
 
   while step < total:
-    batch = _global(next(data.train), setup)
+    batch = global_batch(next(data.train), setup)
     state, metrics = train_step(state, batch)
     step += 1
     pending.append((step, metrics))
@@ -179,8 +177,8 @@ def _train(config, setup, data, ckpt, metrics_log, signals,
     if config.train.eval_every and (step % config.train.eval_every == 0
                                     or step == total):
       drain(keep=0)
-      result["eval"] = evaluate(eval_step, state.params, data.eval, setup,
-                                data.eval_bytes_per_token)
+      result["eval"] = evaluate(task, eval_step, state.params, data, setup,
+                                workdir=workdir, step=step)
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
     every = config.train.checkpoint_every

@@ -16,6 +16,11 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
+# Metrics worth a place on the progress line (all go to metrics.jsonl).
+SHOWN = ("loss", "perplexity", "bits_per_byte", "accuracy", "f1", "d_loss",
+         "g_loss", "cfid", "classifier_score")
+
+
 class MetricsLog:
 
   def __init__(self, workdir: str | Path, total_steps: int):
@@ -48,10 +53,11 @@ class MetricsLog:
     if self.start_step is None:
       self.start_step, self.start_time = step, time.time()
     parts = [f"step {step:>6d}/{self.total_steps}", f"{split}"]
-    parts += [f"{k} {v:.4g}" for k, v in metrics.items()
-              if k in ("loss", "perplexity", "bits_per_byte")]
-    if "tokens_per_sec" in metrics:
-      parts.append(f"{metrics['tokens_per_sec']:,.0f} tok/s")
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k in SHOWN]
+    for key, unit in (("tokens_per_sec", "tok/s"),
+                      ("examples_per_sec", "ex/s")):
+      if key in metrics:
+        parts.append(f"{metrics[key]:,.0f} {unit}")
     done = step - self.start_step
     if split == "train" and done > 0:
       eta = (time.time() - self.start_time) / done * (self.total_steps - step)

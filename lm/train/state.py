@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -35,19 +36,23 @@ class Setup:
   rules: rules_lib.Rules
   model_cfg: Any
   graphdef: nnx.GraphDef
-  tx: optax.GradientTransformation
+  tx: Any  # optax transformation, or {group: transformation} (the GAN).
   schedule: optax.Schedule
   abstract_state: TrainState  # ShapeDtypeStructs carrying shardings.
   state_shardings: TrainState
   init_fn: Any  # jitted: key -> sharded TrainState.
+  seed: int = 0  # config.seed: the init key and the per-step keys.
 
   @property
   def param_shardings(self):
     return self.state_shardings.params
 
-  def batch_sharding(self, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(self.mesh,
-                         self.rules("batch", *(["length"] * (ndim - 1))))
+  def batch_sharding(self, ndim: int = 2, key: str = "tokens"
+                     ) -> NamedSharding:
+    """Rows over (data, fsdp); a token array's second axis is its length,
+    other arrays' trailing axes (pixels, channels) are never split."""
+    names = ["length" if key == "tokens" else None] * (ndim - 1)
+    return NamedSharding(self.mesh, self.rules("batch", *names))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
@@ -66,29 +71,57 @@ def logical_param_specs(model_cfg, family_name: str):
   return graphdef, logical
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Replicates a dimension its mesh axes do not divide evenly (e.g. a
+  1-channel conv input, a 10-class head under tensor=4): jit shardings must
+  divide, and such small dimensions gain nothing from splitting."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    ways = int(np.prod([mesh.shape[a] for a in names]))
+    fitted.append(axes if dim % ways == 0 else None)
+  return P(*fitted)
+
+
 def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
                ) -> Setup:
   rules = rules or rules_lib.Rules()
   model_cfg = models.model_config(config)
   family = models.MODELS[config.model.name]
   graphdef, logical = logical_param_specs(model_cfg, config.model.name)
-  param_shardings = jax.tree.map(
-      lambda spec: NamedSharding(mesh, rules.spec(spec)), logical,
-      is_leaf=lambda x: isinstance(x, P))
   tx, schedule = optim.make(config.optimizer, config.train.steps)
+  # A family with several parameter groups (the GAN) gets one optimizer
+  # state per group, updated separately by its train step.
+  groups = getattr(family, "OPTIMIZER_GROUPS", None)
+  if groups:
+    tx = {g: tx for g in groups}
 
   def init(key: jax.Array) -> TrainState:
     model = family.make(model_cfg, nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model))
+    opt_state = ({g: tx[g].init(params[g]) for g in groups} if groups
+                 else tx.init(params))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=opt_state)
 
   key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, key)
+  param_shardings = jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, fit_spec(rules.spec(spec), x.shape,
+                                                   mesh)),
+      logical, abstract.params, is_leaf=lambda x: isinstance(x, P))
   replicated = NamedSharding(mesh, P())
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+
+  def opt_shardings_of(tx_, opt_state, shardings):
+    return optax.tree_map_params(
+        tx_, lambda _, sharding: sharding, opt_state, shardings,
+        transform_non_params=lambda _: replicated)
+
+  if groups:
+    opt_shardings = {g: opt_shardings_of(tx[g], abstract.opt_state[g],
+                                         param_shardings[g]) for g in groups}
+  else:
+    opt_shardings = opt_shardings_of(tx, abstract.opt_state, param_shardings)
   shardings = TrainState(step=replicated, params=param_shardings,
                          opt_state=opt_shardings)
   abstract = jax.tree.map(
@@ -97,7 +130,7 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
   init_fn = jax.jit(init, out_shardings=shardings)
   return Setup(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef,
                tx=tx, schedule=schedule, abstract_state=abstract,
-               state_shardings=shardings, init_fn=init_fn)
+               state_shardings=shardings, init_fn=init_fn, seed=config.seed)
 
 
 def count_params(params) -> int:

@@ -1,13 +1,13 @@
-"""Pure step functions: (state, batch) -> (state, metrics).
+"""Pure step functions and their jitted forms.
 
-They close over static things only (graphdef, optimizer, schedule); the
-trainer jits them with explicit in/out shardings and donates the state.
-A batch is {"tokens": int32 B x (L+1)}: inputs are tokens[:, :-1] and targets
-tokens[:, 1:].
+A task (lm/tasks/) supplies the loss or the whole train step; this file owns
+what every task shares: per-step random keys, gradient accumulation, the
+optimizer update and the jit with explicit shardings and donation.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,69 +17,92 @@ from flax import nnx
 from lm.parallel import constrain
 from lm.train.state import Setup, TrainState
 
-
-def lm_loss(params, graphdef, tokens_BxL1):
-  """Mean next-token cross-entropy (float32) and the token count."""
-  model = nnx.merge(graphdef, params)
-  logits_BxLxV, _ = model(tokens_BxL1[:, :-1])
-  targets_BxL = tokens_BxL1[:, 1:]
-  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV,
-                                                           targets_BxL)
-  return ce_BxL.mean(), ce_BxL.size
+# loss_fn(model, batch, key) -> (scalar float32 loss, dict of scalar metrics).
+LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def _grads(params, graphdef, tokens_BxL1, accum_steps: int):
-  grad_fn = jax.value_and_grad(lambda p, t: lm_loss(p, graphdef, t)[0])
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The step's randomness (dropout, GAN latents): a pure function of the
+  seed and the step, so a resumed run draws what the uninterrupted one did."""
+  return jax.random.fold_in(jax.random.key(seed + 1), step)
+
+
+def _microbatches(batch: dict, accum_steps: int) -> dict:
+  """Microbatch i takes rows i, i+A, i+2A, ...: every device keeps its own
+  rows, so splitting the batch moves no data between devices."""
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    return x.swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def grads(loss_fn: LossFn, params, graphdef, batch: dict, key: jax.Array,
+          accum_steps: int = 1):
+  """((loss, metrics), grads) of the batch mean, accumulated over
+  `accum_steps` equal microbatches when asked."""
+  def loss_of(p, b, k):
+    return loss_fn(nnx.merge(graphdef, p), b, k)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
   if accum_steps == 1:
-    return grad_fn(params, tokens_BxL1)
-  # Microbatch i takes rows i, i+A, i+2A, ...: every device keeps its own
-  # rows, so splitting the batch moves no data between devices.
-  B = tokens_BxL1.shape[0]
-  micro_AxMxL1 = tokens_BxL1.reshape(B // accum_steps, accum_steps,
-                                     -1).swapaxes(0, 1)
+    return grad_fn(params, batch, key)
 
-  def body(carry, tokens_MxL1):
-    loss_sum, grad_sum = carry
-    tokens_MxL1 = constrain(tokens_MxL1, "batch", "length")
-    loss, grads = grad_fn(params, tokens_MxL1)
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+  def body(carry, xs):
+    i, micro = xs
+    micro = {k: constrain(v, "batch", *([None] * (v.ndim - 1)))
+             for k, v in micro.items()}
+    (loss, metrics), g = grad_fn(params, micro, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, ((loss, metrics), g)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                  micro_AxMxL1)
+  (_, metrics0), _ = jax.eval_shape(grad_fn, params,
+                                    jax.tree.map(lambda x: x[0], _microbatches(
+                                        batch, accum_steps)), key)
+  zeros = jax.tree.map(jnp.zeros_like, ((jnp.zeros((), jnp.float32), metrics0),
+                                        params))
+  xs = (jnp.arange(accum_steps), _microbatches(batch, accum_steps))
+  total, _ = jax.lax.scan(body, zeros, xs)
   # Equal-sized microbatches: the mean of means is the full-batch mean.
-  return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+  return jax.tree.map(lambda x: x / accum_steps, total)
 
 
-def train_step(state: TrainState, batch, *, setup: Setup, accum_steps: int = 1
-               ) -> tuple[TrainState, dict]:
-  loss, grads = _grads(state.params, setup.graphdef, batch["tokens"],
-                       accum_steps)
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
+                          loss_fn: LossFn, accum_steps: int = 1
+                          ) -> tuple[TrainState, dict]:
+  key = step_key(setup.seed, state.step)
+  (loss, metrics), g = grads(loss_fn, state.params, setup.graphdef, batch,
+                             key, accum_steps)
+  updates, opt_state = setup.tx.update(g, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(g),
              "learning_rate": setup.schedule(state.step)}
-  new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state)
-  return new_state, metrics
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, setup: Setup) -> dict:
-  """Sums (not means) so the host can aggregate over any number of batches."""
-  loss, count = lm_loss(params, setup.graphdef, batch["tokens"])
-  return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
-
-
-def jit_train_step(setup: Setup, accum_steps: int = 1):
-  fn = functools.partial(train_step, setup=setup, accum_steps=accum_steps)
-  batch_shardings = {"tokens": setup.batch_sharding()}
-  return jax.jit(fn, in_shardings=(setup.state_shardings, batch_shardings),
+def jit_train_step(setup: Setup, task, accum_steps: int = 1):
+  """(state, batch) -> (state, metrics), state donated. The batch keeps the
+  sharding `loop.global_batch` gave it."""
+  fn = functools.partial(task.train_step, setup=setup, accum_steps=accum_steps)
+  return jax.jit(fn, in_shardings=(setup.state_shardings, None),
                  out_shardings=(setup.state_shardings, setup.replicated()),
                  donate_argnums=(0,))
 
 
-def jit_eval_step(setup: Setup):
-  fn = functools.partial(eval_step, setup=setup)
-  return jax.jit(fn, in_shardings=(setup.param_shardings,
-                                   {"tokens": setup.batch_sharding()}),
-                 out_shardings=setup.replicated())
+def jit_eval_step(setup: Setup, task):
+  """(params, batch) -> the task's eval outputs, replicated to every host.
+
+  A task whose evaluation needs more arrays (the GAN's feature classifier)
+  holds them in `task.eval_extras`; they are passed as an argument (replicated)
+  rather than baked into the compiled step as constants.
+  """
+  def fn(params, batch, extras):
+    model = nnx.merge(setup.graphdef, params)
+    if extras is None:
+      return task.eval_step(model, batch)
+    return task.eval_step(model, batch, extras)
+
+  jitted = jax.jit(fn, in_shardings=(setup.param_shardings, None,
+                                     setup.replicated()),
+                   out_shardings=setup.replicated())
+  return lambda params, batch: jitted(params, batch,
+                                      getattr(task, "eval_extras", None))

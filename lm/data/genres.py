@@ -1,0 +1,264 @@
+"""Genre classification of Shakespeare passages: the grain pipeline.
+
+The prepared `shakespeare_genres` tfds dataset (see `genre_builder.py`) ->
+each work cut into non-overlapping windows of exactly config.data.seq_len
+tokens (bytes with the byte tokenizer; the short tail is dropped), labelled
+with the work's genre -> this process's share ([process_index::process_count])
+-> train: endless shuffled batches; eval: every test passage once, in order.
+
+The poems give far fewer passages than the plays, so by default the train
+stream samples the classes equally: an epoch has num_classes * (largest
+class's count) slots, slot j draws class j % C, and each class walks through
+its own reshuffled passage list as often as needed to fill its slots. All of it
+is grain MapDataset index arithmetic, so the iterator's state is one integer
+and a resumed run reads exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lm.data import pipeline, sources, tokenizer as tokenizer_lib
+from lm.data.genre_builder import GENRES, ShakespeareGenres
+
+DATASET = "shakespeare_genres"
+
+
+def _check_dataset(data_cfg) -> None:
+  name = data_cfg.get("dataset")
+  if name != DATASET:
+    raise sources.DataError(
+        f"config.data.dataset={name!r} is not a text-classification dataset "
+        f"lm.data.genres knows; set config.data.dataset={DATASET!r}.")
+
+
+def builder(data_cfg) -> tfds.core.DatasetBuilder:
+  _check_dataset(data_cfg)
+  return ShakespeareGenres(data_dir=str(pipeline.data_dir(data_cfg)),
+                           file_format="array_record")
+
+
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
+  """Prepares the dataset once (idempotent, safe to call concurrently)."""
+  tfds.disable_progress_bar()
+  b = builder(data_cfg)
+  root = pipeline.data_dir(data_cfg)
+  with pipeline.file_lock(root / f".prepare-{b.name}.lock"):
+    if not b.is_prepared():
+      manual_dir = root / "downloads" / "manual"
+      # tfds wants the manual dir filled before it starts.
+      sources.fetch_shakespeare(manual_dir)
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual_dir)))
+  return b
+
+
+@dataclasses.dataclass(frozen=True)
+class Passages:
+  """A split's passages, works in name order, each work's in text order."""
+  tokens: np.ndarray  # N x L, uint8 for byte vocabularies.
+  labels: np.ndarray  # N int32 genre ids.
+  works: tuple[str, ...]  # N work names (for error analysis).
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def share(self, process_index: int, process_count: int) -> Passages:
+    s = slice(process_index, None, process_count)
+    return Passages(self.tokens[s], self.labels[s], self.works[s])
+
+
+def load_passages(b: tfds.core.DatasetBuilder, split: str, *, length: int,
+                  tok) -> Passages:
+  source = b.as_data_source(split=split)
+  # Sorted by name so the order does not depend on how tfds wrote the shards.
+  examples = sorted((source[i] for i in range(len(source))),
+                    key=lambda ex: ex["name"])
+  dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
+  tokens, labels, works = [], [], []
+  for ex in examples:
+    ids = tok.encode(ex["text"].decode("utf-8"))
+    n = len(ids) // length
+    tokens.append(np.asarray(ids[:n * length], dtype).reshape(n, length))
+    labels += [int(ex["genre"])] * n
+    works += [ex["name"].decode()] * n
+  return Passages(np.concatenate(tokens), np.asarray(labels, np.int32),
+                  tuple(works))
+
+
+class _PassageSource(grain.sources.RandomAccessDataSource):
+
+  def __init__(self, passages: Passages):
+    self.passages = passages
+
+  def __len__(self) -> int:
+    return len(self.passages)
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    return {"tokens": self.passages.tokens[i].astype(np.int32),
+            "label": np.int32(self.passages.labels[i])}
+
+
+def _class_seed(seed: int, c: int) -> int:
+  # Distinct, fixed per-class seeds: grain shuffles pass k with seed + k.
+  return (seed * 1_000_003 + 7_919 * (c + 1)) % 2**32
+
+
+def _balanced(passages: Passages, seed: int,
+              num_classes: int) -> grain.MapDataset:
+  """An epoch of num_classes * max_count slots; slot j draws class j % C."""
+  source = grain.MapDataset.source(_PassageSource(passages))
+  per_class = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(passages.labels == c)
+    # Indexing a shuffled MapDataset past its length reads a fresh
+    # permutation per pass: small classes are oversampled without repeats
+    # inside a pass, and which of their passages repeat changes every epoch.
+    per_class.append(grain.MapDataset.source(idx).shuffle(
+        seed=_class_seed(seed, c)))
+  max_count = max(len(p) for p in per_class)
+  epoch_len = num_classes * max_count
+
+  def draw(i: int, slot: int) -> dict:
+    epoch = i // epoch_len
+    c, k = slot % num_classes, slot // num_classes
+    return source[int(per_class[c][epoch * max_count + k])]
+
+  return (grain.MapDataset.range(epoch_len).shuffle(seed=seed).repeat()
+          .map_with_index(draw))
+
+
+def train_iterator(passages: Passages, *, batch_size: int, seed: int,
+                   balance_classes: bool, num_classes: int):
+  """Endless shuffled batches {"tokens": b x L int32, "label": b int32}."""
+  if balance_classes:
+    ds = _balanced(passages, seed, num_classes)
+  else:
+    ds = grain.MapDataset.source(_PassageSource(passages)).shuffle(
+        seed=seed).repeat()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                   prefetch_buffer_size=2)))
+
+
+def eval_batches(passages: Passages, *, batch_size: int,
+                 num_batches: int) -> list[dict]:
+  """Every passage once, in order; zero rows with mask 0 fill the rest."""
+  n, length = len(passages), passages.tokens.shape[1]
+  total = num_batches * batch_size
+  tokens = np.zeros((total, length), np.int32)
+  tokens[:n] = passages.tokens
+  labels = np.zeros((total,), np.int32)
+  labels[:n] = passages.labels
+  mask = np.zeros((total,), np.float32)
+  mask[:n] = 1.0
+  return [{"tokens": tokens[s], "label": labels[s], "mask": mask[s]}
+          for s in (slice(i * batch_size, (i + 1) * batch_size)
+                    for i in range(num_batches))]
+
+
+@dataclasses.dataclass
+class TextClassData:
+  train: object  # grain DatasetIterator: {"tokens": b x L int32, "label": b}.
+  eval: list[dict]  # {"tokens", "label", "mask"}: every test passage once.
+  num_classes: int
+  class_names: tuple[str, ...]
+  num_train: int  # Passages in this process's share of train.
+  num_eval: int  # Real (mask 1) passages in this process's eval batches.
+  train_class_counts: np.ndarray  # Passages per class, before balancing.
+  eval_class_counts: np.ndarray
+
+
+def _seq_len(config) -> int:
+  length = config.data.get("seq_len", 0)
+  if not isinstance(length, int) or length <= 0:
+    raise sources.DataError(
+        f"config.data.seq_len={length!r} must be a positive number of tokens "
+        "per passage (e.g. 256).")
+  return length
+
+
+def make(config, process_index: int = 0,
+         process_count: int = 1) -> TextClassData:
+  """Prepares (if needed) and opens the dataset named by config.data."""
+  _check_dataset(config.data)
+  length = _seq_len(config)
+  batch_size = config.train.batch_size // process_count
+  if batch_size < 1:
+    raise sources.DataError(
+        f"config.train.batch_size={config.train.batch_size} is smaller than "
+        f"the {process_count} processes; make it a multiple of that.")
+  tok = tokenizer_lib.get(config.data.get("tokenizer", "byte"))
+  b = prepare(config.data)
+  num_classes = len(GENRES)
+  all_train = load_passages(b, "train", length=length, tok=tok)
+  all_test = load_passages(b, "test", length=length, tok=tok)
+  train = all_train.share(process_index, process_count)
+  test = all_test.share(process_index, process_count)
+  train_counts = np.bincount(train.labels, minlength=num_classes)
+  balance = config.data.get("balance_classes", True)
+  if len(train) < batch_size:
+    raise sources.DataError(
+        f"The train split has {len(train)} passages of config.data.seq_len="
+        f"{length} for this process, fewer than one batch of {batch_size}: "
+        "lower config.train.batch_size or config.data.seq_len.")
+  if balance and not train_counts.all():
+    missing = [GENRES[c] for c in np.flatnonzero(train_counts == 0)]
+    raise sources.DataError(
+        f"No train passages of config.data.seq_len={length} for {missing} in "
+        "this process, so config.data.balance_classes=True cannot sample "
+        "them: lower config.data.seq_len or set balance_classes=False.")
+  if len(test) == 0:
+    raise sources.DataError(
+        f"The test split has no passages of config.data.seq_len={length} for "
+        "this process: lower config.data.seq_len.")
+  # Every process runs the same number of eval steps (a multi-host step is
+  # collective), sized by the largest share; shorter shares get mask-0 rows.
+  largest_share = -(-len(all_test) // process_count)
+  return TextClassData(
+      train=train_iterator(train, batch_size=batch_size, seed=config.seed,
+                           balance_classes=balance, num_classes=num_classes),
+      eval=eval_batches(test, batch_size=batch_size,
+                        num_batches=-(-largest_share // batch_size)),
+      num_classes=num_classes,
+      class_names=GENRES,
+      num_train=len(train),
+      num_eval=len(test),
+      train_class_counts=train_counts,
+      eval_class_counts=np.bincount(test.labels, minlength=num_classes))
+
+
+def _macro_f1(labels: np.ndarray, predictions: np.ndarray,
+              num_classes: int) -> float:
+  """Mean F1 over all classes, 0 where 2tp + fp + fn is 0: sklearn's
+  f1_score(labels=range(C), average="macro", zero_division=0), the same
+  definition as lm/metrics.py's classification()."""
+  scores = []
+  for c in range(num_classes):
+    tp = np.sum((predictions == c) & (labels == c))
+    fp_plus_fn = np.sum((predictions == c) ^ (labels == c))
+    scores.append(2 * tp / (2 * tp + fp_plus_fn) if tp or fp_plus_fn else 0.0)
+  return float(np.mean(scores))
+
+
+def majority_baseline(eval_labels, train_class_counts) -> dict:
+  """Scores of always predicting the most frequent train class (the lowest
+  id on a tie) on `eval_labels` (real passages only: drop mask-0 rows).
+
+  Macro F1 averages over all len(train_class_counts) classes, like the
+  model's; with every class among the eval labels (every genre is in the
+  test split) that equals sklearn's default f1_score(average="macro").
+  """
+  labels = np.asarray(eval_labels).ravel()
+  if labels.size == 0:
+    raise sources.DataError("majority_baseline needs at least one eval label.")
+  num_classes = len(train_class_counts)
+  majority = int(np.argmax(train_class_counts))
+  predictions = np.full_like(labels, majority)
+  return {"majority_class": majority,
+          "accuracy": float(np.mean(labels == majority)),
+          "macro_f1": _macro_f1(labels, predictions, num_classes)}

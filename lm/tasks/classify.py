@@ -1,0 +1,93 @@
+"""Classification: an MLP on images (digits, MNIST) or a Transformer encoder
+on text passages (Shakespeare genres).
+
+Train batches: {"image": float32 B x H x W x C, "label": int32 B} or
+{"tokens": int32 B x L, "label": int32 B}. Eval batches add "mask" (1 for real
+rows, 0 for the padding that fills the last batch), so an eval covers the
+whole test split exactly once. The eval step returns class probabilities; the
+metrics (lm/metrics.py) are computed on the host from all of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lm import metrics
+from lm.data import genres, images, sources
+from lm.train import step as step_lib
+
+TEXT_DATASETS = ("shakespeare_genres",)
+DATASETS = images.DATASETS + TEXT_DATASETS
+
+
+def inputs_key(dataset: str) -> str:
+  return "tokens" if dataset in TEXT_DATASETS else "image"
+
+
+def make_data(config, process_index: int = 0, process_count: int = 1):
+  dataset = config.data.dataset
+  if dataset in images.DATASETS:
+    return images.make(config, process_index, process_count)
+  if dataset in TEXT_DATASETS:
+    return genres.make(config, process_index, process_count)
+  raise sources.DataError(f"config.data.dataset={dataset!r} is unknown; use "
+                          f"one of {DATASETS}.")
+
+
+class Classification:
+  name = "classify"
+
+  def __init__(self, config):
+    self.config = config
+    self.key = inputs_key(config.data.dataset)
+
+  def make_data(self, process_index: int = 0, process_count: int = 1):
+    return make_data(self.config, process_index, process_count)
+
+  def throughput(self) -> tuple[str, int]:
+    return "examples", self.config.train.batch_size
+
+  def loss(self, model, batch: dict, key) -> tuple:
+    logits_BxC = model(batch[self.key], dropout_key=key)
+    ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC,
+                                                           batch["label"])
+    accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == batch["label"])
+    return ce_B.mean(), {"accuracy": accuracy}
+
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
+    return step_lib.supervised_train_step(state, batch, setup=setup,
+                                          loss_fn=self.loss,
+                                          accum_steps=accum_steps)
+
+  def eval_step(self, model, batch: dict) -> dict:
+    logits_BxC = model(batch[self.key])
+    return {"probs": jax.nn.softmax(logits_BxC, axis=-1),
+            "label": batch["label"], "mask": batch["mask"]}
+
+  def summarize(self, outputs: list[dict], data, *, workdir: Path | None = None,
+                step: int = 0) -> dict[str, float]:
+    mask = np.concatenate([o["mask"] for o in outputs]) > 0
+    probs_NxC = np.concatenate([o["probs"] for o in outputs])[mask]
+    labels_N = np.concatenate([o["label"] for o in outputs])[mask]
+    result = metrics.classification(labels_N, probs_NxC)
+    picked = probs_NxC[np.arange(len(labels_N)), labels_N].astype(np.float64)
+    result["loss"] = float(-np.mean(np.log(np.maximum(picked, 1e-30))))
+    if hasattr(data, "train_class_counts"):  # Imbalanced classes: a baseline.
+      baseline = genres.majority_baseline(labels_N, data.train_class_counts)
+      result["majority_accuracy"] = baseline["accuracy"]
+      result["majority_f1"] = baseline["macro_f1"]
+    if workdir is not None and jax.process_index() == 0:
+      names = getattr(data, "class_names", None) or [
+          str(i) for i in range(probs_NxC.shape[1])]
+      cm = metrics.confusion_matrix(labels_N, probs_NxC.argmax(-1),
+                                    probs_NxC.shape[1])
+      path = Path(workdir) / "images" / f"confusion_{step:06d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      metrics.save_confusion_png(
+          cm, names, path,
+          title=f"step {step}: accuracy {result['accuracy']:.3f}")
+    return result

@@ -1,0 +1,102 @@
+"""The fixed classifier behind the GAN metrics (cFID, classifier score).
+
+An MLP trained once per dataset with a fixed recipe and seed on one device,
+then stored (orbax) next to the prepared data, so every GAN run and every
+eval compares against the same features. Its features are the last hidden
+layer; its test accuracy is printed when it is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lm.data import images, pipeline
+from lm.parallel import make_mesh, rules as rules_lib
+from lm.train import state as state_lib, step as step_lib
+
+VERSION = 1  # Bump when the recipe changes: stored classifiers are keyed by it.
+
+
+def recipe(data_cfg) -> ml_collections.ConfigDict:
+  """The training config of the feature classifier for data_cfg.dataset."""
+  dataset = data_cfg.dataset
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "classify"
+  c.model = dict(name="mlp", image_shape=images.IMAGE_SHAPES[dataset],
+                 num_classes=images.NUM_CLASSES, depth=2, width=128,
+                 activation="gelu", dropout=0.1, layer_norm=True)
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
+  c.precision = dict(compute_dtype="float32", param_dtype="float32")
+  c.optimizer = dict(name="adamw", learning_rate=1e-3, schedule="cosine",
+                     warmup_steps=50, end_learning_rate_fraction=0.01, b1=0.9,
+                     b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
+  c.train = dict(steps=1500, batch_size=128)
+  c.data = dict(dataset=dataset, data_dir=data_cfg.get("data_dir", ""),
+                augment=True, max_shift=1 if dataset == "digits" else 2,
+                max_rotation=10.0)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureClassifier:
+  graphdef: nnx.GraphDef
+  params: dict  # On the host; replicated onto a mesh by the caller's jit.
+  test_accuracy: float
+
+  def apply(self, params, images_BxHxWxC):
+    """(features B x F, class probabilities B x C), float32."""
+    model = nnx.merge(self.graphdef, params)
+    feats = model.features(images_BxHxWxC)
+    return feats.astype(np.float32), jax.nn.softmax(model.head(feats), -1)
+
+
+def _directory(data_cfg) -> Path:
+  return (pipeline.data_dir(data_cfg) / "feature_classifiers" /
+          f"{data_cfg.dataset}-v{VERSION}")
+
+
+def load_or_train(data_cfg) -> FeatureClassifier:
+  directory = _directory(data_cfg)
+  config = recipe(data_cfg)
+  mesh = make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+    setup = state_lib.make_setup(config, mesh)
+    with pipeline.file_lock(directory.parent / f".{directory.name}.lock"):
+      if not (directory / "info.json").exists():
+        _train(config, setup, directory)
+    params = ocp.StandardCheckpointer().restore(
+        directory / "params", setup.abstract_state.params)
+    info = json.loads((directory / "info.json").read_text())
+  params = jax.device_get(params)
+  return FeatureClassifier(setup.graphdef, params, info["test_accuracy"])
+
+
+def _train(config, setup, directory: Path) -> None:
+  from lm.tasks import classify  # noqa: PLC0415  (classify imports no GAN code)
+  task = classify.Classification(config)
+  data = task.make_data()
+  train_step = step_lib.jit_train_step(setup, task)
+  eval_step = step_lib.jit_eval_step(setup, task)
+  state = setup.init_fn(jax.random.key(config.seed))
+  for _ in range(config.train.steps):
+    state, _ = train_step(state, next(data.train))
+  outputs = [jax.device_get(eval_step(state.params, b))
+             for b in data.eval]
+  accuracy = task.summarize(outputs, data)["accuracy"]
+  print(f"feature classifier for {config.data.dataset}: test accuracy "
+        f"{accuracy:.4f}; stored in {directory}", flush=True)
+  tmp = directory.with_name(directory.name + ".tmp")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp / "params", state.params, force=True)
+  checkpointer.wait_until_finished()
+  (tmp / "info.json").write_text(json.dumps(
+      {"test_accuracy": accuracy, "recipe": config.to_dict()}, default=list))
+  tmp.replace(directory)  # Atomic: a half-trained classifier is never read.

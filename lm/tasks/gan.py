@@ -1,0 +1,131 @@
+"""GAN training: one jitted step updates the discriminator, then the
+generator against the updated discriminator (non-saturating loss, optional R1
+penalty on real images).
+
+Evaluation generates images from a fixed latent batch and compares them with
+the real test images through a fixed classifier (lm/tasks/feature_classifier.py):
+cFID (Fréchet distance of the classifier's features, float64 on the host) and
+the classifier score (the Inception-score analogue; at most the number of
+classes). A PNG grid of the first samples goes to WORKDIR/images/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lm import metrics
+from lm.data import images
+from lm.parallel import constrain
+from lm.tasks import feature_classifier
+from lm.train import step as step_lib
+
+EVAL_LATENT_SEED = 1234  # The same latents at every eval and in every run.
+GRID = 100  # Samples in the PNG grid.
+
+
+def _d_loss(model, real_BxHxWxC, fake_BxHxWxC, r1_gamma: float):
+  """Non-saturating discriminator loss (+ R1: gamma/2 E|grad_x D(real)|^2)."""
+  real_B = model.discriminate(real_BxHxWxC)
+  fake_B = model.discriminate(fake_BxHxWxC)
+  loss = jnp.mean(jax.nn.softplus(-real_B)) + jnp.mean(jax.nn.softplus(fake_B))
+  aux = {"d_real": jnp.mean(jax.nn.sigmoid(real_B)),
+         "d_fake": jnp.mean(jax.nn.sigmoid(fake_B))}
+  if r1_gamma:
+    g = jax.grad(lambda x: model.discriminate(x).sum())(real_BxHxWxC)
+    r1 = jnp.mean(jnp.sum(jnp.square(g), axis=(1, 2, 3)))
+    loss = loss + 0.5 * r1_gamma * r1
+    aux["r1"] = r1
+  return loss, aux
+
+
+class Gan:
+  name = "gan"
+
+  def __init__(self, config):
+    self.config = config
+    self.r1_gamma = float(config.gan.get("r1_gamma", 0.0))
+    self.classifier = None
+
+  @property
+  def eval_extras(self):
+    """The feature classifier's params (trained on first use, then stored)."""
+    if self.classifier is None:
+      self.classifier = feature_classifier.load_or_train(self.config.data)
+    return self.classifier.params
+
+  def make_data(self, process_index: int = 0, process_count: int = 1):
+    data = images.make(self.config, process_index, process_count)
+    latent = self.config.model.latent_dim
+    rng = np.random.default_rng(EVAL_LATENT_SEED + process_index)
+    for batch in data.eval:
+      batch["z"] = rng.standard_normal(
+          (len(batch["label"]), latent)).astype(np.float32)
+    return data
+
+  def throughput(self) -> tuple[str, int]:
+    return "examples", self.config.train.batch_size
+
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
+    del accum_steps  # Validated to be 1.
+    key_d, key_g = jax.random.split(step_lib.step_key(setup.seed, state.step))
+    real = batch["image"]
+    shape = (real.shape[0], setup.model_cfg.latent_dim)
+    z_d = constrain(jax.random.normal(key_d, shape), "batch", None)
+    z_g = constrain(jax.random.normal(key_g, shape), "batch", None)
+    g_params = state.params["generator"]
+    d_params = state.params["discriminator"]
+
+    def model(g, d):
+      return nnx.merge(setup.graphdef, {"generator": g, "discriminator": d})
+
+    fake = jax.lax.stop_gradient(model(g_params, d_params).generate(z_d))
+    (d_loss, aux), d_grads = jax.value_and_grad(
+        lambda d: _d_loss(model(g_params, d), real, fake, self.r1_gamma),
+        has_aux=True)(d_params)
+    updates, d_opt = setup.tx["discriminator"].update(
+        d_grads, state.opt_state["discriminator"], d_params)
+    d_params = optax.apply_updates(d_params, updates)
+
+    def g_loss_fn(g):
+      m = model(g, d_params)
+      return jnp.mean(jax.nn.softplus(-m.discriminate(m.generate(z_g))))
+
+    g_loss, g_grads = jax.value_and_grad(g_loss_fn)(g_params)
+    updates, g_opt = setup.tx["generator"].update(
+        g_grads, state.opt_state["generator"], g_params)
+    g_params = optax.apply_updates(g_params, updates)
+    metrics_ = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
+                "d_grad_norm": optax.tree.norm(d_grads),
+                "g_grad_norm": optax.tree.norm(g_grads),
+                "learning_rate": setup.schedule(state.step), **aux}
+    new_state = state.replace(
+        step=state.step + 1,
+        params={"generator": g_params, "discriminator": d_params},
+        opt_state={"generator": g_opt, "discriminator": d_opt})
+    return new_state, metrics_
+
+  def eval_step(self, model, batch: dict, classifier_params) -> dict:
+    fake = model.generate(batch["z"])
+    real_feats, real_probs = self.classifier.apply(classifier_params,
+                                                   batch["image"])
+    fake_feats, fake_probs = self.classifier.apply(classifier_params, fake)
+    return {"fake": fake, "fake_feats": fake_feats, "fake_probs": fake_probs,
+            "real_feats": real_feats, "mask": batch["mask"]}
+
+  def summarize(self, outputs: list[dict], data, *, workdir: Path | None = None,
+                step: int = 0) -> dict[str, float]:
+    mask = np.concatenate([o["mask"] for o in outputs]) > 0
+    get = lambda k: np.concatenate([o[k] for o in outputs])[mask]  # noqa: E731
+    result = {"cfid": metrics.frechet_distance(get("fake_feats"),
+                                               get("real_feats")),
+              "classifier_score": metrics.classifier_score(get("fake_probs"))}
+    if workdir is not None and jax.process_index() == 0:
+      path = Path(workdir) / "images" / f"samples_{step:06d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      metrics.save_image_grid_png(get("fake")[:GRID], path)
+    return result

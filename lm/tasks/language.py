@@ -1,0 +1,59 @@
+"""Next-token prediction on a text corpus.
+
+A batch is {"tokens": int32 B x (L+1)}: inputs are tokens[:, :-1] and targets
+tokens[:, 1:].
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+from lm.data import pipeline
+from lm.train import step as step_lib
+
+
+def lm_loss(model, tokens_BxL1):
+  """Mean next-token cross-entropy (float32) and the token count."""
+  logits_BxLxV, _ = model(tokens_BxL1[:, :-1])
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV, tokens_BxL1[:, 1:])
+  return ce_BxL.mean(), ce_BxL.size
+
+
+class LanguageModeling:
+  name = "lm"
+
+  def __init__(self, config):
+    self.config = config
+
+  def make_data(self, process_index: int = 0, process_count: int = 1):
+    return pipeline.make(self.config, process_index, process_count)
+
+  def throughput(self) -> tuple[str, int]:
+    return "tokens", self.config.train.batch_size * pipeline.seq_len(
+        self.config)
+
+  @staticmethod
+  def loss(model, batch: dict, key) -> tuple:
+    del key  # Deterministic: no dropout in the LM.
+    return lm_loss(model, batch["tokens"])[0], {}
+
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
+    return step_lib.supervised_train_step(state, batch, setup=setup,
+                                          loss_fn=self.loss,
+                                          accum_steps=accum_steps)
+
+  @staticmethod
+  def eval_step(model, batch: dict) -> dict:
+    """Sums (not means) so the host can aggregate over any number of batches."""
+    loss, count = lm_loss(model, batch["tokens"])
+    return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
+
+  @staticmethod
+  def summarize(outputs: list[dict], data, **unused) -> dict[str, float]:
+    loss = (sum(float(o["loss_sum"]) for o in outputs)
+            / sum(float(o["count"]) for o in outputs))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": loss / math.log(2) / data.eval_bytes_per_token}
