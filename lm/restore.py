@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -53,7 +54,11 @@ def load(workdir: str | Path, mesh_arg: str | None = None,
   config = load_config(workdir)
   with config.unlocked():
     config.mesh = mesh_for(config, mesh_arg)
-  mesh = make_mesh(config.mesh)
+  # An explicit mesh smaller than the host (e.g. --mesh=1,1,1 for an
+  # unsharded reference) takes the first devices.
+  sizes = list(config.mesh.values())
+  mesh = make_mesh(config.mesh, None if -1 in sizes
+                   else jax.devices()[:math.prod(sizes)])
   setup = state_lib.make_setup(config, mesh, rules)
   ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
   step = ckpt.latest_step()
