@@ -40,6 +40,12 @@ def main(argv):
   # A handful of prompts cannot be split over data x fsdp: replicate the
   # batch, keep the parameters sharded as in training.
   rules = dataclasses.replace(rules_lib.Rules(), batch=None)
+  config = restore.load_config(_WORKDIR.value)
+  if config.get("task", "lm") != "lm":
+    raise app.UsageError(
+        f"{_WORKDIR.value} holds a config.task={config.task!r} run; "
+        "generate.py samples language models only (scripts/eval.py "
+        "evaluates any run).")
   loaded = restore.load(_WORKDIR.value, _MESH.value, rules)
   config = loaded.config
   tok = tokenizer_lib.get(config.data.tokenizer)

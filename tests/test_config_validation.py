@@ -56,7 +56,7 @@ BAD = [
     ({"precision.compute_dtype": "fp8"}, r"config\.precision\.compute_dtype"),
     ({"precision.param_dtype": "int8"}, r"config\.precision\.param_dtype"),
     ({"model.remat": "some"}, r"config\.model\.remat='some'"),
-    ({"data.seq_len": 64}, r"config\.data\.seq_len=64 is over.*max_len=32"),
+    ({"data.seq_len": 64}, r"config\.data\.seq_len=64 must be.*max_len=32"),
     ({"model.vocab_size": 100}, r"config\.model\.vocab_size=100"),
     ({"data.corpus": "wiki"}, r"config\.data\.corpus='wiki'"),
     ({"data.corpus": "text_dir", "data.text_dir": "/nonexistent/dir"},
@@ -99,3 +99,54 @@ def test_bad_config_fails_before_any_compile(tmp_path, monkeypatch):
   with pytest.raises(ConfigError):
     lm.train.run(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def _family(name):
+  return _load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+
+
+BAD_FAMILY = [
+    ("mlp_digits", {"data.dataset": "cifar"}, r"config\.data\.dataset='cifar'"),
+    ("gan_digits", {"data.dataset": "cifar"}, r"config\.data\.dataset='cifar'"),
+    ("mlp_digits", {"model.name": "resnet"}, r"config\.model\.name='resnet'"),
+    ("mlp_digits", {"task": "segment"}, r"config\.task='segment'"),
+    ("mlp_digits", {"model.name": "gan"},
+     r"config\.model\.name='gan' cannot be trained by config\.task='classify'"),
+    ("mlp_digits", {"data.dataset": "mnist"},
+     r"config\.model\.image_shape=\(8, 8, 1\) does not fit "
+     r"config\.data\.dataset='mnist'.*\(28, 28, 1\)"),
+    ("gan_mnist", {"data.dataset": "digits"},
+     r"config\.model\.image_shape=\(28, 28, 1\) does not fit"),
+    ("mlp_digits", {"model.num_classes": 12},
+     r"config\.model\.num_classes=12 differs from the 10 labels"),
+    ("classify_text", {"model.num_classes": 10},
+     r"config\.model\.num_classes=10 differs from the 4 labels"),
+    ("classify_text", {"data.dataset": "digits"},
+     r"classified by config\.model\.name='mlp'"),
+    ("classify_text", {"data.seq_len": 512}, r"config\.data\.seq_len=512"),
+    ("gan_digits", {"model.arch": "dcgan", "model.image_shape": (8, 8, 1)},
+     None),  # 8x8 is a multiple of 4: allowed.
+    ("gan_digits", {"model.arch": "vae"}, r"config\.model\.arch='vae'"),
+    ("gan_digits", {"train.grad_accum_steps": 2},
+     r"config\.train\.grad_accum_steps=2: the GAN step"),
+    ("mlp_digits", {"model.dropout": 1.0}, r"config\.model\.dropout=1\.0"),
+    ("mlp_digits", {"model.activation": "swish"},
+     r"config\.model\.activation='swish'"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", BAD_FAMILY,
+                         ids=[f"{n}:{m}" for n, _, m in BAD_FAMILY])
+def test_bad_family_config_is_rejected(name, overrides, message):
+  config = _family(name)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  if message is None:
+    validation.validate(config, num_devices=8)
+  else:
+    with pytest.raises(ConfigError, match=message):
+      validation.validate(config, num_devices=8)

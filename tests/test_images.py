@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lm.data import image_builders, images
+from lm.data import image_builders, images, sources
 from lm.data.sources import DataError
 
 SIZES = {"digits": (1438, 359), "mnist": (4000, 1000)}
@@ -199,7 +199,7 @@ def test_missing_mnist_file_names_the_file_and_fix(tmp_path, monkeypatch):
   class Failed:
     returncode, stderr = 1, "no network"
   monkeypatch.setattr(image_builders, "installed_mnist_csv", lambda: None)
-  monkeypatch.setattr(image_builders.subprocess, "run",
+  monkeypatch.setattr(sources.subprocess, "run",
                       lambda *a, **k: Failed())
   with pytest.raises(DataError) as e:
     images.prepare(_config(tmp_path, "mnist").data)

@@ -43,17 +43,8 @@ def builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   """Prepares the dataset once (idempotent, safe to call concurrently)."""
-  tfds.disable_progress_bar()
-  b = builder(data_cfg)
-  root = pipeline.data_dir(data_cfg)
-  with pipeline.file_lock(root / f".prepare-{b.name}.lock"):
-    if not b.is_prepared():
-      manual_dir = root / "downloads" / "manual"
-      # tfds wants the manual dir filled before it starts.
-      sources.fetch_shakespeare(manual_dir)
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir)))
-  return b
+  return pipeline.prepare_once(builder(data_cfg), pipeline.data_dir(data_cfg),
+                               sources.fetch_shakespeare)
 
 
 @dataclasses.dataclass(frozen=True)

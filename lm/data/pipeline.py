@@ -60,20 +60,28 @@ def file_lock(path: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(data_cfg) -> tfds.core.DatasetBuilder:
-  """Prepares the corpus once (idempotent, safe to call concurrently)."""
+def prepare_once(b: tfds.core.DatasetBuilder, root: Path,
+                 fill_manual_dir=None) -> tfds.core.DatasetBuilder:
+  """Prepares builder `b` under `root` once (idempotent, safe to call
+  concurrently). `fill_manual_dir(path)` puts the raw files in place first:
+  tfds wants the manual dir filled before it starts."""
   tfds.disable_progress_bar()
-  b = builder(data_cfg)
-  root = data_dir(data_cfg)
-  with file_lock(root / f".prepare-{b.name}-{b.builder_config.name}.lock"):
+  config_name = b.builder_config.name if b.builder_config else "default"
+  with file_lock(root / f".prepare-{b.name}-{config_name}.lock"):
     if not b.is_prepared():
       manual_dir = root / "downloads" / "manual"
-      if data_cfg.corpus == "shakespeare":
-        # tfds wants the manual dir filled before it starts.
-        sources.fetch_shakespeare(manual_dir)
+      if fill_manual_dir is not None:
+        fill_manual_dir(manual_dir)
       b.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=str(manual_dir)))
   return b
+
+
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
+  """Prepares the corpus once (idempotent, safe to call concurrently)."""
+  fill = (sources.fetch_shakespeare if data_cfg.corpus == "shakespeare"
+          else None)
+  return prepare_once(builder(data_cfg), data_dir(data_cfg), fill)
 
 
 @dataclasses.dataclass(frozen=True)

