@@ -21,6 +21,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lm import metrics
 from lm.data import pipeline, sources, tokenizer as tokenizer_lib
 from lm.data.genre_builder import GENRES, ShakespeareGenres
 
@@ -136,22 +137,6 @@ def train_iterator(passages: Passages, *, batch_size: int, seed: int,
                                                    prefetch_buffer_size=2)))
 
 
-def eval_batches(passages: Passages, *, batch_size: int,
-                 num_batches: int) -> list[dict]:
-  """Every passage once, in order; zero rows with mask 0 fill the rest."""
-  n, length = len(passages), passages.tokens.shape[1]
-  total = num_batches * batch_size
-  tokens = np.zeros((total, length), np.int32)
-  tokens[:n] = passages.tokens
-  labels = np.zeros((total,), np.int32)
-  labels[:n] = passages.labels
-  mask = np.zeros((total,), np.float32)
-  mask[:n] = 1.0
-  return [{"tokens": tokens[s], "label": labels[s], "mask": mask[s]}
-          for s in (slice(i * batch_size, (i + 1) * batch_size)
-                    for i in range(num_batches))]
-
-
 @dataclasses.dataclass
 class TextClassData:
   train: object  # grain DatasetIterator: {"tokens": b x L int32, "label": b}.
@@ -207,33 +192,19 @@ def make(config, process_index: int = 0,
     raise sources.DataError(
         f"The test split has no passages of config.data.seq_len={length} for "
         "this process: lower config.data.seq_len.")
-  # Every process runs the same number of eval steps (a multi-host step is
-  # collective), sized by the largest share; shorter shares get mask-0 rows.
-  largest_share = -(-len(all_test) // process_count)
   return TextClassData(
       train=train_iterator(train, batch_size=batch_size, seed=config.seed,
                            balance_classes=balance, num_classes=num_classes),
-      eval=eval_batches(test, batch_size=batch_size,
-                        num_batches=-(-largest_share // batch_size)),
+      eval=pipeline.masked_batches(
+          {"tokens": test.tokens.astype(np.int32), "label": test.labels},
+          batch_size=batch_size, global_rows=len(all_test),
+          process_count=process_count),
       num_classes=num_classes,
       class_names=GENRES,
       num_train=len(train),
       num_eval=len(test),
       train_class_counts=train_counts,
       eval_class_counts=np.bincount(test.labels, minlength=num_classes))
-
-
-def _macro_f1(labels: np.ndarray, predictions: np.ndarray,
-              num_classes: int) -> float:
-  """Mean F1 over all classes, 0 where 2tp + fp + fn is 0: sklearn's
-  f1_score(labels=range(C), average="macro", zero_division=0), the same
-  definition as lm/metrics.py's classification()."""
-  scores = []
-  for c in range(num_classes):
-    tp = np.sum((predictions == c) & (labels == c))
-    fp_plus_fn = np.sum((predictions == c) ^ (labels == c))
-    scores.append(2 * tp / (2 * tp + fp_plus_fn) if tp or fp_plus_fn else 0.0)
-  return float(np.mean(scores))
 
 
 def majority_baseline(eval_labels, train_class_counts) -> dict:
@@ -249,7 +220,8 @@ def majority_baseline(eval_labels, train_class_counts) -> dict:
     raise sources.DataError("majority_baseline needs at least one eval label.")
   num_classes = len(train_class_counts)
   majority = int(np.argmax(train_class_counts))
-  predictions = np.full_like(labels, majority)
-  return {"majority_class": majority,
-          "accuracy": float(np.mean(labels == majority)),
-          "macro_f1": _macro_f1(labels, predictions, num_classes)}
+  probs_NxC = np.zeros((labels.size, num_classes))
+  probs_NxC[:, majority] = 1.0
+  scores = metrics.classification(labels, probs_NxC)
+  return {"majority_class": majority, "accuracy": scores["accuracy"],
+          "macro_f1": scores["f1"]}

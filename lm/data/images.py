@@ -12,7 +12,6 @@ with masked-out rows so every test example counts exactly once.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import grain
 import numpy as np
@@ -126,23 +125,12 @@ def train_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> list[dict]:
-  """This process's share of the split once, padded with masked black rows.
-
-  Every process gets the same number of batches (sized for the largest
-  share): a multi-host eval step needs a batch from each process.
-  """
-  num_batches = math.ceil(math.ceil(len(labels) / process_count) / batch_size)
-  images = images[process_index::process_count]
-  labels = labels[process_index::process_count]
-  pad = num_batches * batch_size - len(labels)
-  images = np.concatenate(
-      [images, np.full((pad, *images.shape[1:]), BACKGROUND, np.float32)])
-  labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-  mask = np.concatenate([np.ones(len(labels) - pad, np.float32),
-                         np.zeros(pad, np.float32)])
-  return [{"image": images[s:s + batch_size], "label": labels[s:s + batch_size],
-           "mask": mask[s:s + batch_size]}
-          for s in range(0, len(labels), batch_size)]
+  """This process's share of the split once, padded with masked black rows."""
+  return pipeline.masked_batches(
+      {"image": images[process_index::process_count],
+       "label": labels[process_index::process_count].astype(np.int32)},
+      batch_size=batch_size, global_rows=len(labels),
+      process_count=process_count, pad_values={"image": BACKGROUND})
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import math
 import os
 from pathlib import Path
 
@@ -164,6 +165,29 @@ def eval_batches(tokens: np.ndarray, *, length: int, batch_size: int,
   return [{"tokens": np.stack([windows[b * batch_size + i]
                                for i in range(batch_size)])}
           for b in range(n)]
+
+
+def masked_batches(columns: dict[str, np.ndarray], *, batch_size: int,
+                   global_rows: int, process_count: int = 1,
+                   pad_values: dict | None = None) -> list[dict]:
+  """This process's rows once, in order, in whole batches with a "mask"
+  (1 real row, 0 padding; padding takes `pad_values[key]`, else 0).
+
+  Every process gets the same number of batches, sized for the largest share
+  of the `global_rows`: a multi-host eval step needs a batch from each.
+  """
+  largest_share = math.ceil(global_rows / process_count)
+  total = math.ceil(largest_share / batch_size) * batch_size
+  rows = len(next(iter(columns.values())))
+  padded = {}
+  for key, values in columns.items():
+    full = np.full((total, *values.shape[1:]),
+                   (pad_values or {}).get(key, 0), values.dtype)
+    full[:rows] = values
+    padded[key] = full
+  padded["mask"] = (np.arange(total) < rows).astype(np.float32)
+  return [{k: v[s:s + batch_size] for k, v in padded.items()}
+          for s in range(0, total, batch_size)]
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from flax import nnx
 
 from lm.data import images, pipeline
 from lm.parallel import make_mesh, rules as rules_lib
+from lm.tasks import classify
 from lm.train import state as state_lib, step as step_lib
 
 VERSION = 1  # Bump when the recipe changes: stored classifiers are keyed by it.
@@ -81,7 +82,6 @@ def load_or_train(data_cfg) -> FeatureClassifier:
 
 
 def _train(config, setup, directory: Path) -> None:
-  from lm.tasks import classify  # noqa: PLC0415  (classify imports no GAN code)
   task = classify.Classification(config)
   data = task.make_data()
   train_step = step_lib.jit_train_step(setup, task)

@@ -54,13 +54,11 @@ def grads(loss_fn: LossFn, params, graphdef, batch: dict, key: jax.Array,
     (loss, metrics), g = grad_fn(params, micro, jax.random.fold_in(key, i))
     return jax.tree.map(jnp.add, carry, ((loss, metrics), g)), None
 
-  (_, metrics0), _ = jax.eval_shape(grad_fn, params,
-                                    jax.tree.map(lambda x: x[0], _microbatches(
-                                        batch, accum_steps)), key)
-  zeros = jax.tree.map(jnp.zeros_like, ((jnp.zeros((), jnp.float32), metrics0),
-                                        params))
-  xs = (jnp.arange(accum_steps), _microbatches(batch, accum_steps))
-  total, _ = jax.lax.scan(body, zeros, xs)
+  micro = _microbatches(batch, accum_steps)
+  out_shapes = jax.eval_shape(grad_fn, params,
+                              jax.tree.map(lambda x: x[0], micro), key)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
   # Equal-sized microbatches: the mean of means is the full-batch mean.
   return jax.tree.map(lambda x: x / accum_steps, total)
 
