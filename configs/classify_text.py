@@ -9,6 +9,8 @@ most frequent training genre, the baseline to beat.
 """
 import ml_collections
 
+from configs import compression
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -42,4 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="byte",
       seq_len=256,  # Passage length in bytes (<= model.max_len).
       balance_classes=True)  # Sample the four genres equally in training.
+  # QAT / distillation / pruning, all off by default (configs/compression.py):
+  # every block projection; the embedding and the class head stay float.
+  c.update(compression.defaults(
+      layers=(r".*blocks/(\d+/)?(attn/[qkvo]|mlp/(gate|up|down))",)))
   return c

@@ -12,6 +12,8 @@ Override anything: --config.mesh.fsdp=4 --config.train.steps=100 ...
 """
 import ml_collections
 
+from configs import compression
+
 SIZES = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
                  max_len=256),
@@ -45,8 +47,12 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   accel = size in ("small", "1b")
   c.precision = dict(
+      # float32 | bfloat16 | float16 (with dynamic loss scaling).
       compute_dtype="bfloat16" if accel else "float32",
-      param_dtype="float32")  # Params and optimizer state stay float32.
+      param_dtype="float32",  # Params and optimizer state stay float32.
+      # float16 only (lm/train/precision.py): the starting scale, doubled
+      # after `growth_interval` finite steps, halved on each overflow.
+      loss_scale=dict(initial=2.0 ** 15, growth_interval=2000, factor=2.0))
   c.optimizer = dict(
       name="adamw",  # adamw | adafactor | lion | sgd | momentum | adagrad.
       learning_rate=3e-3 if size in ("tiny", "bench") else 3e-4,
@@ -76,4 +82,9 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=1, tensor=1)
   if size == "1b":
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  # QAT / distillation / pruning, all off by default (configs/compression.py).
+  # Quantized and pruned: every attention and MLP projection; the embedding
+  # (tied with the output head) stays float.
+  c.update(compression.defaults(
+      layers=(r".*blocks/(\d+/)?(attn/[qkvo]|mlp/(gate|up|down))",)))
   return c

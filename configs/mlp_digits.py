@@ -7,6 +7,8 @@ one-vs-rest ROC-AUC; WORKDIR/images/confusion_*.png is the confusion matrix.
 """
 import ml_collections
 
+from configs import compression
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -46,4 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
       augment=False,
       max_shift=1,  # Pixels.
       max_rotation=10.0)  # Degrees.
+  # QAT / distillation / pruning, all off by default (configs/compression.py):
+  # the hidden layers; the class head stays float.
+  c.update(compression.defaults(layers=(r"hidden/\d+",)))
   return c

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from lm.quant import serving
 from lm.parallel import make_mesh, resolve_shape, rules as rules_lib
 from lm.train import checkpoint as ckpt_lib
 from lm.train import state as state_lib
@@ -59,13 +60,27 @@ def load(workdir: str | Path, mesh_arg: str | None = None,
   sizes = list(config.mesh.values())
   mesh = make_mesh(config.mesh, None if -1 in sizes
                    else jax.devices()[:math.prod(sizes)])
-  setup = state_lib.make_setup(config, mesh, rules)
+  serving_dir = serving.is_serving_dir(workdir)
+  setup = state_lib.make_setup(
+      serving.float_config(config) if serving_dir else config, mesh, rules)
   ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'}"
                             ": train first (scripts/train.py).")
   with jax.set_mesh(mesh):
-    state = ckpt.restore(setup.abstract_state)
+    if serving_dir:
+      # An int8 model from scripts/quantize.py: its own graph and parameter
+      # tree (int8 kernels + scales), sharded like the float kernels.
+      model = serving.setup_for(config, mesh, rules or rules_lib.Rules())
+      params = ckpt.restore(serving.checkpoint_item(model.abstract_params))
+      params = params["params"]
+      setup = dataclasses.replace(
+          setup, graphdef=model.graphdef,
+          state_shardings=setup.state_shardings.replace(
+              params=jax.tree.map(lambda x: x.sharding,
+                                  model.abstract_params)))
+    else:
+      params = ckpt.restore(setup.abstract_state).params
   ckpt.close()
-  return Loaded(config=config, setup=setup, params=state.params, step=step)
+  return Loaded(config=config, setup=setup, params=params, step=step)

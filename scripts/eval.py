@@ -29,6 +29,7 @@ def main(argv):
   import jax  # noqa: PLC0415
 
   from lm import restore, tasks  # noqa: PLC0415
+  from lm.quant import serving  # noqa: PLC0415
   from lm.data import pipeline, tokenizer as tokenizer_lib  # noqa: PLC0415
   from lm.parallel import rules as rules_lib  # noqa: PLC0415
   from lm.train import loop, step as step_lib  # noqa: PLC0415
@@ -55,8 +56,12 @@ def main(argv):
   with jax.set_mesh(loaded.setup.mesh), rules_lib.use(loaded.setup.rules):
     metrics = loop.evaluate(task, step_lib.jit_eval_step(loaded.setup, task),
                             loaded.params, data, loaded.setup)
+  kind = ("int8 serving model" if "serving" in config
+          else f"quant.mode={config.quant.mode}" if "quant" in config
+          else "float")
   print(f"step {loaded.step} {where}: " +
-        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+        f" | params {serving.params_bytes(loaded.params):,} bytes ({kind})")
 
 if __name__ == "__main__":
   app.run(main)

@@ -34,6 +34,7 @@ def main(argv):
   import numpy as np  # noqa: PLC0415
 
   from lm import restore, sample  # noqa: PLC0415
+  from lm.quant import serving  # noqa: PLC0415
   from lm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
   from lm.parallel import rules as rules_lib  # noqa: PLC0415
 
@@ -65,7 +66,9 @@ def main(argv):
   with jax.set_mesh(loaded.setup.mesh), rules_lib.use(rules):
     out = jax.device_get(fn(loaded.params, prompts,
                             jax.random.key(_SEED.value)))
-  print(f"[step {loaded.step}, mesh {dict(loaded.setup.mesh.shape)}]")
+  print(f"[step {loaded.step}, mesh {dict(loaded.setup.mesh.shape)}, params "
+        f"{serving.params_bytes(loaded.params):,} bytes"
+        f"{' (int8 serving model)' if 'serving' in config else ''}]")
   for row in out:
     print(_PROMPT.value + tok.decode(row))
     print("-" * 40)

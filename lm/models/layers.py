@@ -27,6 +27,13 @@ def fan_in_normal(fan_in: int):
   return nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
 
 
+def _weight(kernel, dtype):
+  """A kernel in the compute dtype. Written with `jnp.asarray` on the variable
+  because qwix intercepts that call: in a converted int8 model (lm/quant) the
+  kernel is int8 values plus scales, which `.astype` cannot cast."""
+  return jnp.asarray(kernel[...], dtype)
+
+
 class Einsum(nnx.Module):
   """A weight of any shape contracted with the input by an einsum equation.
 
@@ -44,7 +51,7 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum(self.equation, x.astype(self.dtype),
-                      self.kernel[...].astype(self.dtype))
+                      _weight(self.kernel, self.dtype))
 
 
 class Dense(nnx.Module):
@@ -60,7 +67,9 @@ class Dense(nnx.Module):
         None, (d_out,), param_dtype)) if use_bias else None)
 
   def __call__(self, x_BxI: jax.Array) -> jax.Array:
-    y_BxO = x_BxI.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+    # An einsum, which qwix intercepts in training and in serving alike.
+    y_BxO = jnp.einsum("...i,io->...o", x_BxI.astype(self.dtype),
+                       _weight(self.kernel, self.dtype))
     if self.bias is not None:
       y_BxO = y_BxO + self.bias[...].astype(self.dtype)
     return y_BxO
@@ -136,6 +145,23 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxK.dtype)
+
+
+def dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, **kwargs):
+  """`jax.nn.dot_product_attention` (scores and softmax in float32).
+
+  float16 on XLA:CPU: jax asks for the F16_F16_F32 dot algorithm there, which
+  the CPU backend cannot run in the backward pass, so attention is computed
+  from float32 copies of q, k and v instead (same math, CPU only; GPUs run
+  the float16 path).
+  """
+  if q_BxLxHxK.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    out = jax.nn.dot_product_attention(
+        q_BxLxHxK.astype(jnp.float32), k_BxSxNxK.astype(jnp.float32),
+        v_BxSxNxK.astype(jnp.float32), **kwargs)
+    return out.astype(jnp.float16)
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK,
+                                      **kwargs)
 
 
 REMAT_POLICIES = {

@@ -82,3 +82,8 @@ class Model(nnx.Module):
 
 def make(cfg: Config, rngs: nnx.Rngs) -> Model:
   return Model(cfg, rngs)
+
+
+def example_input(cfg: Config) -> jax.Array:
+  """A batch `__call__` accepts (tools that trace the model, e.g. lm/quant)."""
+  return jnp.zeros((1, *cfg.image_shape), jnp.float32)

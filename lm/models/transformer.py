@@ -75,7 +75,7 @@ class Attention(nnx.Module):
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
     if cache is None:
-      out_BxLxHxK = jax.nn.dot_product_attention(
+      out_BxLxHxK = layers.dot_product_attention(
           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, is_causal=cfg.causal,
           implementation=cfg.attention_impl)
       new_cache = None
@@ -90,7 +90,7 @@ class Attention(nnx.Module):
       L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
       q_pos_L = cache_index + jnp.arange(L)
       mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
-      out_BxLxHxK = jax.nn.dot_product_attention(
+      out_BxLxHxK = layers.dot_product_attention(
           q_BxLxHxK, k_BxSxNxK.astype(q_BxLxHxK.dtype),
           v_BxSxNxK.astype(q_BxLxHxK.dtype), mask=mask_LxS[None, None],
           implementation=cfg.attention_impl)
@@ -257,3 +257,6 @@ def make(cfg: Config, rngs: nnx.Rngs) -> Model:
   return Model(cfg, rngs)
 
 
+def example_input(cfg: Config) -> jax.Array:
+  """A batch `__call__` accepts (tools that trace the model, e.g. lm/quant)."""
+  return jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)

@@ -18,7 +18,7 @@ import optax
 
 from lm import metrics
 from lm.data import genres, images, sources
-from lm.train import step as step_lib
+from lm.train import distill, step as step_lib
 
 TEXT_DATASETS = ("shakespeare_genres",)
 DATASETS = images.DATASETS + TEXT_DATASETS
@@ -51,16 +51,23 @@ class Classification:
   def throughput(self) -> tuple[str, int]:
     return "examples", self.config.train.batch_size
 
+  def forward(self, model, batch: dict, key) -> tuple:
+    """(logits B x C, labels B); dropout only when `key` is given."""
+    return model(batch[self.key], dropout_key=key), batch["label"]
+
   def loss(self, model, batch: dict, key) -> tuple:
-    logits_BxC = model(batch[self.key], dropout_key=key)
+    logits_BxC, labels_B = self.forward(model, batch, key)
     ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC,
-                                                           batch["label"])
-    accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == batch["label"])
+                                                           labels_B)
+    accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B)
     return ce_B.mean(), {"accuracy": accuracy}
 
-  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
+                 teacher=None):
+    loss_fn = self.loss if teacher is None else distill.loss_fn(
+        self.forward, *teacher, self.config.distill)
     return step_lib.supervised_train_step(state, batch, setup=setup,
-                                          loss_fn=self.loss,
+                                          loss_fn=loss_fn,
                                           accum_steps=accum_steps)
 
   def eval_step(self, model, batch: dict) -> dict:

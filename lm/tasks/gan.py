@@ -22,7 +22,7 @@ from lm import metrics
 from lm.data import images
 from lm.parallel import constrain
 from lm.tasks import feature_classifier
-from lm.train import step as step_lib
+from lm.train import precision, step as step_lib
 
 EVAL_LATENT_SEED = 1234  # The same latents at every eval and in every run.
 GRID = 100  # Samples in the PNG grid.
@@ -83,30 +83,38 @@ class Gan:
     def model(g, d):
       return nnx.merge(setup.graphdef, {"generator": g, "discriminator": d})
 
+    # float16: both losses are scaled by the same loss scale, and a step
+    # with any non-finite gradient leaves both networks unchanged.
+    scale = state.loss_scale
     fake = jax.lax.stop_gradient(model(g_params, d_params).generate(z_d))
-    (d_loss, aux), d_grads = jax.value_and_grad(
+    (d_loss, aux), d_grads = precision.value_and_grad(
         lambda d: _d_loss(model(g_params, d), real, fake, self.r1_gamma),
-        has_aux=True)(d_params)
-    updates, d_opt = setup.tx["discriminator"].update(
-        d_grads, state.opt_state["discriminator"], d_params)
-    d_params = optax.apply_updates(d_params, updates)
+        scale, has_aux=True)(d_params)
+    new_d, d_opt = step_lib.apply_gradients(
+        setup.tx["discriminator"], d_grads, state.opt_state["discriminator"],
+        d_params)
 
     def g_loss_fn(g):
-      m = model(g, d_params)
+      m = model(g, new_d)
       return jnp.mean(jax.nn.softplus(-m.discriminate(m.generate(z_g))))
 
-    g_loss, g_grads = jax.value_and_grad(g_loss_fn)(g_params)
-    updates, g_opt = setup.tx["generator"].update(
-        g_grads, state.opt_state["generator"], g_params)
-    g_params = optax.apply_updates(g_params, updates)
+    g_loss, g_grads = precision.value_and_grad(g_loss_fn, scale)(g_params)
+    new_g, g_opt = step_lib.apply_gradients(
+        setup.tx["generator"], g_grads, state.opt_state["generator"], g_params)
+    params = {"generator": new_g, "discriminator": new_d}
+    opt_state = {"generator": g_opt, "discriminator": d_opt}
+    if scale is not None:
+      finite = precision.all_finite((d_grads, g_grads))
+      params, opt_state = precision.select(
+          finite, (params, opt_state), (state.params, state.opt_state))
+      scale = scale.adjust(finite)
     metrics_ = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
                 "d_grad_norm": optax.tree.norm(d_grads),
                 "g_grad_norm": optax.tree.norm(g_grads),
-                "learning_rate": setup.schedule(state.step), **aux}
-    new_state = state.replace(
-        step=state.step + 1,
-        params={"generator": g_params, "discriminator": d_params},
-        opt_state={"generator": g_opt, "discriminator": d_opt})
+                "learning_rate": setup.schedule(state.step), **aux,
+                **precision.metrics(scale)}
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state, loss_scale=scale)
     return new_state, metrics_
 
   def eval_step(self, model, batch: dict, classifier_params) -> dict:

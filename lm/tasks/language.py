@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.data import pipeline
-from lm.train import step as step_lib
+from lm.train import distill, step as step_lib
 
 
 def lm_loss(model, tokens_BxL1):
@@ -36,13 +36,24 @@ class LanguageModeling:
         self.config)
 
   @staticmethod
-  def loss(model, batch: dict, key) -> tuple:
+  def forward(model, batch: dict, key) -> tuple:
+    """(next-token logits B x L x V, targets B x L)."""
     del key  # Deterministic: no dropout in the LM.
+    tokens_BxL1 = batch["tokens"]
+    logits_BxLxV, _ = model(tokens_BxL1[:, :-1])
+    return logits_BxLxV, tokens_BxL1[:, 1:]
+
+  @staticmethod
+  def loss(model, batch: dict, key) -> tuple:
+    del key
     return lm_loss(model, batch["tokens"])[0], {}
 
-  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
+                 teacher=None):
+    loss_fn = self.loss if teacher is None else distill.loss_fn(
+        self.forward, *teacher, self.config.distill)
     return step_lib.supervised_train_step(state, batch, setup=setup,
-                                          loss_fn=self.loss,
+                                          loss_fn=loss_fn,
                                           accum_steps=accum_steps)
 
   @staticmethod

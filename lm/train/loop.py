@@ -21,6 +21,7 @@ from lm import tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel.mesh import describe
 from lm.train import checkpoint as ckpt_lib
+from lm.train import distill
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 from lm.train.metrics_log import MetricsLog, log
@@ -131,8 +132,13 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   step = int(jax.device_get(state.step))
   if step >= total:
     log(f"already trained to step {step} (config.train.steps={total}).")
+  teacher = None
+  if distill.enabled(config):
+    teacher = distill.load_teacher(config, setup.mesh, setup.rules)
+    log(f"distilling from {config.distill.teacher_workdir} (step "
+        f"{teacher.step})")
   train_step = step_lib.jit_train_step(
-      setup, task, config.train.get("grad_accum_steps", 1))
+      setup, task, config.train.get("grad_accum_steps", 1), teacher)
   eval_step = step_lib.jit_eval_step(setup, task)
   unit, units_per_step = task.throughput()
   pending = collections.deque()  # (step, metrics) not yet read on the host.
@@ -141,22 +147,32 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   last_saved = latest
   result = {}
 
+  skipped_before = (0.0 if state.loss_scale is None
+                    else float(jax.device_get(state.loss_scale.skipped_steps)))
+
   def drain(keep: int):
-    nonlocal last_log_time, last_log_step
+    nonlocal last_log_time, last_log_step, skipped_before
     while len(pending) > keep:
       s, m = pending.popleft()
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not math.isfinite(m["loss"]):
+      # float16: a step skipped for non-finite gradients changed nothing
+      # and is counted in skipped_steps; it is not an error.
+      skipped = m.get("skipped_steps", 0) > skipped_before
+      skipped_before = m.get("skipped_steps", 0)
+      if not math.isfinite(m["loss"]) and not skipped:
         raise NonFiniteLossError(
             f"The training loss became {m['loss']} at step {s}. The last good "
             f"checkpoint is step {last_saved} in {ckpt.directory}. Lower "
             "config.optimizer.learning_rate, set "
             "config.optimizer.grad_clip_norm, or use float32.")
-      window.append(m)
-      if s % config.train.log_every == 0 or s == total:
+      if math.isfinite(m["loss"]):
+        window.append(m)
+      if window and (s % config.train.log_every == 0 or s == total):
         now = time.time()
         mean = {k: float(np.mean([w[k] for w in window])) for k in m}
-        mean["learning_rate"] = m["learning_rate"]
+        for latest in ("learning_rate", "loss_scale", "skipped_steps"):
+          if latest in m:
+            mean[latest] = m[latest]
         mean[f"{unit}_per_sec"] = (units_per_step * (s - last_log_step)
                                    / max(now - last_log_time, 1e-9))
         metrics_log.write(s, "train", mean)

@@ -17,9 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lm import models
+from lm import models, quant
 from lm.parallel import rules as rules_lib
-from lm.train import optim
+from lm.train import optim, precision
 
 
 @flax.struct.dataclass
@@ -27,6 +27,8 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken.
   params: Any  # Nested dict of arrays (nnx.merge accepts it directly).
   opt_state: Any
+  # float16 only: the dynamic loss scale (lm/train/precision.py); else None.
+  loss_scale: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +60,33 @@ class Setup:
     return NamedSharding(self.mesh, P())
 
 
-def logical_param_specs(model_cfg, family_name: str):
-  """Returns (graphdef, logical PartitionSpec tree) without allocating."""
+def abstract_model(model_cfg, family_name: str, quantizer=None
+                   ) -> nnx.Module:
+  """The model without allocating. `quantizer(model, example_input)`, when
+  given, wraps it for quantized execution (lm/quant)."""
   family = models.MODELS[family_name]
+
+  def make():
+    model = family.make(model_cfg, nnx.Rngs(0))
+    if quantizer is None:
+      return model
+    return quantizer(model, family.example_input(model_cfg))
+
   # Under an active mesh nnx.eval_shape would read the logical names as mesh
   # axes; the names are mapped by our rules table instead, so hide the mesh.
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-    abstract_model = nnx.eval_shape(
-        lambda: family.make(model_cfg, nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model)
+    return nnx.eval_shape(make)
+
+
+def logical_param_specs(model_cfg, family_name: str, quant_cfg=None):
+  """Returns (graphdef, logical PartitionSpec tree) without allocating. The
+  graphdef is the quantized model's when `quant_cfg` asks for QAT; its
+  parameters are the float model's."""
+  quantizer = None
+  if quant_cfg is not None and quant_cfg.get("mode", "none") != "none":
+    quantizer = lambda m, x: quant.quantize(m, quant_cfg, x)  # noqa: E731
+  abstract_model_ = abstract_model(model_cfg, family_name, quantizer)
+  graphdef, abstract_params = nnx.split(abstract_model_)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   return graphdef, logical
 
@@ -88,7 +108,8 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
   rules = rules or rules_lib.Rules()
   model_cfg = models.model_config(config)
   family = models.MODELS[config.model.name]
-  graphdef, logical = logical_param_specs(model_cfg, config.model.name)
+  graphdef, logical = logical_param_specs(model_cfg, config.model.name,
+                                          config.get("quant", None))
   tx, schedule = optim.make(config.optimizer, config.train.steps)
   # A family with several parameter groups (the GAN) gets one optimizer
   # state per group, updated separately by its train step.
@@ -102,7 +123,9 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
     opt_state = ({g: tx[g].init(params[g]) for g in groups} if groups
                  else tx.init(params))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=opt_state)
+                      opt_state=opt_state,
+                      loss_scale=precision.initial_loss_scale(
+                          config.precision))
 
   key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, key)
@@ -122,8 +145,9 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
                                          param_shardings[g]) for g in groups}
   else:
     opt_shardings = opt_shardings_of(tx, abstract.opt_state, param_shardings)
-  shardings = TrainState(step=replicated, params=param_shardings,
-                         opt_state=opt_shardings)
+  shardings = TrainState(
+      step=replicated, params=param_shardings, opt_state=opt_shardings,
+      loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale))
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)

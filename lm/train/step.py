@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from lm.parallel import constrain
+from lm.train import precision
 from lm.train.state import Setup, TrainState
 
 # loss_fn(model, batch, key) -> (scalar float32 loss, dict of scalar metrics).
@@ -37,13 +38,15 @@ def _microbatches(batch: dict, accum_steps: int) -> dict:
 
 
 def grads(loss_fn: LossFn, params, graphdef, batch: dict, key: jax.Array,
-          accum_steps: int = 1):
+          accum_steps: int = 1,
+          loss_scale: precision.LossScale | None = None):
   """((loss, metrics), grads) of the batch mean, accumulated over
-  `accum_steps` equal microbatches when asked."""
+  `accum_steps` equal microbatches when asked (the gradients of a scaled loss
+  come back unscaled)."""
   def loss_of(p, b, k):
     return loss_fn(nnx.merge(graphdef, p), b, k)
 
-  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  grad_fn = precision.value_and_grad(loss_of, loss_scale, has_aux=True)
   if accum_steps == 1:
     return grad_fn(params, batch, key)
 
@@ -63,27 +66,53 @@ def grads(loss_fn: LossFn, params, graphdef, batch: dict, key: jax.Array,
   return jax.tree.map(lambda x: x / accum_steps, total)
 
 
+def apply_gradients(tx, g, opt_state, params):
+  """One optimizer update: (new params, new optimizer state)."""
+  updates, opt_state = tx.update(g, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
                           loss_fn: LossFn, accum_steps: int = 1
                           ) -> tuple[TrainState, dict]:
   key = step_key(setup.seed, state.step)
+  scale = state.loss_scale
   (loss, metrics), g = grads(loss_fn, state.params, setup.graphdef, batch,
-                             key, accum_steps)
-  updates, opt_state = setup.tx.update(g, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+                             key, accum_steps, scale)
+  params, opt_state = apply_gradients(setup.tx, g, state.opt_state,
+                                      state.params)
+  if scale is not None:  # float16: skip a step whose gradients overflowed.
+    finite = precision.all_finite(g)
+    params, opt_state = precision.select(
+        finite, (params, opt_state), (state.params, state.opt_state))
+    scale = scale.adjust(finite)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(g),
-             "learning_rate": setup.schedule(state.step)}
+             "learning_rate": setup.schedule(state.step),
+             **precision.metrics(scale)}
   return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
+                       opt_state=opt_state, loss_scale=scale), metrics
 
 
-def jit_train_step(setup: Setup, task, accum_steps: int = 1):
+def jit_train_step(setup: Setup, task, accum_steps: int = 1, teacher=None):
   """(state, batch) -> (state, metrics), state donated. The batch keeps the
-  sharding `loop.global_batch` gave it."""
-  fn = functools.partial(task.train_step, setup=setup, accum_steps=accum_steps)
-  return jax.jit(fn, in_shardings=(setup.state_shardings, None),
-                 out_shardings=(setup.state_shardings, setup.replicated()),
-                 donate_argnums=(0,))
+  sharding `loop.global_batch` gave it. A distillation `teacher`
+  (lm/train/distill.py) enters as an argument with its own shardings, so its
+  parameters are neither donated nor baked into the program."""
+  out_shardings = (setup.state_shardings, setup.replicated())
+  if teacher is None:
+    fn = functools.partial(task.train_step, setup=setup,
+                           accum_steps=accum_steps)
+    return jax.jit(fn, in_shardings=(setup.state_shardings, None),
+                   out_shardings=out_shardings, donate_argnums=(0,))
+
+  def fn_with_teacher(state, batch, teacher_params):
+    return task.train_step(state, batch, setup=setup, accum_steps=accum_steps,
+                           teacher=(teacher.graphdef, teacher_params))
+
+  jitted = jax.jit(fn_with_teacher, in_shardings=(
+      setup.state_shardings, None, teacher.shardings),
+                   out_shardings=out_shardings, donate_argnums=(0,))
+  return lambda state, batch: jitted(state, batch, teacher.params)
 
 
 def jit_eval_step(setup: Setup, task):
