@@ -2,14 +2,20 @@
 compiled, and every message names the config key and how to fix it."""
 from __future__ import annotations
 
-import jax
+import json
+from pathlib import Path
 
-from lm import models
+import jax
+import ml_collections
+from flax import nnx
+
+from lm import models, quant
 from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
 from lm.models import gan, layers
 from lm.tasks import classify
 from lm.parallel import mesh as mesh_lib
-from lm.train import optim
+from lm.train import distill, optim, prune
+from lm.train import state as state_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -110,7 +116,94 @@ def validate(config, num_devices: int | None = None,
 
   {"lm": _lm_data, "classify": _classify_data, "gan": _gan_data}[task](
       config, cfg)
+  _compression(config, cfg, task)
   return mesh
+
+
+def _compression(config, cfg, task: str) -> None:
+  """QAT, pruning and distillation (each off unless its config asks)."""
+  try:
+    quant.check(config)
+  except quant.QuantError as e:
+    raise ConfigError(str(e)) from None
+  quantized = quant.mode(config) != "none"
+  pruned = config.get("prune", None) and config.prune.get("sparsity", 0.0)
+  if quantized or pruned:
+    # Tracing the abstract model finds patterns that match nothing.
+    try:
+      quantizer = ((lambda m, x: quant.quantize(m, config.quant, x))
+                   if quantized else None)
+      model = state_lib.abstract_model(cfg, config.model.name, quantizer)
+    except quant.QuantError as e:
+      raise ConfigError(str(e)) from None
+  if pruned:
+    _require(task != "gan" or not config.prune.get("layers", ()),
+             "config.prune.layers: the GAN prunes each network's matrices; "
+             "leave it empty.")
+    try:
+      prune.from_config(config.prune, config.train.steps)
+      prune.check_patterns(tuple(config.prune.get("layers", ())),
+                           nnx.to_pure_dict(nnx.state(model)))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if distill.enabled(config):
+    _teacher(config, cfg, task)
+
+
+def _teacher(config, cfg, task: str) -> None:
+  d = config.distill
+  where = f"config.distill.teacher_workdir={d.teacher_workdir!r}"
+  _require(task in ("lm", "classify"),
+           f"{where}: distillation covers the LM and the classifiers, not "
+           f"config.task={task!r}.")
+  _require(0.0 <= d.get("alpha", 0.5) <= 1.0,
+           f"config.distill.alpha={d.alpha} must be in [0, 1].")
+  _require(d.get("temperature", 1.0) > 0,
+           f"config.distill.temperature={d.temperature} must be positive.")
+  path = Path(d.teacher_workdir) / "config.json"
+  _require(path.exists(), f"{where}: {path} does not exist; point it at a "
+           "run directory written by scripts/train.py.")
+  checkpoints = Path(d.teacher_workdir) / "checkpoints"
+  _require(checkpoints.is_dir() and any(
+      p.name.isdigit() for p in checkpoints.iterdir()),
+           f"{where} has no checkpoint in {checkpoints}; train the teacher "
+           "first.")
+  teacher = ml_collections.ConfigDict(json.loads(path.read_text()))
+  _require(teacher.get("task", "lm") == task,
+           f"{where} trained config.task={teacher.get('task', 'lm')!r}, the "
+           f"student trains {task!r}; use a teacher of the same task.")
+  _require(not teacher.get("serving", None),
+           f"{where} is an int8 serving model; use the training run.")
+  try:
+    teacher_cfg = models.model_config(teacher)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+  if task == "lm":
+    for key in ("vocab_size",):
+      _require(getattr(teacher_cfg, key) == getattr(cfg, key),
+               f"{where}: the teacher's model.{key}="
+               f"{getattr(teacher_cfg, key)} differs from the student's "
+               f"{getattr(cfg, key)}; their logits must cover the same "
+               "vocabulary. Use a teacher trained with the same "
+               "tokenizer and vocab_size.")
+    _require(teacher.data.tokenizer == config.data.tokenizer,
+             f"{where}: the teacher's data.tokenizer="
+             f"{teacher.data.tokenizer!r} differs from the student's "
+             f"{config.data.tokenizer!r}.")
+    _require(teacher_cfg.max_len >= pipeline.seq_len(config),
+             f"{where}: the teacher's model.max_len={teacher_cfg.max_len} is "
+             f"shorter than the student's training windows "
+             f"({pipeline.seq_len(config)} tokens); lower config.data.seq_len."
+             )
+  else:
+    _require(teacher.data.dataset == config.data.dataset,
+             f"{where}: the teacher classified {teacher.data.dataset!r}, the "
+             f"student {config.data.dataset!r}; use a teacher of the same "
+             "dataset.")
+    _require(teacher_cfg.num_classes == cfg.num_classes,
+             f"{where}: the teacher's model.num_classes="
+             f"{teacher_cfg.num_classes} differs from the student's "
+             f"{cfg.num_classes}.")
 
 
 def _transformer(cfg, mesh: dict[str, int]) -> None:

@@ -21,7 +21,7 @@ from lm import tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel.mesh import describe
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill
+from lm.train import distill, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 from lm.train.metrics_log import MetricsLog, log
@@ -132,6 +132,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   step = int(jax.device_get(state.step))
   if step >= total:
     log(f"already trained to step {step} (config.train.steps={total}).")
+  pruning = config.get("prune", None) and config.prune.get("sparsity", 0.0)
   teacher = None
   if distill.enabled(config):
     teacher = distill.load_teacher(config, setup.mesh, setup.rules)
@@ -193,6 +194,13 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
       drain(keep=0)
       result["eval"] = evaluate(task, eval_step, state.params, data, setup,
                                 workdir=workdir, step=step)
+      if pruning:  # Achieved sparsity, read from the parameters themselves.
+        layers = tuple(config.prune.get("layers", ()))
+        by_layer = prune.layer_sparsity(state.params, layers)
+        result["eval"]["sparsity"] = prune.overall_sparsity(state.params,
+                                                            layers)
+        metrics_log.write(step, "sparsity", {
+            "overall": result["eval"]["sparsity"], **by_layer})
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
     every = config.train.checkpoint_every

@@ -4,6 +4,7 @@ Every optimizer is the same chain, so clipping, weight decay and the schedule
 behave identically whichever update rule is chosen:
 
   clip_by_global_norm -> update rule -> decoupled weight decay -> -lr * update
+  [-> magnitude pruning, when config.prune.sparsity > 0]
 
 Weight decay is masked off vectors (norm scales, biases): only parameters with
 two or more dimensions decay, as in MaxText and big_vision.
@@ -14,6 +15,8 @@ from typing import Callable
 
 import jax
 import optax
+
+from lm.train import prune
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -88,9 +91,12 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make(c, total_steps: int) -> tuple[optax.GradientTransformation,
-                                       optax.Schedule]:
-  """Returns (optimizer, learning-rate schedule) for config.optimizer `c`."""
+def make(c, total_steps: int, prune_cfg=None
+         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule) for config.optimizer `c`;
+  with `prune_cfg` (config.prune) asking for sparsity, magnitude pruning
+  (lm/train/prune.py) is the chain's last step, so its masks live in the
+  optimizer state and are checkpointed with it."""
   if c.name not in UPDATE_RULES:
     raise ValueError(f"config.optimizer.name={c.name!r} is unknown; use one of "
                      f"{sorted(UPDATE_RULES)}.")
@@ -102,4 +108,7 @@ def make(c, total_steps: int) -> tuple[optax.GradientTransformation,
   if c.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(c.weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
+  pruning = prune.from_config(prune_cfg, total_steps)
+  if pruning is not None:
+    parts.append(pruning)
   return optax.chain(*parts), lr

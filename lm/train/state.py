@@ -110,7 +110,8 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
   family = models.MODELS[config.model.name]
   graphdef, logical = logical_param_specs(model_cfg, config.model.name,
                                           config.get("quant", None))
-  tx, schedule = optim.make(config.optimizer, config.train.steps)
+  tx, schedule = optim.make(config.optimizer, config.train.steps,
+                            config.get("prune", None))
   # A family with several parameter groups (the GAN) gets one optimizer
   # state per group, updated separately by its train step.
   groups = getattr(family, "OPTIMIZER_GROUPS", None)
