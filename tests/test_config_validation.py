@@ -18,7 +18,10 @@ def _load(path):
   return module
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+# Experiment files (configs/compression.py is a shared helper, not one).
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs",
+                                                        "*.py"))
+                      if "def get_config" in open(p).read())
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -65,6 +68,26 @@ BAD = [
     ({"train.grad_accum_steps": 3}, r"config\.train\.batch_size=16 is not "
      r"divisible by config\.train\.grad_accum_steps=3"),
     ({"model.n_layer": 3}, r"config\.model\.n_layer is not a field"),
+    # Compression (lm/quant, lm/train/prune.py, lm/train/distill.py).
+    ({"quant.mode": "int2"}, r"config\.quant\.mode='int2' is unknown"),
+    ({"quant.mode": "int8", "quant.layers": ("decoder/.*",)},
+     r"config\.quant\.layers: 'decoder/\.\*' matches no layer.*"
+     r"transformer/blocks/0/attn/k"),
+    ({"quant.mode": "int8", "quant.layers": ()},
+     r"config\.quant\.layers is empty"),
+    ({"quant.mode": "int4"}, r"config\.quant\.mode='int4': the cpu backend "
+     r"cannot compile int4 x int4.*int4_weights"),
+    ({"quant.mode": "int8", "quant.backward": "int2"},
+     r"config\.quant\.backward='int2'"),
+    ({"quant.mode": "int4_weights", "quant.activations": "int4"},
+     r"config\.quant\.activations='int4'"),
+    ({"prune.sparsity": 1.0}, r"config\.prune\.sparsity"),
+    ({"prune.sparsity": 0.5, "prune.layers": ("nothing/kernel",)},
+     r"config\.prune\.layers.*nothing/kernel"),
+    ({"prune.sparsity": 0.5, "prune.update_every": 0},
+     r"config\.prune\.update_every"),
+    ({"distill.teacher_workdir": "/nonexistent/run"},
+     r"config\.distill\.teacher_workdir='/nonexistent/run'.*does not exist"),
 ]
 
 
@@ -132,6 +155,10 @@ BAD_FAMILY = [
     ("mlp_digits", {"model.dropout": 1.0}, r"config\.model\.dropout=1\.0"),
     ("mlp_digits", {"model.activation": "swish"},
      r"config\.model\.activation='swish'"),
+    ("mlp_digits", {"quant.mode": "int8", "quant.layers": ("head/.*",)},
+     r"config\.quant\.layers: 'head/\.\*' matches no layer"),
+    ("gan_digits", {"quant": dict(mode="int8", layers=(".*",))},
+     r"config\.quant\.mode='int8'.*not config\.task='gan'"),
 ]
 
 
@@ -150,3 +177,39 @@ def test_bad_family_config_is_rejected(name, overrides, message):
   else:
     with pytest.raises(ConfigError, match=message):
       validation.validate(config, num_devices=8)
+
+
+def _finished_run(path, config) -> None:
+  """A stand-in teacher: its config.json and an (empty) step directory are
+  all that validation reads."""
+  path.mkdir()
+  (path / "config.json").write_text(config.to_json())
+  (path / "checkpoints" / "3").mkdir(parents=True)
+
+
+TEACHER_MISMATCH = [
+    ({"model.vocab_size": 512}, r"teacher's model\.vocab_size=512 differs "
+     r"from the student's 256"),
+    ({"model.max_len": 16}, r"teacher's model\.max_len=16 is shorter"),
+    ({"task": "classify"}, r"trained config\.task='classify'"),
+]
+
+
+@pytest.mark.parametrize("teacher,message", TEACHER_MISMATCH,
+                         ids=[m for _, m in TEACHER_MISMATCH])
+def test_teacher_that_does_not_fit_is_rejected(tmp_path, teacher, message):
+  _finished_run(tmp_path / "teacher", tiny_config(
+      **{"mesh": dict(data=-1, fsdp=1, tensor=1), **teacher}))
+  student = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                           "distill.teacher_workdir": str(tmp_path / "teacher")})
+  with pytest.raises(ConfigError, match=message):
+    validation.validate(student)
+
+
+def test_teacher_without_checkpoint_is_rejected(tmp_path):
+  (tmp_path / "teacher").mkdir()
+  (tmp_path / "teacher" / "config.json").write_text(tiny_config().to_json())
+  student = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                           "distill.teacher_workdir": str(tmp_path / "teacher")})
+  with pytest.raises(ConfigError, match="has no checkpoint.*train the teacher"):
+    validation.validate(student)

@@ -253,3 +253,40 @@ def test_orbax_round_trip_resumes_with_masks_and_zeros(tmp_path):
   zeros_at_save = np.asarray(params["w"]) == 0
   assert np.all(resumed[-1]["w"][zeros_at_save] == 0)
   assert (resumed[-1]["w"] == 0).mean() == FINAL
+
+
+def test_pruned_run_resumes_exactly_and_stays_sparse(tmp_path, data_dir):
+  """Through the trainer: a run stopped mid-pruning and resumed ends
+  bit-identical to an uninterrupted one, at the exact sparsity, and the
+  zeros chosen by the end step stay zero while training goes on."""
+  from conftest import tiny_config  # noqa: PLC0415
+  from lm.train import loop  # noqa: PLC0415
+
+  def config():
+    c = tiny_config(data_dir, mesh=dict(data=2, fsdp=2, tensor=2),
+                    **{"prune.sparsity": 0.5, "prune.update_every": 1,
+                       "prune.end_step": 3})
+    c.train.update(steps=6, checkpoint_every=2)
+    return c
+
+  whole = loop.run(config(), tmp_path / "whole")
+  loop.run(config(), tmp_path / "split", stop_at_step=2)
+  resumed = loop.run(config(), tmp_path / "split")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(whole["params"]),
+               jax.device_get(resumed["params"]))
+  layers = tuple(config().prune.layers)
+  by_layer = prune.layer_sparsity(whole["params"], layers)
+  assert by_layer and all(v == 0.5 for v in by_layer.values()), by_layer
+  # The update with count == end_step (the 4th) applies the final masks.
+  at_end = loop.run(config(), tmp_path / "at_end", stop_at_step=4)["params"]
+  zeros_at_end = {k: np.asarray(v) == 0 for k, v in _flat(at_end).items()
+                  if k in by_layer}
+  zeros_final = {k: np.asarray(v) == 0
+                 for k, v in _flat(whole["params"]).items() if k in by_layer}
+  for k in zeros_at_end:
+    np.testing.assert_array_equal(zeros_final[k], zeros_at_end[k], err_msg=k)
+
+
+def _flat(params):
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): v
+          for p, v in jax.tree_util.tree_leaves_with_path(params)}
