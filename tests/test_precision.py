@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from lm.parallel import Rules, make_mesh, rules as rules_lib
 from lm.tasks.language import lm_loss
-from lm.train import checkpoint as ckpt_lib, loop, precision
+from lm.train import checkpoint as ckpt_lib, loop
 from lm.train import state as state_lib, step as step_lib
 from test_families import FAMILIES, train
 

@@ -100,55 +100,29 @@ def _with(config, **overrides):
   return config
 
 
-# Quantized runs agree to the quantization grid, not to float rounding: the
-# SPMD-partitioned program computes some pre-quantization activations an ulp
-# differently, and rounding to int8 turns that into a one-level flip of a few
-# values (measured: losses 2e-4 apart on (2,2,2), the same on data=8 alone).
-# Pruning is float math and matches to rtol 1e-5.
-RTOL = {"lm_int8": 1e-3, "mlp_int8": 1e-3}
+# Parameters after 3 Adam steps (lr 1e-2): quantized runs get atol 1e-4, 1%
+# of one step. A value that lands within an ulp of a rounding tie can still
+# round the other way on another mesh (measured: a few per run, moving some
+# weights by ~2e-5); losses and metrics still match at rtol 1e-5.
+QUANT_ATOL = 1e-4
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_and_pruned_sharded_equals_single_device(case):
-  rtol = RTOL.get(case, 1e-5)
   config, batches = CASES[case]()
   ref_history, ref_state, _ = train(config, dict(data=1, fsdp=1, tensor=1),
                                     batches=batches)
   config, batches = CASES[case]()
   history, state, _ = train(config, dict(data=2, fsdp=2, tensor=2),
                             batches=batches)
-  # Quantized: the loss to the grid's tolerance, the gradient norm (a sum
-  # of squares, more sensitive to flips) to 5x that; accuracy is discrete.
-  keys = (ref_history[0] if rtol == 1e-5
-          else {"loss": rtol, "grad_norm": 5 * rtol})
-  for key in keys:
+  for key in ref_history[0]:
     np.testing.assert_allclose([h[key] for h in history],
-                               [h[key] for h in ref_history],
-                               rtol=rtol if rtol == 1e-5 else keys[key],
+                               [h[key] for h in ref_history], rtol=1e-5,
                                err_msg=key)
-  if rtol == 1e-5:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                         atol=ATOL),
-                 state.params, ref_state.params)
-  else:  # Adam moves a weight by ~lr whatever its gradient's size: compare
-    # each tensor's total change instead of single weights.
-    init = _initial_params(config)
-    for path, p in jax.tree_util.tree_leaves_with_path(state.params):
-      ref = _at(ref_state.params, path)
-      moved = np.linalg.norm(np.asarray(ref) - _at(init, path))
-      assert np.linalg.norm(np.asarray(p) - ref) <= 0.05 * moved + 1e-6, path
-
-
-def _initial_params(config):
-  mesh, setup = _single_device_setup(config)
-  with jax.set_mesh(mesh), rules_lib.use(Rules()):
-    return jax.device_get(setup.init_fn(jax.random.key(config.seed)).params)
-
-
-def _at(tree, path):
-  for key in path:
-    tree = tree[getattr(key, "key", getattr(key, "idx", None))]
-  return np.asarray(tree)
+  atol = QUANT_ATOL if "int8" in case else ATOL
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=atol),
+               state.params, ref_state.params)
 
 
 def test_int8_conversion_gives_integer_weights_and_the_qat_outputs():
@@ -169,12 +143,9 @@ def test_int8_conversion_gives_integer_weights_and_the_qat_outputs():
   assert params["transformer"]["embedding"].dtype == jnp.float32  # Kept.
   dtypes = serving.dtype_bytes(params)
   assert dtypes["int8"] > dtypes["float32"]
-  # The int8 weights QAT's forward pass used; activations are quantized by
-  # qwix's PTQ path, whose calibration differs slightly from QAT's (measured
-  # ~1% of the logits' norm; the eval loss agrees to 1e-3, see below).
-  rel = (np.linalg.norm(np.asarray(int8_logits) - np.asarray(qat_logits))
-         / np.linalg.norm(np.asarray(qat_logits)))
-  assert rel < 0.03, rel
+  # The int8 weights and activation scales of QAT's forward pass: only the
+  # float work around the integer matmuls may round differently.
+  np.testing.assert_allclose(int8_logits, qat_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_and_eval_scripts(tmp_path, data_dir):

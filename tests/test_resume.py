@@ -5,11 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
-import pytest
 
 from conftest import REPO
 from lm import restore

@@ -59,12 +59,28 @@ def dtypes(quant_cfg) -> tuple:
   return weights, acts
 
 
+# qwix scales integer values so a row's largest magnitude lands on +-127.5,
+# exactly between two levels; XLA computes x / scale as x * (1 / scale) in
+# some partitionings and not others, so that tie breaks differently (-128 or
+# -127) on different meshes. A range 0.1% wider puts every row's largest value
+# at +-127.37, off the tie, and quantized runs agree across meshes.
+CALIBRATION = "absmax,1.001"
+
+
+def calibration(dtype) -> str:
+  if dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+    return CALIBRATION
+  return "absmax"
+
+
 def rules(quant_cfg) -> list[qwix.QtRule]:
   """One qwix rule per `layers` pattern, all with the mode's dtypes."""
   weights, acts = dtypes(quant_cfg)
   bwd = BACKWARD[quant_cfg.get("backward", "none")]
   return [qwix.QtRule(module_path=pattern, weight_qtype=weights,
-                      act_qtype=acts, bwd_qtype=bwd)
+                      act_qtype=acts, bwd_qtype=bwd,
+                      weight_calibration_method=calibration(weights),
+                      act_calibration_method=calibration(acts))
           for pattern in quant_cfg.layers]
 
 

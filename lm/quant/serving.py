@@ -57,8 +57,10 @@ def serving_config(config, activations: str = "auto"
 
 def _rules(config) -> list:
   acts = qat.ACTIVATIONS[config.serving.activations]
-  return [qwix.QuantizationRule(module_path=p, weight_qtype=jnp.int8,
-                                act_qtype=acts)
+  return [qwix.QuantizationRule(
+      module_path=p, weight_qtype=jnp.int8, act_qtype=acts,
+      weight_calibration_method=qat.calibration(jnp.int8),
+      act_calibration_method=qat.calibration(acts))
           for p in config.quant.layers]
 
 
