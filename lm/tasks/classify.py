@@ -48,6 +48,16 @@ class Classification:
   def make_data(self, process_index: int = 0, process_count: int = 1):
     return make_data(self.config, process_index, process_count)
 
+  def batch_spec(self) -> dict:
+    """The global train batch's shapes (tools that compile without data)."""
+    b = self.config.train.batch_size
+    if self.key == "tokens":
+      inputs = jax.ShapeDtypeStruct((b, self.config.data.seq_len), jnp.int32)
+    else:
+      inputs = jax.ShapeDtypeStruct((b, *self.config.model.image_shape),
+                                    jnp.float32)
+    return {self.key: inputs, "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
   def throughput(self) -> tuple[str, int]:
     return "examples", self.config.train.batch_size
 

@@ -67,6 +67,13 @@ class Gan:
           (len(batch["label"]), latent)).astype(np.float32)
     return data
 
+  def batch_spec(self) -> dict:
+    """The global train batch's shapes (tools that compile without data)."""
+    b = self.config.train.batch_size
+    return {"image": jax.ShapeDtypeStruct((b, *self.config.model.image_shape),
+                                          jnp.float32),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
+
   def throughput(self) -> tuple[str, int]:
     return "examples", self.config.train.batch_size
 

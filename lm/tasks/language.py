@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -30,6 +31,12 @@ class LanguageModeling:
 
   def make_data(self, process_index: int = 0, process_count: int = 1):
     return pipeline.make(self.config, process_index, process_count)
+
+  def batch_spec(self) -> dict:
+    """The global train batch's shapes (tools that compile without data)."""
+    return {"tokens": jax.ShapeDtypeStruct(
+        (self.config.train.batch_size, pipeline.seq_len(self.config) + 1),
+        jnp.int32)}
 
   def throughput(self) -> tuple[str, int]:
     return "tokens", self.config.train.batch_size * pipeline.seq_len(

@@ -1,0 +1,87 @@
+"""What each strategy costs, from compiled programs: bytes per device and the
+collectives XLA inserts, against the counts the theory predicts."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import REPO, tiny_config
+from lm import tasks
+from lm.parallel import inspect, make_mesh, rules as rules_lib
+from lm.train import state as state_lib
+
+N_LAYERS = 2  # tiny_config.
+WEIGHTS = 7 * N_LAYERS + 1  # q, k, v, o, gate, up, down per layer + embedding.
+
+
+def _setup(mesh_shape):
+  config = tiny_config(mesh=mesh_shape)
+  n = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+  mesh = make_mesh(mesh_shape, jax.devices()[:n])
+  return config, mesh
+
+
+def _forward_collectives(mesh_shape) -> dict[str, int]:
+  config, mesh = _setup(mesh_shape)
+  with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+    setup = state_lib.make_setup(config, mesh)
+    tokens = jax.ShapeDtypeStruct((16, 32), jnp.int32,
+                                  sharding=setup.batch_sharding())
+    fn = jax.jit(lambda p, t: nnx.merge(setup.graphdef, p)(t)[0])
+    hlo = fn.lower(setup.abstract_state.params, tokens).compile().as_text()
+  return inspect.count_collectives(hlo)
+
+
+def test_tensor_parallel_forward_reduces_once_per_attention_and_mlp():
+  # Megatron: the o and down projections' partial sums are all-reduced; the
+  # embedding table is gathered whole before the lookup (transformer.py).
+  assert _forward_collectives(dict(data=1, fsdp=1, tensor=2)) == {
+      "all-reduce": 2 * N_LAYERS, "all-gather": 1}
+
+
+def test_fsdp_forward_gathers_each_weight_once():
+  assert _forward_collectives(dict(data=1, fsdp=8, tensor=1)) == {
+      "all-gather": WEIGHTS}
+
+
+def _train_step(mesh_shape):
+  config, mesh = _setup(mesh_shape)
+  with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+    setup = state_lib.make_setup(config, mesh)
+    compiled = inspect.compiled_train_step(setup, tasks.get(config))
+  return setup, inspect.count_collectives(compiled.as_text())
+
+
+def test_data_parallel_step_only_reduces_gradients():
+  _, counts = _train_step(dict(data=8, fsdp=1, tensor=1))
+  assert "all-gather" not in counts and counts.get("all-reduce", 0) >= 1
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_fsdp_state_bytes_per_device(n):
+  setup, _ = _train_step(dict(data=1, fsdp=n, tensor=1))
+  total, per_device = inspect.state_bytes(
+      (setup.abstract_state.params, setup.abstract_state.opt_state))
+  assert per_device <= 1.1 * total / n, (per_device, total / n)
+  rows = inspect.parameter_table(setup.abstract_state.params)
+  assert sum(r["bytes"] for r in rows) == sum(
+      x.size * 4 for x in jax.tree.leaves(setup.abstract_state.params))
+
+
+def test_inspect_sharding_script():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+      [sys.executable, "scripts/inspect_sharding.py",
+       "--config=configs/lm.py:tiny", "--config.mesh.data=2",
+       "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "mesh: data=2 x fsdp=2 x tensor=2" in out.stdout
+  assert "transformer/blocks/0/mlp/up/kernel" in out.stdout
+  assert "(fsdp, tensor)" in out.stdout
+  assert "collectives in the compiled train step: all-gather" in out.stdout
