@@ -66,6 +66,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       steps=400 if size in ("tiny", "bench") else 100_000,
       batch_size=32 if size in ("tiny", "bench") else 256,  # Global.
       grad_accum_steps=1,  # Microbatches per step (same math, less memory).
+      # auto: XLA inserts the gradient all-reduce; psum: an explicit shard_map
+      # psum over the data axis (lm/parallel/reduce.py), in this dtype.
+      grad_reduce="auto",
+      grad_reduce_dtype="float32",  # float32 | bfloat16 (GPU/TPU only).
       log_every=20,
       eval_every=100,
       eval_batches=8,  # Fixed validation batches per eval.

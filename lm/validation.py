@@ -13,7 +13,7 @@ from lm import models, quant
 from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
 from lm.models import gan, layers
 from lm.tasks import classify
-from lm.parallel import mesh as mesh_lib
+from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
 from lm.train import distill, optim, prune
 from lm.train import state as state_lib
 
@@ -117,7 +117,33 @@ def validate(config, num_devices: int | None = None,
   {"lm": _lm_data, "classify": _classify_data, "gan": _gan_data}[task](
       config, cfg)
   _compression(config, cfg, task)
+  _grad_reduce(config, task)
   return mesh
+
+
+def _grad_reduce(config, task: str) -> None:
+  mode = config.train.get("grad_reduce", "auto")
+  dtype = config.train.get("grad_reduce_dtype", "float32")
+  _one_of(mode, reduce_lib.MODES, "config.train.grad_reduce")
+  _one_of(dtype, reduce_lib.DTYPES, "config.train.grad_reduce_dtype")
+  _require(mode == "auto" or task != "gan",
+           "config.train.grad_reduce='psum': the GAN step updates two "
+           "networks in turn; use 'auto'.")
+  # A shard_map manual over `data` with fsdp/tensor left automatic makes
+  # XLA's SPMD partitioner abort the process (jax 0.10.2), so the explicit
+  # reduction is for pure data parallelism for now.
+  _require(mode == "auto" or (config.mesh.get("fsdp", 1) == 1
+                              and config.mesh.get("tensor", 1) == 1),
+           "config.train.grad_reduce='psum' needs config.mesh.fsdp=1 and "
+           "config.mesh.tensor=1 (pure data parallelism); use 'auto' with "
+           "FSDP or tensor parallelism.")
+  # XLA:CPU aborts the process (not an exception) compiling a bfloat16
+  # all-reduce, so this cannot be probed; it is refused up front.
+  _require(mode == "auto" or dtype == "float32"
+           or jax.default_backend() != "cpu",
+           "config.train.grad_reduce_dtype='bfloat16': XLA:CPU cannot "
+           "compile bfloat16 all-reduces; use 'float32' on CPU (bfloat16 "
+           "communication is for GPU/TPU).")
 
 
 def _compression(config, cfg, task: str) -> None:

@@ -44,6 +44,8 @@ class Setup:
   state_shardings: TrainState
   init_fn: Any  # jitted: key -> sharded TrainState.
   seed: int = 0  # config.seed: the init key and the per-step keys.
+  # (config.train.grad_reduce, grad_reduce_dtype): lm/parallel/reduce.py.
+  grad_reduce: tuple[str, str] = ("auto", "float32")
 
   @property
   def param_shardings(self):
@@ -155,7 +157,9 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
   init_fn = jax.jit(init, out_shardings=shardings)
   return Setup(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef,
                tx=tx, schedule=schedule, abstract_state=abstract,
-               state_shardings=shardings, init_fn=init_fn, seed=config.seed)
+               state_shardings=shardings, init_fn=init_fn, seed=config.seed,
+               grad_reduce=(config.train.get("grad_reduce", "auto"),
+                            config.train.get("grad_reduce_dtype", "float32")))
 
 
 def count_params(params) -> int:

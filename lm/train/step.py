@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm.parallel import constrain
+from lm.parallel import constrain, reduce as reduce_lib
 from lm.train import precision
 from lm.train.state import Setup, TrainState
 
@@ -77,8 +77,18 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
                           ) -> tuple[TrainState, dict]:
   key = step_key(setup.seed, state.step)
   scale = state.loss_scale
-  (loss, metrics), g = grads(loss_fn, state.params, setup.graphdef, batch,
-                             key, accum_steps, scale)
+
+  def grad_fn(params, batch, key):
+    return grads(loss_fn, params, setup.graphdef, batch, key, accum_steps,
+                 scale)
+
+  mode, dtype = setup.grad_reduce
+  if mode == "psum" and setup.mesh.shape["data"] > 1:
+    (loss, metrics), g = reduce_lib.explicit_grads(
+        grad_fn, state.params, batch, key, mesh=setup.mesh,
+        rules=setup.rules, dtype=dtype)
+  else:
+    (loss, metrics), g = grad_fn(state.params, batch, key)
   params, opt_state = apply_gradients(setup.tx, g, state.opt_state,
                                       state.params)
   if scale is not None:  # float16: skip a step whose gradients overflowed.
