@@ -25,6 +25,13 @@ def _single_device_setup(config):
   return mesh, state_lib.make_setup(config, mesh)
 
 
+def _initialized(mode: str):
+  """(mesh, setup, params) of the tiny LM in quant `mode` on one device."""
+  mesh, setup = _single_device_setup(tiny_config(**{"quant.mode": mode}))
+  with jax.set_mesh(mesh), rules_lib.use(Rules()):
+    return mesh, setup, setup.init_fn(jax.random.key(0)).params
+
+
 def _tokens(batch=4, length=33):
   rng = np.random.default_rng(0)
   return jnp.asarray(rng.integers(0, 256, (batch, length)), jnp.int32)
@@ -43,11 +50,10 @@ def _forward_hlo(setup, params, tokens) -> str:
 def test_int8_forward_runs_integer_dot_products():
   counts = {}
   for mode in ("none", "int8"):
-    config = tiny_config(**{"quant.mode": mode})
-    mesh, setup = _single_device_setup(config)
+    mesh, setup, params = _initialized(mode)
     with jax.set_mesh(mesh), rules_lib.use(Rules()):
-      params = setup.init_fn(jax.random.key(0)).params
-      counts[mode] = _integer_dots(_forward_hlo(setup, params, _tokens(length=32)))
+      counts[mode] = _integer_dots(_forward_hlo(setup, params,
+                                                _tokens(length=32)))
   # q, k, v, o, gate, up, down in each of the 2 layers; the tied head and
   # the attention scores stay float.
   assert counts == {"none": 0, "int8": 7 * 2}
@@ -56,10 +62,8 @@ def test_int8_forward_runs_integer_dot_products():
 def test_qat_gradients_at_step_0_are_close_to_float():
   grads = {}
   for mode in ("none", "int8"):
-    config = tiny_config(**{"quant.mode": mode})
-    mesh, setup = _single_device_setup(config)
+    mesh, setup, params = _initialized(mode)  # The same params for both.
     with jax.set_mesh(mesh), rules_lib.use(Rules()):
-      params = setup.init_fn(jax.random.key(0)).params  # Same for both.
       grads[mode] = jax.jit(jax.grad(
           lambda p: lm_loss(nnx.merge(setup.graphdef, p), _tokens())[0]))(
               params)

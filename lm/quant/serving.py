@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import qwix
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import NamedSharding
 
 from lm import models
@@ -85,16 +85,16 @@ def param_shardings(config, mesh, rules, abstract_params):
   (a dimension of size 1 in the scales is replicated)."""
   _, logical = state_lib.logical_param_specs(
       models.model_config(float_config(config)), config.model.name)
-  flat_logical = dict(_flatten(logical))
+  flat_logical = traverse_util.flatten_dict(logical)
 
   def sharding(path, leaf):
-    key = tuple(path)
+    key = tuple(k.key for k in path)
     while key not in flat_logical:  # .../kernel/array/qvalue -> .../kernel
       key = key[:-1]
     spec = rules.spec(flat_logical[key])
     return NamedSharding(mesh, state_lib.fit_spec(spec, leaf.shape, mesh))
 
-  return _map_with_path(sharding, abstract_params)
+  return jax.tree_util.tree_map_with_path(sharding, abstract_params)
 
 
 def convert(float_params, config):
@@ -138,17 +138,3 @@ def checkpoint_item(params, step: int = 0) -> dict:
            if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
            else jnp.asarray(step, jnp.int32))
   return {"step": step_, "params": params}
-
-
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, prefix + (k,))
-  else:
-    yield prefix, tree
-
-
-def _map_with_path(fn, tree, prefix=()):
-  if isinstance(tree, dict):
-    return {k: _map_with_path(fn, v, prefix + (k,)) for k, v in tree.items()}
-  return fn(prefix, tree)

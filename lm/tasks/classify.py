@@ -18,7 +18,7 @@ import optax
 
 from lm import metrics
 from lm.data import genres, images, sources
-from lm.train import distill, step as step_lib
+from lm.tasks.supervised import Supervised
 
 TEXT_DATASETS = ("shakespeare_genres",)
 DATASETS = images.DATASETS + TEXT_DATASETS
@@ -38,7 +38,7 @@ def make_data(config, process_index: int = 0, process_count: int = 1):
                           f"one of {DATASETS}.")
 
 
-class Classification:
+class Classification(Supervised):
   name = "classify"
 
   def __init__(self, config):
@@ -71,14 +71,6 @@ class Classification:
                                                            labels_B)
     accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B)
     return ce_B.mean(), {"accuracy": accuracy}
-
-  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
-                 teacher=None):
-    loss_fn = self.loss if teacher is None else distill.loss_fn(
-        self.forward, *teacher, self.config.distill)
-    return step_lib.supervised_train_step(state, batch, setup=setup,
-                                          loss_fn=loss_fn,
-                                          accum_steps=accum_steps)
 
   def eval_step(self, model, batch: dict) -> dict:
     logits_BxC = model(batch[self.key])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.data import pipeline
-from lm.train import distill, step as step_lib
+from lm.tasks.supervised import Supervised
 
 
 def lm_loss(model, tokens_BxL1):
@@ -23,7 +23,7 @@ def lm_loss(model, tokens_BxL1):
   return ce_BxL.mean(), ce_BxL.size
 
 
-class LanguageModeling:
+class LanguageModeling(Supervised):
   name = "lm"
 
   def __init__(self, config):
@@ -54,14 +54,6 @@ class LanguageModeling:
   def loss(model, batch: dict, key) -> tuple:
     del key
     return lm_loss(model, batch["tokens"])[0], {}
-
-  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
-                 teacher=None):
-    loss_fn = self.loss if teacher is None else distill.loss_fn(
-        self.forward, *teacher, self.config.distill)
-    return step_lib.supervised_train_step(state, batch, setup=setup,
-                                          loss_fn=loss_fn,
-                                          accum_steps=accum_steps)
 
   @staticmethod
   def eval_step(model, batch: dict) -> dict:
