@@ -90,7 +90,7 @@ def validate(config, num_devices: int | None = None,
   # Batch.
   batch, accum = config.train.batch_size, config.train.get("grad_accum_steps",
                                                           1)
-  shards = mesh["data"] * mesh["fsdp"]
+  shards = mesh_lib.batch_divisor(mesh)
   _require(accum >= 1, f"config.train.grad_accum_steps={accum} must be >= 1.")
   _require(batch % accum == 0,
            f"config.train.batch_size={batch} is not divisible by "
@@ -98,7 +98,8 @@ def validate(config, num_devices: int | None = None,
   _require((batch // accum) % shards == 0,
            f"config.train.batch_size={batch} (per microbatch "
            f"{batch // accum}) is not divisible by config.mesh.data x "
-           f"config.mesh.fsdp = {mesh['data']} x {mesh['fsdp']} = {shards}: "
+           f"config.mesh.fsdp x config.mesh.expert = {mesh['data']} x "
+           f"{mesh['fsdp']} x {mesh['expert']} = {shards}: "
            "each data shard needs the same number of rows. Use a multiple "
            f"of {shards * accum}.")
   _require(batch % process_count == 0,

@@ -102,4 +102,4 @@ def test_scanned_layers_shard_with_a_layers_axis():
   *_, state = _train(dict(data=2, fsdp=2, tensor=2), steps=1,
                      **{"model.scan_layers": True, "model.remat": "full"})
   q = state.params["transformer"]["blocks"]["attn"]["q"]["kernel"]
-  assert q.shape[0] == 2 and q.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert q.shape[0] == 2 and q.sharding.spec == P("stage", "fsdp", "tensor", None)

@@ -9,8 +9,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 # Order matters: data-like axes first so that on real hardware the innermost
-# (fastest interconnect) axis carries the most traffic (tensor parallel).
-AXES = ("data", "fsdp", "tensor")
+# (fastest interconnect) axes carry the most traffic: tensor parallelism's
+# per-layer all-reduces, then the ring attention's per-layer ppermutes and
+# the experts' all_to_alls. Pipeline stages exchange one activation per
+# microbatch, so `stage` can span slower links, next to `data`.
+AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
 
 
 def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
@@ -63,9 +66,15 @@ def make_mesh(mesh_config: Mapping[str, int],
 
 
 def describe(mesh: Mesh) -> str:
-  return " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  """e.g. "data=2 x fsdp=2 x tensor=2": the axes that split something."""
+  used = {n: s for n, s in mesh.shape.items() if s > 1} or {"data": 1}
+  return " x ".join(f"{name}={size}" for name, size in used.items())
 
 
-def batch_divisor(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (data x fsdp)."""
-  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
+  """How many ways the batch dimension is split (data x fsdp x expert)."""
+  shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))

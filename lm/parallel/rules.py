@@ -25,7 +25,7 @@ class Rules:
   """Logical axis -> mesh axis. The field names are the logical axis names.
 
   Parameters: `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`,
-  `norm`, `layers`, `classes`, `kernel_space` (conv kernels are named
+  `norm`, `layers`, `experts`, `classes`, `kernel_space` (conv kernels are named
   (kernel_space, kernel_space, embed, mlp): input channels FSDP, output
   channels tensor). Activations use the `act_*` names, which differ from the
   parameter names because FSDP shards a weight's `embed` dimension but never an
@@ -39,12 +39,14 @@ class Rules:
   head_dim: MeshAxes = None
   vocab: MeshAxes = "tensor"
   norm: MeshAxes = None  # Norm scales are tiny: replicate them.
-  layers: MeshAxes = None  # Stacked (scanned) layer axis.
+  layers: MeshAxes = "stage"  # Stacked layers: contiguous runs per stage.
+  experts: MeshAxes = "expert"  # A mixture-of-experts layer's expert axis.
   classes: MeshAxes = None  # A classifier head's 4-10 outputs: replicate.
   kernel_space: MeshAxes = None  # A conv kernel's height and width.
   # Activations.
-  batch: MeshAxes = ("data", "fsdp")
-  length: MeshAxes = None
+  # The expert axis is a data axis outside the MoE layers (as in GShard).
+  batch: MeshAxes = ("data", "fsdp", "expert")
+  length: MeshAxes = "sequence"  # Context parallelism: ring attention.
   act_embed: MeshAxes = None
   act_mlp: MeshAxes = "tensor"
   act_heads: MeshAxes = "tensor"
