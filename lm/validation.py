@@ -128,16 +128,19 @@ def _grad_reduce(config, task: str) -> None:
   _one_of(mode, reduce_lib.MODES, "config.train.grad_reduce")
   _one_of(dtype, reduce_lib.DTYPES, "config.train.grad_reduce_dtype")
   _require(mode == "auto" or task != "gan",
-           "config.train.grad_reduce='psum': the GAN step updates two "
+           f"config.train.grad_reduce={mode!r}: the GAN step updates two "
            "networks in turn; use 'auto'.")
   # A shard_map manual over `data` with fsdp/tensor left automatic makes
   # XLA's SPMD partitioner abort the process (jax 0.10.2), so the explicit
   # reduction is for pure data parallelism for now.
-  _require(mode == "auto" or (config.mesh.get("fsdp", 1) == 1
-                              and config.mesh.get("tensor", 1) == 1),
-           "config.train.grad_reduce='psum' needs config.mesh.fsdp=1 and "
-           "config.mesh.tensor=1 (pure data parallelism); use 'auto' with "
-           "FSDP or tensor parallelism.")
+  others = [a for a in mesh_lib.AXES
+            if a != "data" and config.mesh.get(a, 1) != 1]
+  if mode != "auto" and others:
+    raise ConfigError(
+        f"config.train.grad_reduce={mode!r} needs config.mesh.{others[0]}=1:"
+        " the explicit reduction is for pure data parallelism (every other "
+        "mesh axis 1); use 'auto' with FSDP, tensor, sequence, stage or "
+        "expert parallelism.")
   # XLA:CPU aborts the process (not an exception) compiling a bfloat16
   # all-reduce, so this cannot be probed; it is refused up front.
   _require(mode == "auto" or dtype == "float32"

@@ -1,5 +1,6 @@
 """What each strategy costs, from compiled programs: bytes per device and the
 collectives XLA inserts, against the counts the theory predicts."""
+import math
 import os
 import subprocess
 import sys
@@ -18,9 +19,9 @@ N_LAYERS = 2  # tiny_config.
 WEIGHTS = 7 * N_LAYERS + 1  # q, k, v, o, gate, up, down per layer + embedding.
 
 
-def _setup(mesh_shape):
-  config = tiny_config(mesh=mesh_shape)
-  n = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+def _setup(mesh_shape, **overrides):
+  config = tiny_config(mesh=mesh_shape, **overrides)
+  n = math.prod(mesh_shape.values())
   mesh = make_mesh(mesh_shape, jax.devices()[:n])
   return config, mesh
 
@@ -48,8 +49,8 @@ def test_fsdp_forward_gathers_each_weight_once():
       "all-gather": WEIGHTS}
 
 
-def _train_step(mesh_shape):
-  config, mesh = _setup(mesh_shape)
+def _train_step(mesh_shape, **overrides):
+  config, mesh = _setup(mesh_shape, **overrides)
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
     setup = state_lib.make_setup(config, mesh)
     compiled = inspect.compiled_train_step(setup, tasks.get(config))
@@ -59,6 +60,17 @@ def _train_step(mesh_shape):
 def test_data_parallel_step_only_reduces_gradients():
   _, counts = _train_step(dict(data=8, fsdp=1, tensor=1))
   assert "all-gather" not in counts and counts.get("all-reduce", 0) >= 1
+
+
+def test_explicit_reduce_scatter_step():
+  # grad_reduce=reduce_scatter: one reduce-scatter + all-gather pair per
+  # gradient (XLA may combine several into one op, never into all-reduces).
+  _, counts = _train_step(dict(data=8), **{"train.grad_reduce":
+                                           "reduce_scatter"})
+  assert counts.get("reduce-scatter", 0) >= 1, counts
+  assert counts.get("all-gather", 0) >= 1, counts
+  _, auto = _train_step(dict(data=8))
+  assert "reduce-scatter" not in auto, auto
 
 
 @pytest.mark.parametrize("n", [2, 8])

@@ -14,18 +14,20 @@ def _batches(steps=3):
           for _ in range(steps)]
 
 
-@pytest.mark.parametrize("mesh_shape,accum", [
-    (dict(data=8, fsdp=1, tensor=1), 1),
-    (dict(data=4, fsdp=1, tensor=1), 2),
+@pytest.mark.parametrize("mesh_shape,accum,mode", [
+    (dict(data=8, fsdp=1, tensor=1), 1, "psum"),
+    (dict(data=4, fsdp=1, tensor=1), 2, "psum"),
+    (dict(data=8, fsdp=1, tensor=1), 1, "reduce_scatter"),
 ], ids=str)
-def test_explicit_psum_equals_automatic_reduction(mesh_shape, accum):
+def test_explicit_reduction_equals_automatic_reduction(mesh_shape, accum,
+                                                       mode):
   runs = {}
-  for mode in ("auto", "psum"):
+  for mode in ("auto", mode):
     config = tiny_config(**{"train.grad_reduce": mode,
                             "train.grad_accum_steps": accum})
     history, state, _ = train(config, mesh_shape, batches=_batches())
     runs[mode] = history, state
-  (ref_h, ref_s), (h, s) = runs["auto"], runs["psum"]
+  (ref_h, ref_s), (h, s) = runs["auto"], runs[mode]
   for key in ref_h[0]:
     np.testing.assert_allclose([x[key] for x in h], [x[key] for x in ref_h],
                                rtol=1e-5, err_msg=key)
@@ -41,7 +43,7 @@ def test_explicit_psum_equals_automatic_reduction(mesh_shape, accum):
     ({"train.grad_reduce_dtype": "int8"},
      r"config\.train\.grad_reduce_dtype='int8'"),
     ({"train.grad_reduce": "psum", "mesh": dict(data=4, fsdp=2, tensor=1)},
-     r"grad_reduce='psum' needs config\.mesh\.fsdp=1"),
+     r"grad_reduce=.psum. needs config\.mesh\.fsdp=1"),
 ])
 def test_bad_reduction_config(overrides, message):
   config = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1)})

@@ -1,12 +1,21 @@
 """Explicit data-parallel gradient reduction, written with `jax.shard_map`.
 
 By default XLA inserts the gradient all-reduce itself (one combined
-all-reduce for plain data parallelism). `config.train.grad_reduce="psum"`
-instead computes each data shard's gradients inside a `shard_map` that is
-manual over the `data` axis only (fsdp and tensor stay automatic) and
-averages them with an explicit `psum`, optionally in bfloat16
+all-reduce for plain data parallelism). `config.train.grad_reduce` set to
+"psum" or "reduce_scatter" instead computes each data shard's gradients
+inside a `shard_map` that is manual over the `data` axis and averages them
+with explicit collectives, optionally in bfloat16
 (`config.train.grad_reduce_dtype`), for researchers who study the
-communication. The result is the same mean gradient.
+communication:
+
+  psum            one all-reduce per gradient;
+  reduce_scatter  the all-reduce's two halves written out: each gradient is
+                  flattened, `psum_scatter`ed so every data shard sums 1/n of
+                  it, then `all_gather`ed back (what a ring all-reduce does
+                  inside; the place to hook in sharded optimizer updates or
+                  compression of the scattered part).
+
+The result is the same mean gradient.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm.parallel import rules as rules_lib
 
-MODES = ("auto", "psum")
+MODES = ("auto", "psum", "reduce_scatter")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -30,21 +39,35 @@ def _without_data(rules: rules_lib.Rules) -> rules_lib.Rules:
   return dataclasses.replace(rules, batch=names or None)
 
 
+def _psum_mean(x: jax.Array, n: int, comm) -> jax.Array:
+  return (jax.lax.psum(x.astype(comm), "data") / n).astype(x.dtype)
+
+
+def _reduce_scatter_mean(x: jax.Array, n: int, comm) -> jax.Array:
+  flat = x.astype(comm).reshape(-1)
+  pad = -flat.size % n  # psum_scatter splits the flat gradient n ways.
+  flat = jnp.pad(flat, (0, pad))
+  part = jax.lax.psum_scatter(flat, "data", scatter_dimension=0,
+                              tiled=True) / n
+  whole = jax.lax.all_gather(part, "data", axis=0, tiled=True)
+  return whole[:x.size].reshape(x.shape).astype(x.dtype)
+
+
 def explicit_grads(grad_fn, params, batch: dict, key, *, mesh, rules,
-                   dtype: str = "float32"):
+                   dtype: str = "float32", mode: str = "psum"):
   """grad_fn(params, batch, key) -> ((loss, metrics), grads), evaluated per
-  data shard and averaged over `data` with an explicit psum in `dtype`."""
+  data shard and averaged over `data` with explicit collectives (`mode`:
+  psum or reduce_scatter) in `dtype`."""
   n = mesh.shape["data"]
   comm = jnp.dtype(dtype)
   inner = _without_data(rules)
+  reduce = {"psum": _psum_mean, "reduce_scatter": _reduce_scatter_mean}[mode]
 
   def local(params, batch, key):
     with rules_lib.use(inner):
       (loss, metrics), g = grad_fn(params, batch, key)
     # Equal shards: the mean of the shards' means is the batch mean.
-    g = jax.tree.map(
-        lambda x: (jax.lax.psum(x.astype(comm), "data") / n).astype(x.dtype),
-        g)
+    g = jax.tree.map(lambda x: reduce(x, n, comm), g)
     loss, metrics = jax.lax.pmean((loss, metrics), "data")
     return (loss, metrics), g
 

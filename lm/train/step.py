@@ -83,10 +83,10 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
                  scale)
 
   mode, dtype = setup.grad_reduce
-  if mode == "psum" and setup.mesh.shape["data"] > 1:
+  if mode != "auto" and setup.mesh.shape["data"] > 1:
     (loss, metrics), g = reduce_lib.explicit_grads(
         grad_fn, state.params, batch, key, mesh=setup.mesh,
-        rules=setup.rules, dtype=dtype)
+        rules=setup.rules, dtype=dtype, mode=mode)
   else:
     (loss, metrics), g = grad_fn(state.params, batch, key)
   params, opt_state = apply_gradients(setup.tx, g, state.opt_state,
