@@ -8,6 +8,12 @@ Presets (the part after the colon):
   1b     ~1.1B params: TPU pod slices / GPU nodes (FSDP over all devices).
   bench  the reference shapes of ../shared/bench/ref_lm.py (GELU MLP, tied
          embeddings, seq 256, batch 16) for scripts/benchmark.py.
+  long   tiny's width with 4096-token windows, ring attention over
+         sequence=8 (context parallelism; each device holds 512 tokens).
+  moe    tiny with 8 SwiGLU experts (top-2) per layer, split over expert=4.
+Pipeline parallelism is a mesh shape (layers must be scanned):
+  --config.mesh.stage=2 --config.model.scan_layers=True
+  --config.train.microbatches=4
 Override anything: --config.mesh.fsdp=4 --config.train.steps=100 ...
 """
 import ml_collections
@@ -25,6 +31,10 @@ SIZES = {
     # Same FLOPs per token as the reference: GELU MLP with 4x width.
     "bench": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                   d_ff=1024, max_len=256, mlp="gelu"),
+    "long": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
+                 max_len=4096, scan_layers=True, remat="full"),
+    "moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+                max_len=256),
 }
 
 
@@ -40,12 +50,23 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       mlp="swiglu",
       tie_embeddings=True,
       scan_layers=False,  # True: nnx.scan over layers (faster compile).
-      remat="none")  # none | full | dots | dots_no_batch.
+      remat="none",  # none | full | dots | dots_no_batch.
+      # Attention over a mesh.sequence > 1 (lm/parallel/context.py): "ring"
+      # (ppermute K/V around the ring, O(L/n) memory) or "all_gather".
+      context_parallel="ring",
+      # Mixture of experts (lm/models/moe.py); experts=0 is a dense MLP.
+      moe=dict(experts=0, top_k=2,
+               capacity_factor=1.25,  # Slots per expert vs. an even split.
+               z_loss=1e-3,  # Router z-loss weight.
+               load_balance=1e-2))  # Load-balancing loss weight.
   c.model.update(SIZES[size])
-  # Device mesh; one axis may be -1 (all remaining devices). The demo and the
-  # tests use the 8 simulated CPU devices as data=2 x fsdp=2 x tensor=2.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Device mesh; one axis may be -1 (all remaining devices). Each axis is a
+  # strategy (lm/parallel/rules.py): data, stage (GPipe pipeline), fsdp
+  # (ZeRO-3), expert (MoE experts; a data axis elsewhere), sequence (ring
+  # attention), tensor (Megatron). Unlisted axes are 1.
+  c.mesh = dict(data=-1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1)
   accel = size in ("small", "1b")
+  cpu_sized = size in ("tiny", "bench", "long", "moe")
   c.precision = dict(
       # float32 | bfloat16 | float16 (with dynamic loss scaling).
       compute_dtype="bfloat16" if accel else "float32",
@@ -55,17 +76,20 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       loss_scale=dict(initial=2.0 ** 15, growth_interval=2000, factor=2.0))
   c.optimizer = dict(
       name="adamw",  # adamw | adafactor | lion | sgd | momentum | adagrad.
-      learning_rate=3e-3 if size in ("tiny", "bench") else 3e-4,
+      learning_rate=3e-3 if cpu_sized else 3e-4,
       schedule="cosine",  # constant | cosine | linear (after warmup).
-      warmup_steps=50 if size in ("tiny", "bench") else 2000,
+      warmup_steps=50 if cpu_sized else 2000,
       end_learning_rate_fraction=0.1,
       b1=0.9, b2=0.95,
       weight_decay=0.1,  # Decoupled; masked off vectors (norms, biases).
       grad_clip_norm=1.0)
   c.train = dict(
-      steps=400 if size in ("tiny", "bench") else 100_000,
-      batch_size=32 if size in ("tiny", "bench") else 256,  # Global.
+      steps=400 if cpu_sized else 100_000,
+      batch_size=32 if cpu_sized else 256,  # Global.
       grad_accum_steps=1,  # Microbatches per step (same math, less memory).
+      # GPipe microbatches per (accumulation) step when mesh.stage > 1: the
+      # bubble is (stages - 1) / (microbatches + stages - 1).
+      microbatches=1,
       # auto: XLA inserts the gradient all-reduce; psum: an explicit shard_map
       # psum over the data axis (lm/parallel/reduce.py), in this dtype.
       grad_reduce="auto",
@@ -86,6 +110,12 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=1, tensor=1)
   if size == "1b":
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  if size == "long":
+    c.mesh = dict(data=1, sequence=-1)
+    c.train.update(batch_size=8, steps=200, eval_every=100, eval_batches=2)
+  if size == "moe":
+    c.model.moe.experts = 8
+    c.mesh = dict(data=-1, expert=4)
   # QAT / distillation / pruning, all off by default (configs/compression.py).
   # Quantized and pruned: every attention and MLP projection; the embedding
   # (tied with the output head) stays float.

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from lm.quant import serving
-from lm.parallel import make_mesh, resolve_shape, rules as rules_lib
+from lm.parallel import AXES, make_mesh, resolve_shape, rules as rules_lib
 from lm.train import checkpoint as ckpt_lib
 from lm.train import state as state_lib
 
@@ -27,12 +27,32 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def parse_mesh(mesh_arg: str) -> dict[str, int]:
+  """`--mesh`: "data,fsdp,tensor" sizes, or named axes such as
+  "data=2,sequence=4" (unnamed axes are 1)."""
+  parts = mesh_arg.split(",")
+  try:
+    if all("=" in p for p in parts):
+      sizes = {k.strip(): int(v) for k, v in (p.split("=") for p in parts)}
+    else:
+      sizes = dict(zip(("data", "fsdp", "tensor"),
+                       (int(p) for p in parts), strict=True))
+  except ValueError:
+    raise ValueError(f"--mesh={mesh_arg!r}: use three sizes "
+                     "'data,fsdp,tensor' or named axes like "
+                     "'data=2,sequence=4'.") from None
+  unknown = sorted(set(sizes) - set(AXES))
+  if unknown:
+    raise ValueError(f"--mesh={mesh_arg!r}: unknown axis {unknown[0]!r}; "
+                     f"mesh axes are {AXES}.")
+  return sizes
+
+
 def mesh_for(config, mesh_arg: str | None) -> dict[str, int]:
-  """`--mesh=data,fsdp,tensor` if given; the training mesh if it fits the
+  """`--mesh` if given (see parse_mesh); the training mesh if it fits the
   devices here; otherwise FSDP over all devices."""
   if mesh_arg:
-    sizes = [int(s) for s in mesh_arg.split(",")]
-    return dict(zip(("data", "fsdp", "tensor"), sizes))
+    return parse_mesh(mesh_arg)
   try:
     resolve_shape(config.mesh, jax.device_count())
     return dict(config.mesh)

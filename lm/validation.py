@@ -13,7 +13,7 @@ from lm import models, quant
 from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
 from lm.models import gan, layers
 from lm.tasks import classify
-from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
+from lm.parallel import context, mesh as mesh_lib, reduce as reduce_lib
 from lm.train import distill, optim, prune
 from lm.train import state as state_lib
 
@@ -119,7 +119,79 @@ def validate(config, num_devices: int | None = None,
       config, cfg)
   _compression(config, cfg, task)
   _grad_reduce(config, task)
+  if config.model.name in ("transformer", "transformer_classifier"):
+    _strategies(config, cfg, mesh, task)
+  else:
+    for axis in ("sequence", "stage", "expert"):
+      _require(mesh[axis] == 1, f"config.mesh.{axis}={mesh[axis]}: sequence,"
+               " stage and expert parallelism are for the Transformer "
+               "families; set it to 1.")
   return mesh
+
+
+def _strategies(config, cfg, mesh: dict[str, int], task: str) -> None:
+  """Context, pipeline and expert parallelism against the shapes."""
+  seq, stage, expert = mesh["sequence"], mesh["stage"], mesh["expert"]
+  if seq > 1:
+    _one_of(cfg.context_parallel, context.IMPLS,
+            "config.model.context_parallel")
+    key = "config.data.seq_len"
+    length = (pipeline.seq_len(config) if task == "lm"
+              else config.data.get("seq_len", 0))
+    # Causal attention is load-balanced with the zig-zag layout: 2 chunks
+    # per device (lm/parallel/context.py).
+    ways = 2 * seq if cfg.causal else seq
+    _require(length % ways == 0,
+             f"{key}={length} (0 = config.model.max_len) is not divisible by "
+             f"{'2 x ' if cfg.causal else ''}config.mesh.sequence = {ways}: "
+             + ("the zig-zag layout gives each device two equal chunks. "
+                if cfg.causal else "each device holds an equal chunk. ")
+             + f"Use a multiple of {ways}.")
+  if stage > 1:
+    _require(cfg.scan_layers,
+             f"config.mesh.stage={stage} needs config.model.scan_layers=True:"
+             " the pipeline splits the stacked layer axis over stages.")
+    _require(cfg.n_layers % stage == 0,
+             f"config.model.n_layers={cfg.n_layers} is not divisible by "
+             f"config.mesh.stage={stage}: each stage holds the same number "
+             "of layers. Change n_layers or the number of stages.")
+    micro = config.train.get("microbatches", 1)
+    per_step = config.train.batch_size // config.train.get(
+        "grad_accum_steps", 1)
+    shards = mesh_lib.batch_divisor(mesh)
+    _require(micro >= 1 and per_step % (micro * shards) == 0,
+             f"config.train.batch_size={config.train.batch_size} (per "
+             f"accumulation step {per_step}) is not divisible by "
+             f"config.train.microbatches={micro} x the {shards} batch "
+             "shards: every pipeline microbatch is split evenly over the "
+             f"data axes. Use a batch size that is a multiple of "
+             f"{micro * shards}, or fewer microbatches.")
+  moe = cfg.moe
+  if moe.experts:
+    _require(task == "lm", "config.model.moe.experts > 0: mixture-of-experts"
+             " layers are for the LM (config.task='lm').")
+    _require(moe.experts % expert == 0,
+             f"config.model.moe.experts={moe.experts} is not divisible by "
+             f"config.mesh.expert={expert}: each expert shard holds the same "
+             "number of experts. Change one of them.")
+    _require(1 <= moe.top_k <= moe.experts,
+             f"config.model.moe.top_k={moe.top_k} must be between 1 and "
+             f"config.model.moe.experts={moe.experts}.")
+    _require(moe.capacity_factor > 0,
+             f"config.model.moe.capacity_factor={moe.capacity_factor} must "
+             "be positive.")
+    _require(stage == 1, "config.model.moe with config.mesh.stage > 1: the "
+             "pipeline does not carry the MoE auxiliary losses yet; use "
+             "stage=1.")
+    _require(quant.mode(config) == "none", "config.model.moe with "
+             "config.quant.mode: QAT of the expert layers is not supported; "
+             "set config.quant.mode='none'.")
+    _require(not distill.enabled(config), "config.model.moe with "
+             "config.distill.teacher_workdir: the distillation loss does not "
+             "include the MoE auxiliary losses yet; train without a teacher.")
+  else:
+    _require(expert == 1 or task == "lm",
+             f"config.mesh.expert={expert}: only the LM has expert layers.")
 
 
 def _grad_reduce(config, task: str) -> None:

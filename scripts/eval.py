@@ -16,7 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["validation", "test"], "Split.")
 _BATCHES = flags.DEFINE_integer("batches", 0, "Batches to evaluate; 0 = "
                                 "config.train.eval_batches.")
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes; default: "
+_MESH = flags.DEFINE_string("mesh", None, "'data,fsdp,tensor' sizes or named "
+                            "axes ('data=2,sequence=4'); default: "
                             "the training mesh if it fits, else FSDP.")
 flags.mark_flags_as_required(["workdir"])
 

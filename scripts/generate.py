@@ -19,7 +19,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass to keep (1 = all).")
 _NUM = flags.DEFINE_integer("num_samples", 1, "Samples (one batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes; default: "
+_MESH = flags.DEFINE_string("mesh", None, "'data,fsdp,tensor' sizes or named "
+                            "axes ('data=2,sequence=4'); default: "
                             "the training mesh if it fits, else FSDP.")
 flags.mark_flags_as_required(["workdir"])
 

@@ -86,6 +86,30 @@ BAD = [
      r"config\.prune\.layers.*nothing/kernel"),
     ({"prune.sparsity": 0.5, "prune.update_every": 0},
      r"config\.prune\.update_every"),
+    # Context, pipeline and expert parallelism (tiny: seq 32, 2 layers).
+    ({"mesh": dict(sequence=8), "data.seq_len": 24},
+     r"config\.data\.seq_len=24 .*not divisible by 2 x config\.mesh\."
+     r"sequence = 16.*zig-zag"),
+    ({"mesh": dict(sequence=8), "model.context_parallel": "flash"},
+     r"config\.model\.context_parallel='flash'"),
+    ({"mesh": dict(stage=2, data=4)},
+     r"config\.mesh\.stage=2 needs config\.model\.scan_layers=True"),
+    ({"mesh": dict(stage=8), "model.scan_layers": True},
+     r"config\.model\.n_layers=2 is not divisible by config\.mesh\.stage=8"),
+    ({"mesh": dict(stage=2, data=4), "model.scan_layers": True,
+      "train.microbatches": 3},
+     r"config\.train\.batch_size=16 .*not divisible by "
+     r"config\.train\.microbatches=3"),
+    ({"mesh": dict(expert=8), "model.moe.experts": 4},
+     r"config\.model\.moe\.experts=4 is not divisible by "
+     r"config\.mesh\.expert=8"),
+    ({"model.moe.experts": 4, "model.moe.top_k": 5},
+     r"config\.model\.moe\.top_k=5 must be between 1 and "
+     r"config\.model\.moe\.experts=4"),
+    ({"model.moe.experts": 4, "model.moe.capacity": 2},
+     r"config\.model\.moe\.capacity is unknown"),
+    ({"train.grad_reduce": "reduce_scatter", "mesh": dict(data=4, sequence=2)},
+     r"grad_reduce='reduce_scatter' needs config\.mesh\.sequence=1"),
     ({"distill.teacher_workdir": "/nonexistent/run"},
      r"config\.distill\.teacher_workdir='/nonexistent/run'.*does not exist"),
 ]

@@ -37,6 +37,71 @@ def _forward_collectives(mesh_shape) -> dict[str, int]:
   return inspect.count_collectives(hlo)
 
 
+def _loss_collectives(mesh_shape, **overrides) -> dict[str, int]:
+  """Collectives in the compiled LM loss (forward only)."""
+  config, mesh = _setup(mesh_shape, **overrides)
+  task = tasks.get(config)
+  with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+    setup = state_lib.make_setup(config, mesh)
+    tokens = jax.ShapeDtypeStruct((16, 33), jnp.int32,
+                                  sharding=setup.batch_sharding())
+    fn = jax.jit(lambda p, t: task.loss(nnx.merge(setup.graphdef, p),
+                                        {"tokens": t}, None)[0])
+    hlo = fn.lower(setup.abstract_state.params, tokens).compile().as_text()
+  return inspect.count_collectives(hlo)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_ring_attention_only_passes_blocks_around_the_ring(n):
+  # Forward, per layer: K, V and the key positions, each as its two zig-zag
+  # halves, are ppermuted inside the ring loop (a scan, so the op count does
+  # not grow with n; at n = 2 XLA unrolls the one-step loop and shares the
+  # layers' identical position hops, hence n >= 4 here): 6. Backward: those 6 plus dK and dV's halves (10) in
+  # the loop, then dK and dV's last hop home (4). Nothing is gathered; the
+  # one all-reduce is the mean of the loss over the sharded length.
+  assert _loss_collectives(dict(sequence=n)) == {
+      "collective-permute": 6 * N_LAYERS, "all-reduce": 1}
+  _, step = _train_step(dict(sequence=n))
+  assert step["collective-permute"] == (6 + 10 + 4) * N_LAYERS, step
+  assert "all-gather" not in step, step
+
+
+def test_all_gather_attention_gathers_keys_and_values():
+  # Per layer K and V (2); the key positions are the same for every layer
+  # (1, shared). Backward: a reduce-scatter each for dK and dV.
+  overrides = {"model.context_parallel": "all_gather"}
+  assert _loss_collectives(dict(sequence=8), **overrides) == {
+      "all-gather": 2 * N_LAYERS + 1, "all-reduce": 1}
+  _, step = _train_step(dict(sequence=8), **overrides)
+  assert step["reduce-scatter"] == 2 * N_LAYERS, step
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(expert=8),
+                                        dict(data=2, expert=4)], ids=str)
+def test_experts_dispatch_and_combine_with_all_to_all(mesh_shape):
+  # Per MoE layer: one all-to-all to send tokens to their experts' shards and
+  # one to bring the results back; the backward transposes both. No
+  # all-gather: the expert weights stay on their shard.
+  overrides = {"model.moe.experts": 8}
+  fwd = _loss_collectives(mesh_shape, **overrides)
+  assert fwd["all-to-all"] == 2 * N_LAYERS and "all-gather" not in fwd, fwd
+  _, step = _train_step(mesh_shape, **overrides)
+  assert step["all-to-all"] == 4 * N_LAYERS, step
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_pipeline_passes_activations_between_stages(stages):
+  # GPipe: one ppermute to the next stage per tick (inside the tick loop, so
+  # one op whatever the microbatch count), reversed in the backward; the
+  # last stage's outputs reach every stage by one masked psum (all-reduce).
+  overrides = {"model.scan_layers": True, "model.n_layers": 4,
+               "train.microbatches": 4}
+  assert _loss_collectives(dict(stage=stages), **overrides) == {
+      "collective-permute": 1, "all-reduce": 1}
+  _, step = _train_step(dict(stage=stages), **overrides)
+  assert step["collective-permute"] == 2, step
+
+
 def test_tensor_parallel_forward_reduces_once_per_attention_and_mlp():
   # Megatron: the o and down projections' partial sums are all-reduced; the
   # embedding table is gathered whole before the lookup (transformer.py).

@@ -27,10 +27,29 @@ def model_config(config) -> object:
   # of the model's static graph, which must be hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in config.model.items() if k != "name"}
-  unknown = sorted(set(kwargs) - fields)
+  derived = {"dtype", "param_dtype", "pipeline_microbatches"}
+  unknown = sorted(set(kwargs) - (fields - derived))
   if unknown:
     raise ValueError(
         f"config.model.{unknown[0]} is not a field of the {config.model.name!r}"
-        f" model; known fields: {sorted(fields - {'dtype', 'param_dtype'})}.")
+        f" model; known fields: {sorted(fields - derived)}.")
+  defaults = family.Config()
+  for key, value in kwargs.items():
+    # A nested section (config.model.moe) becomes its frozen dataclass.
+    default = getattr(defaults, key)
+    if dataclasses.is_dataclass(default) and not dataclasses.is_dataclass(
+        value):
+      kwargs[key] = _nested(default, dict(value), f"config.model.{key}")
+  if "pipeline_microbatches" in fields:
+    kwargs["pipeline_microbatches"] = config.train.get("microbatches", 1)
   return family.Config(**kwargs, dtype=config.precision.compute_dtype,
                        param_dtype=config.precision.param_dtype)
+
+
+def _nested(default, values: dict, key: str):
+  fields = {f.name for f in dataclasses.fields(default)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"{key}.{unknown[0]} is unknown; known fields: "
+                     f"{sorted(fields)}.")
+  return dataclasses.replace(default, **values)

@@ -1,8 +1,14 @@
 """Decoder-only Transformer LM: RoPE, RMSNorm (pre-norm), grouped-query
-attention, SwiGLU (or GELU) MLP, optional tied embeddings, optional scan over
-layers with a configurable remat policy.
+attention, SwiGLU (or GELU) MLP or a mixture of experts, optional tied
+embeddings, optional scan over layers with a configurable remat policy.
 
 The same blocks serve a bidirectional encoder (`causal=False`).
+
+Parallelism follows the mesh, not flags (lm/parallel): with a `sequence`
+axis > 1 attention is ring (or all-gather) attention over it; with a `stage`
+axis > 1 the stacked layers run as a GPipe pipeline; with MoE layers, experts
+are split over the `expert` axis. Data, FSDP and tensor parallelism come
+from the rules table alone.
 
 Shapes: B batch, L query length, S key/cache length, D d_model, F d_ff,
 H query heads, N kv heads, K head dim, V vocab.
@@ -17,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.models import layers
-from lm.parallel import constrain
+from lm.models import layers, moe as moe_lib
+from lm.parallel import axis_size, constrain, context, pipeline
 
 Cache = dict[str, jax.Array]  # {"k": [layers] B x S x N x K, "v": same}
 
@@ -41,6 +47,12 @@ class Config:
   scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
   remat: str = "none"  # A key of layers.REMAT_POLICIES.
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation.
+  # Attention when the mesh's `sequence` axis > 1: "ring" | "all_gather".
+  context_parallel: str = "ring"
+  moe: moe_lib.Config = moe_lib.Config()  # experts > 0: MoE MLPs.
+  # GPipe microbatches when the mesh's `stage` axis > 1
+  # (config.train.microbatches).
+  pipeline_microbatches: int = 1
   dtype: str = "float32"  # Compute dtype.
   param_dtype: str = "float32"
 
@@ -74,7 +86,14 @@ class Attention(nnx.Module):
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
-    if cache is None:
+    if cache is None and axis_size("sequence") > 1:
+      # Context parallelism: the mask comes from the positions, since the
+      # LM feeds the sequence in the zig-zag layout (lm/tasks/language.py).
+      out_BxLxHxK = context.attention(
+          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, causal=cfg.causal,
+          impl=cfg.context_parallel)
+      new_cache = None
+    elif cache is None:
       out_BxLxHxK = layers.dot_product_attention(
           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, is_causal=cfg.causal,
           implementation=cfg.attention_impl)
@@ -121,7 +140,9 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
   """Pre-norm residual block. Under tensor parallelism the attention and MLP
-  outputs are each reduced once over `tensor` (row-parallel o / down)."""
+  outputs are each reduced once over `tensor` (row-parallel o / down).
+  Returns (x, cache, aux): aux holds an MoE layer's auxiliary losses and
+  statistics (empty for a dense MLP)."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     norm = functools.partial(layers.RMSNorm, cfg.d_model, eps=cfg.norm_eps,
@@ -130,14 +151,23 @@ class Block(nnx.Module):
     self.attn_norm = norm()
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = norm()
-    self.mlp = Mlp(cfg, rngs)
+    if cfg.moe.experts:
+      self.mlp = moe_lib.MoeMlp(cfg.moe, cfg.d_model, cfg.d_ff,
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                rngs=rngs)
+    else:
+      self.mlp = Mlp(cfg, rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, cache=None, cache_index=None):
     h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cache,
                                cache_index)
     x_BxLxD = x_BxLxD + h_BxLxD
-    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-    return constrain(x_BxLxD, "batch", "length", "act_embed"), cache
+    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
+    aux = {}
+    if isinstance(h_BxLxD, tuple):  # A mixture of experts.
+      h_BxLxD, aux = h_BxLxD
+    x_BxLxD = x_BxLxD + h_BxLxD
+    return constrain(x_BxLxD, "batch", "length", "act_embed"), cache, aux
 
 
 class Transformer(nnx.Module):
@@ -181,27 +211,48 @@ class Transformer(nnx.Module):
     x_BxLxD = self.embed(tokens_BxL)
     policy = layers.REMAT_POLICIES[cfg.remat]
 
-    def run_block(block, x_BxLxD, layer_cache):
+    def run_block(block, x_BxLxD, layer_cache, positions_BxL):
       return block(x_BxLxD, positions_BxL, layer_cache, cache_index)
 
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=policy)
 
-    if cfg.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+    aux = {}
+    if cfg.scan_layers and cache is None and axis_size("stage") > 1:
+      # GPipe over the `stage` axis; the layer axis is split over stages.
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def layer_fn(layer_params, x_BxLxD, positions_BxL):
+        block = nnx.merge(graphdef, layer_params)
+        return run_block(block, x_BxLxD, None, positions_BxL)[0]
+
+      x_BxLxD = pipeline.gpipe(layer_fn, stacked, x_BxLxD, positions_BxL,
+                               microbatches=cfg.pipeline_microbatches)
+      new_cache = None
+    elif cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
       def scan_blocks(block, x_BxLxD, layer_cache):
-        return run_block(block, x_BxLxD, layer_cache)
-      x_BxLxD, new_cache = scan_blocks(self.blocks, x_BxLxD, cache)
+        return run_block(block, x_BxLxD, layer_cache, positions_BxL)
+      x_BxLxD, new_cache, aux_layers = scan_blocks(self.blocks, x_BxLxD,
+                                                   cache)
+      aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_layers)
     else:
-      new_layers = []
+      new_layers, aux_layers = [], []
       for i, block in enumerate(self.blocks):
         layer_cache = None if cache is None else jax.tree.map(
             lambda c: c[i], cache)
-        x_BxLxD, c = run_block(block, x_BxLxD, layer_cache)
+        x_BxLxD, c, a = run_block(block, x_BxLxD, layer_cache,
+                                  positions_BxL)
         new_layers.append(c)
+        aux_layers.append(a)
       new_cache = None if cache is None else jax.tree.map(
           lambda *c: jnp.stack(c), *new_layers)
+      aux = jax.tree.map(lambda *a: sum(a) / len(a), *aux_layers)
+    if aux:
+      # The layers' mean MoE losses and statistics, for the task's loss
+      # (lm/models/moe.py: pop_aux) without changing what __call__ returns.
+      self.sow(nnx.Intermediate, "moe_aux", aux)
     return self.final_norm(x_BxLxD), new_cache
 
 

@@ -74,6 +74,16 @@ def describe(mesh: Mesh) -> str:
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
+def axis_size(name: str) -> int:
+  """The size of a mesh axis in the current (abstract) mesh; 1 without a
+  mesh or when the mesh lacks the axis. Model code branches on this (e.g.
+  ring attention when `sequence` > 1), so a strategy is the mesh shape."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or name not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[name])
+
+
 def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
   """How many ways the batch dimension is split (data x fsdp x expert)."""
   shape = mesh.shape if isinstance(mesh, Mesh) else mesh

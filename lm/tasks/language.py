@@ -2,6 +2,16 @@
 
 A batch is {"tokens": int32 B x (L+1)}: inputs are tokens[:, :-1] and targets
 tokens[:, 1:].
+
+Context parallelism (mesh `sequence` = n > 1) feeds the model the sequence in
+the zig-zag layout (lm/parallel/context.py): inputs, targets and positions
+are permuted together, so each device's shard holds chunks i and 2n-1-i and
+the causal work is balanced. The loss is a mean over tokens, so the order
+does not change it.
+
+A mixture-of-experts model adds its layers' weighted auxiliary losses
+(router z-loss, load balancing) to the training loss and logs them with the
+dropped-token fraction.
 """
 from __future__ import annotations
 
@@ -10,17 +20,43 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from lm.data import pipeline
+from lm.parallel import axis_size, context
 from lm.tasks.supervised import Supervised
 
 
+def _layout(tokens_BxL1):
+  """(inputs, targets, positions or None) in the layout the mesh wants."""
+  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+  n = axis_size("sequence")
+  if n == 1:
+    return inputs_BxL, targets_BxL, None
+  perm_L = context.zigzag_permutation(inputs_BxL.shape[1], n)
+  positions_BxL = jnp.broadcast_to(jnp.asarray(perm_L, jnp.int32),
+                                   inputs_BxL.shape)
+  return inputs_BxL[:, perm_L], targets_BxL[:, perm_L], positions_BxL
+
+
+def _logits_and_aux(model, tokens_BxL1):
+  """(logits B x L x V, targets B x L, MoE aux dict; {} for a dense model)."""
+  inputs_BxL, targets_BxL, positions_BxL = _layout(tokens_BxL1)
+  (logits_BxLxV, _), sown = nnx.capture(model, nnx.Intermediate)(
+      inputs_BxL, positions_BxL)
+  aux = {}
+  for values in jax.tree.leaves(nnx.to_pure_dict(sown),
+                                is_leaf=lambda x: isinstance(x, tuple)):
+    aux.update(values[0])  # One Transformer, called once.
+  return logits_BxLxV, targets_BxL, aux
+
+
 def lm_loss(model, tokens_BxL1):
-  """Mean next-token cross-entropy (float32) and the token count."""
-  logits_BxLxV, _ = model(tokens_BxL1[:, :-1])
+  """Mean next-token cross-entropy (float32), the token count, MoE aux."""
+  logits_BxLxV, targets_BxL, aux = _logits_and_aux(model, tokens_BxL1)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV, tokens_BxL1[:, 1:])
-  return ce_BxL.mean(), ce_BxL.size
+      logits_BxLxV, targets_BxL)
+  return ce_BxL.mean(), ce_BxL.size, aux
 
 
 class LanguageModeling(Supervised):
@@ -46,19 +82,23 @@ class LanguageModeling(Supervised):
   def forward(model, batch: dict, key) -> tuple:
     """(next-token logits B x L x V, targets B x L)."""
     del key  # Deterministic: no dropout in the LM.
-    tokens_BxL1 = batch["tokens"]
-    logits_BxLxV, _ = model(tokens_BxL1[:, :-1])
-    return logits_BxLxV, tokens_BxL1[:, 1:]
+    logits_BxLxV, targets_BxL, _ = _logits_and_aux(model, batch["tokens"])
+    return logits_BxLxV, targets_BxL
 
   @staticmethod
   def loss(model, batch: dict, key) -> tuple:
     del key
-    return lm_loss(model, batch["tokens"])[0], {}
+    loss, _, aux = lm_loss(model, batch["tokens"])
+    # The MoE auxiliary losses train the router; the logged "loss" is the
+    # cross-entropy plus them, "ce" the cross-entropy alone.
+    if aux:
+      return loss + aux["moe_aux_loss"], {"ce": loss, **aux}
+    return loss, {}
 
   @staticmethod
   def eval_step(model, batch: dict) -> dict:
     """Sums (not means) so the host can aggregate over any number of batches."""
-    loss, count = lm_loss(model, batch["tokens"])
+    loss, count, _ = lm_loss(model, batch["tokens"])
     return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
 
   @staticmethod

@@ -19,7 +19,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 # Metrics worth a place on the progress line (all go to metrics.jsonl).
 SHOWN = ("loss", "perplexity", "bits_per_byte", "accuracy", "f1", "d_loss",
          "g_loss", "cfid", "classifier_score", "loss_scale", "skipped_steps",
-         "sparsity")
+         "sparsity", "moe_dropped_fraction")
 
 
 class MetricsLog:

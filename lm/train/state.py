@@ -53,10 +53,12 @@ class Setup:
 
   def batch_sharding(self, ndim: int = 2, key: str = "tokens"
                      ) -> NamedSharding:
-    """Rows over (data, fsdp); a token array's second axis is its length,
-    other arrays' trailing axes (pixels, channels) are never split."""
-    names = ["length" if key == "tokens" else None] * (ndim - 1)
-    return NamedSharding(self.mesh, self.rules("batch", *names))
+    """Rows over the batch axes (data, fsdp, expert); the other axes whole.
+    Token windows are L + 1 long (inputs and shifted targets), which a
+    `sequence` axis cannot split evenly, and integer tokens are cheap to
+    replicate: the model splits its activations' length axis itself."""
+    del key
+    return NamedSharding(self.mesh, self.rules("batch", *[None] * (ndim - 1)))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
