@@ -32,7 +32,7 @@ SIZES = {
     "bench": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                   d_ff=1024, max_len=256, mlp="gelu"),
     "long": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
-                 max_len=4096, scan_layers=True, remat="full"),
+                 max_len=4096, remat="full"),
     "moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
                 max_len=256),
 }

@@ -19,6 +19,7 @@ import numpy as np
 
 from lm import tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
+from lm.parallel import pipeline
 from lm.parallel.mesh import describe
 from lm.train import checkpoint as ckpt_lib
 from lm.train import distill, prune
@@ -124,6 +125,11 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   n_params = state_lib.count_params(setup.abstract_state.params)
   log(f"mesh {describe(setup.mesh)} on {jax.device_count()} {jax.devices()[0].platform}"
       f" devices | {n_params:,} parameters")
+  stages = setup.mesh.shape["stage"]
+  if stages > 1:
+    micro = config.train.get("microbatches", 1)
+    log(f"pipeline: {stages} stages x {micro} microbatches, bubble "
+        f"(S-1)/(M+S-1) = {pipeline.bubble_fraction(stages, micro):.3f}")
   if latest is not None:
     state = ckpt.restore(setup.abstract_state, data.train)
     log(f"resumed from step {latest} in {ckpt.directory}")
