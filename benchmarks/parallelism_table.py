@@ -1,9 +1,13 @@
 """Prints the README's "Parallelism strategies" table from the runs of
 benchmarks/parallelism.sh (default directory runs/parallelism)."""
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
+
+
+DEVICES = 8  # benchmarks/parallelism.sh simulates 8 CPU devices.
 
 
 def _rows(path: Path) -> list[dict]:
@@ -18,7 +22,10 @@ def main(root: str = "runs/parallelism") -> None:
     if not (run / "metrics.jsonl").exists():
       continue
     config = json.loads((run / "config.json").read_text())
-    mesh = " x ".join(f"{k}={v}" for k, v in config["mesh"].items()
+    sizes = config["mesh"]
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    sizes = {k: DEVICES // fixed if v == -1 else v for k, v in sizes.items()}
+    mesh = " x ".join(f"{k}={v}" for k, v in sizes.items()
                       if v != 1) or "1 device"
     rows = _rows(run / "metrics.jsonl")
     train = [r for r in rows if r["split"] == "train"]
