@@ -46,3 +46,53 @@ def tiny_config(data_dir: str = "", **overrides) -> ml_collections.ConfigDict:
 
 
 assert jax.device_count() == 8, "tests expect 8 simulated devices"
+
+
+def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
+              *, restore_from=None, save_to=None):
+  """Train steps through `batches` on `mesh_shape` (a prefix of the 8
+  devices), from a fresh init or the checkpoint in `restore_from`, saving the
+  final state to `save_to` if given. Returns (metrics per step, the state on
+  the host, the setup)."""
+  import math  # noqa: PLC0415
+
+  from lm import tasks  # noqa: PLC0415
+  from lm.parallel import Rules, make_mesh, rules as rules_lib  # noqa: PLC0415
+  from lm.train import checkpoint as ckpt_lib  # noqa: PLC0415
+  from lm.train import state as state_lib, step as step_lib  # noqa: PLC0415
+  config.mesh = mesh_shape
+  mesh = make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
+  with jax.set_mesh(mesh), rules_lib.use(Rules()):
+    setup = state_lib.make_setup(config, mesh)
+    if restore_from:
+      ckpt = ckpt_lib.Checkpointer(restore_from, async_save=False)
+      state = ckpt.restore(setup.abstract_state)
+      ckpt.close()
+    else:
+      state = setup.init_fn(jax.random.key(config.seed))
+    fn = step_lib.jit_train_step(setup, tasks.get(config))
+    history = []
+    for b in batches:
+      b = {k: jax.device_put(v, setup.batch_sharding(v.ndim, k))
+           for k, v in b.items()}
+      state, m = fn(state, b)
+      history.append(jax.device_get(m))
+    if save_to:
+      ckpt = ckpt_lib.Checkpointer(save_to, async_save=False)
+      ckpt.save(int(state.step), state)
+      ckpt.close()
+  return history, jax.device_get(state), setup
+
+
+def assert_same_run(history, state, ref_history, ref_state,
+                    atol: float = 1e-5) -> None:
+  """Every logged metric (rtol 1e-5) and parameter (rtol 1e-5, `atol`: Adam
+  moves ~0-gradient weights by ~lr, see tests/test_parallel.py) equal."""
+  import numpy as np  # noqa: PLC0415
+  for key in ref_history[0]:
+    np.testing.assert_allclose([h[key] for h in history],
+                               [h[key] for h in ref_history], rtol=1e-5,
+                               err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=atol),
+               state.params, ref_state.params)

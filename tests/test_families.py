@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 from configs import classify_text, gan_digits, gan_mnist, mlp_digits
-from lm import tasks
-from lm.parallel import Rules, make_mesh, rules as rules_lib
-from lm.train import state as state_lib, step as step_lib
-
-ATOL = 1e-5  # See tests/test_parallel.py: Adam moves ~0-gradient weights.
+from conftest import assert_same_run, run_steps
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)]
 
 
@@ -63,23 +59,8 @@ def _batches(config, steps: int, batch: int = 16) -> list[dict]:
 def train(config: ml_collections.ConfigDict, mesh_shape: dict, steps: int = 3,
           batches=None):
   """Steps on `mesh_shape` (a prefix of the 8 devices); (losses, state, setup)."""
-  config.mesh = mesh_shape
   config.train.update(steps=steps, batch_size=16)
-  n = int(np.prod(list(mesh_shape.values())))
-  mesh = make_mesh(mesh_shape, jax.devices()[:n])
-  task = tasks.get(config)
-  batches = batches or _batches(config, steps)
-  with jax.set_mesh(mesh), rules_lib.use(Rules()):
-    setup = state_lib.make_setup(config, mesh)
-    state = setup.init_fn(jax.random.key(config.seed))
-    fn = step_lib.jit_train_step(setup, task)
-    history = []
-    for b in batches:
-      b = {k: jax.device_put(v, setup.batch_sharding(v.ndim, k))
-           for k, v in b.items()}
-      state, m = fn(state, b)
-      history.append(jax.device_get(m))
-  return history, jax.device_get(state), setup
+  return run_steps(config, mesh_shape, batches or _batches(config, steps))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -93,13 +74,7 @@ def family(request):
 def test_sharded_equals_single_device(family, mesh_shape):
   make, (ref_history, ref_state, _) = family
   history, state, _ = train(make(), mesh_shape)
-  for key in ref_history[0]:
-    np.testing.assert_allclose([h[key] for h in history],
-                               [h[key] for h in ref_history], rtol=1e-5,
-                               err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=ATOL),
-               state.params, ref_state.params)
+  assert_same_run(history, state, ref_history, ref_state)
 
 
 def test_dropout_is_active_in_training_only():

@@ -1,9 +1,8 @@
 """The explicit shard_map gradient reduction equals XLA's own."""
 import numpy as np
-import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_same_run, tiny_config
 from lm import validation
 from test_families import train
 
@@ -28,12 +27,7 @@ def test_explicit_reduction_equals_automatic_reduction(mesh_shape, accum,
     history, state, _ = train(config, mesh_shape, batches=_batches())
     runs[mode] = history, state
   (ref_h, ref_s), (h, s) = runs["auto"], runs[mode]
-  for key in ref_h[0]:
-    np.testing.assert_allclose([x[key] for x in h], [x[key] for x in ref_h],
-                               rtol=1e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-5),
-               s.params, ref_s.params)
+  assert_same_run(h, s, ref_h, ref_s)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -2,20 +2,12 @@
 alone and combined with data/FSDP/tensor parallelism, trains the tiny LM to
 the losses and parameters of one device, and its checkpoints restore onto
 another mesh and train on from there."""
-import math
-
-import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from lm import tasks
-from lm.parallel import Rules, make_mesh, rules as rules_lib
-from lm.train import checkpoint as ckpt_lib, state as state_lib
-from lm.train import step as step_lib
+from conftest import assert_same_run, run_steps, tiny_config
 
 STEPS = 3
-ATOL = 1e-5  # As tests/test_parallel.py: Adam moves ~0-gradient weights.
 # Capacity for every token at one expert (capacity_factor * top_k = experts),
 # so nothing is dropped on any mesh and MoE equals its one-device run.
 MOE = {"model.moe.experts": 8, "model.moe.capacity_factor": 4.0}
@@ -48,31 +40,9 @@ def _batches():
           for _ in range(STEPS)]
 
 
-def _run(config, mesh_shape: dict, batches, *, restore_from=None,
-         save_to=None):
-  """Steps through `batches` on `mesh_shape`; (metrics, host state)."""
-  config.mesh = mesh_shape
-  mesh = make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
-  with jax.set_mesh(mesh), rules_lib.use(Rules()):
-    setup = state_lib.make_setup(config, mesh)
-    if restore_from:
-      ckpt = ckpt_lib.Checkpointer(restore_from, async_save=False)
-      state = ckpt.restore(setup.abstract_state)
-      ckpt.close()
-    else:
-      state = setup.init_fn(jax.random.key(config.seed))
-    fn = step_lib.jit_train_step(setup, tasks.get(config))
-    history = []
-    for b in batches:
-      b = {k: jax.device_put(v, setup.batch_sharding(v.ndim, k))
-           for k, v in b.items()}
-      state, m = fn(state, b)
-      history.append(jax.device_get(m))
-    if save_to:
-      ckpt = ckpt_lib.Checkpointer(save_to, async_save=False)
-      ckpt.save(int(state.step), state)
-      ckpt.close()
-  return history, jax.device_get(state)
+def _run(config, mesh_shape: dict, batches, **checkpoints):
+  """(metrics per step, host state); `checkpoints`: restore_from, save_to."""
+  return run_steps(config, mesh_shape, batches, **checkpoints)[:2]
 
 
 _REFERENCES = {}
@@ -86,21 +56,11 @@ def _reference(overrides: dict):
   return _REFERENCES[key]
 
 
-def _assert_same(history, state, ref_history, ref_state):
-  for key in ref_history[0]:
-    np.testing.assert_allclose([h[key] for h in history],
-                               [h[key] for h in ref_history], rtol=1e-5,
-                               err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=ATOL),
-               state.params, ref_state.params)
-
-
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_strategy_equals_one_device(name):
   mesh_shape, overrides = STRATEGIES[name]
   history, state = _run(_config(overrides), mesh_shape, _batches())
-  _assert_same(history, state, *_reference(overrides))
+  assert_same_run(history, state, *_reference(overrides))
   if overrides.get("model.moe.experts"):
     assert all(h["moe_dropped_fraction"] == 0.0 for h in history)
 
@@ -129,4 +89,4 @@ def test_checkpoint_moves_between_strategies(name, tmp_path):
                   save_to=tmp_path)
   last, state = _run(_config(overrides), restore_mesh, batches[2:],
                      restore_from=tmp_path)
-  _assert_same(first + last, state, *_reference(overrides))
+  assert_same_run(first + last, state, *_reference(overrides))

@@ -226,8 +226,11 @@ class Transformer(nnx.Module):
         block = nnx.merge(graphdef, layer_params)
         return run_block(block, x_BxLxD, None, positions_BxL)[0]
 
+      # Blocks already rematerialized by cfg.remat need no second, per-stage
+      # remat: it would run every block's forward a third time.
       x_BxLxD = pipeline.gpipe(layer_fn, stacked, x_BxLxD, positions_BxL,
-                               microbatches=cfg.pipeline_microbatches)
+                               microbatches=cfg.pipeline_microbatches,
+                               remat=cfg.remat == "none")
       new_cache = None
     elif cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
@@ -251,7 +254,8 @@ class Transformer(nnx.Module):
       aux = jax.tree.map(lambda *a: sum(a) / len(a), *aux_layers)
     if aux:
       # The layers' mean MoE losses and statistics, for the task's loss
-      # (lm/models/moe.py: pop_aux) without changing what __call__ returns.
+      # (read with nnx.capture in lm/tasks/language.py) without changing
+      # what __call__ returns.
       self.sow(nnx.Intermediate, "moe_aux", aux)
     return self.final_norm(x_BxLxD), new_cache
 

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from lm.parallel import mesh as mesh_lib
+
 IMPLS = ("ring", "all_gather")
 AXIS = "sequence"
 # Masked scores: finite, so that a row with nothing visible yet in the online
@@ -299,8 +301,7 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array,
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}.")
-  mesh = jax.sharding.get_abstract_mesh()
-  n = 1 if mesh.empty else dict(mesh.shape).get(AXIS, 1)
+  n = mesh_lib.axis_size(AXIS)
   if n == 1:
     return _local_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL,
                             positions_BxL, causal)

@@ -84,10 +84,6 @@ def _group(x_TxD, router_DxE, weights, route: RouteFn, experts: ExpertFn,
   return _combine(y_GxMxCxD.reshape(E, C, D), routing), routing.stats
 
 
-def _names(axes) -> tuple[str, ...]:
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
 def apply(x_BxLxD: jax.Array, router_DxE: jax.Array,
           weights: Sequence[jax.Array], *, route: RouteFn, experts: ExpertFn,
           capacity: Callable[[int], int]
@@ -104,8 +100,8 @@ def apply(x_BxLxD: jax.Array, router_DxE: jax.Array,
                           capacity=capacity)
   mesh = jax.sharding.get_abstract_mesh()
   rules = rules_lib.current()
-  batch = tuple(a for a in _names(rules.batch) if a in mesh.axis_names)
-  length = tuple(a for a in _names(rules.length) if a in mesh.axis_names)
+  batch = tuple(a for a in rules_lib.axis_names(rules.batch) if a in mesh.axis_names)
+  length = tuple(a for a in rules_lib.axis_names(rules.length) if a in mesh.axis_names)
   G = 1 if mesh.empty else mesh.shape.get(AXIS, 1)
   splits = (math.prod(mesh.shape[a] for a in batch),
             math.prod(mesh.shape[a] for a in length))

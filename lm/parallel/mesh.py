@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from lm.parallel import rules as rules_lib
+
 # Order matters: data-like axes first so that on real hardware the innermost
 # (fastest interconnect) axes carry the most traffic: tensor parallelism's
 # per-layer all-reduces, then the ring attention's per-layer ppermutes and
@@ -71,9 +73,6 @@ def describe(mesh: Mesh) -> str:
   return " x ".join(f"{name}={size}" for name, size in used.items())
 
 
-BATCH_AXES = ("data", "fsdp", "expert")
-
-
 def axis_size(name: str) -> int:
   """The size of a mesh axis in the current (abstract) mesh; 1 without a
   mesh or when the mesh lacks the axis. Model code branches on this (e.g.
@@ -85,6 +84,8 @@ def axis_size(name: str) -> int:
 
 
 def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
-  """How many ways the batch dimension is split (data x fsdp x expert)."""
+  """How many ways the rules table splits the batch dimension (by default
+  data x fsdp x expert)."""
   shape = mesh.shape if isinstance(mesh, Mesh) else mesh
-  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
+  batch = rules_lib.axis_names(rules_lib.Rules().batch)
+  return int(np.prod([shape.get(a, 1) for a in batch]))

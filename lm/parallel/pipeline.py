@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from lm.parallel import mesh as mesh_lib
+
 STAGE = "stage"
 
 # layer_fn(one layer's params, x_bxLxD, extra_bxL) -> x_bxLxD.
@@ -129,8 +131,7 @@ def gpipe(layer_fn: LayerFn, stacked_params, x_BxLxD: jax.Array,
   B, M = x_BxLxD.shape[0], microbatches
   if M < 1 or B % M:
     raise ValueError(f"gpipe: microbatches={M} must divide the batch {B}.")
-  mesh = jax.sharding.get_abstract_mesh()
-  S = 1 if mesh.empty else dict(mesh.shape).get(STAGE, 1)
+  S = mesh_lib.axis_size(STAGE)
   if S == 1:
     return _scan_layers(layer_fn, stacked_params, x_BxLxD, extra_BxL)
   if n_layers % S:

@@ -33,9 +33,7 @@ DTYPES = ("float32", "bfloat16")
 
 def _without_data(rules: rules_lib.Rules) -> rules_lib.Rules:
   """The rules inside the manual region, where `data` is not a mesh axis."""
-  batch = rules.batch
-  names = (batch,) if isinstance(batch, str) else tuple(batch or ())
-  names = tuple(n for n in names if n != "data")
+  names = tuple(n for n in rules_lib.axis_names(rules.batch) if n != "data")
   return dataclasses.replace(rules, batch=names or None)
 
 

@@ -20,6 +20,11 @@ from jax.sharding import PartitionSpec as P
 MeshAxes = str | tuple[str, ...] | None
 
 
+def axis_names(axes: MeshAxes) -> tuple[str, ...]:
+  """A table entry as a tuple of mesh axis names ("fsdp" -> ("fsdp",))."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
   """Logical axis -> mesh axis. The field names are the logical axis names.

@@ -101,7 +101,7 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   divide, and such small dimensions gain nothing from splitting."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else (axes or ())
+    names = rules_lib.axis_names(axes)
     ways = int(np.prod([mesh.shape[a] for a in names]))
     fitted.append(axes if dim % ways == 0 else None)
   return P(*fitted)
