@@ -51,7 +51,10 @@ def validate(config, num_devices: int | None = None,
   try:
     mesh = mesh_lib.resolve_shape(config.mesh, num_devices)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    where = (f" (the mesh spans all {process_count} processes: "
+             f"{num_devices} devices in all, {num_devices // process_count} "
+             "per process)" if process_count > 1 else "")
+    raise ConfigError(str(e) + where) from None
 
   # Names.
   _one_of(config.model.name, models.MODELS, "config.model.name")
@@ -100,11 +103,10 @@ def validate(config, num_devices: int | None = None,
            f"{batch // accum}) is not divisible by config.mesh.data x "
            f"config.mesh.fsdp x config.mesh.expert = {mesh['data']} x "
            f"{mesh['fsdp']} x {mesh['expert']} = {shards}: "
-           "each data shard needs the same number of rows. Use a multiple "
-           f"of {shards * accum}.")
-  _require(batch % process_count == 0,
-           f"config.train.batch_size={batch} is not divisible by the "
-           f"{process_count} processes.")
+           "each data shard needs the same number of rows"
+           + (f" (and each of the {process_count} processes feeds the rows "
+              "of its own devices' shards)" if process_count > 1 else "")
+           + f". Use a multiple of {shards * accum}.")
 
   # Training loop.
   _require(config.train.steps > 0, "config.train.steps must be positive.")

@@ -33,12 +33,13 @@ def main(argv):
   from lm.quant import serving  # noqa: PLC0415
   from lm.data import pipeline, tokenizer as tokenizer_lib  # noqa: PLC0415
   from lm.parallel import rules as rules_lib  # noqa: PLC0415
+  from lm.parallel.mesh import batch_share  # noqa: PLC0415
   from lm.train import loop, step as step_lib  # noqa: PLC0415
 
   loaded = restore.load(_WORKDIR.value, _MESH.value)
   config = loaded.config
   task = tasks.get(config)
-  pi, pc = jax.process_index(), jax.process_count()
+  share = batch_share(loaded.setup.mesh)
   if task.name == "lm":
     tok = tokenizer_lib.get(config.data.tokenizer)
     split = pipeline.load_tokens(pipeline.prepare(config.data), _SPLIT.value,
@@ -46,13 +47,13 @@ def main(argv):
     data = types.SimpleNamespace(
         eval=pipeline.eval_batches(
             split.tokens, length=pipeline.seq_len(config),
-            batch_size=config.train.batch_size // pc,
+            batch_size=config.train.batch_size,
             max_batches=_BATCHES.value or config.train.eval_batches,
-            process_index=pi, process_count=pc),
+            share_index=share[0], share_count=share[1]),
         eval_bytes_per_token=split.bytes_per_token)
     where = f"{_SPLIT.value} ({len(data.eval)} batches)"
   else:
-    data = task.make_data(pi, pc)
+    data = task.make_data(*share)
     where = "test"
   with jax.set_mesh(loaded.setup.mesh), rules_lib.use(loaded.setup.rules):
     metrics = loop.evaluate(task, step_lib.jit_eval_step(loaded.setup, task),

@@ -2,6 +2,12 @@ r"""Trains a model; rerunning the same command resumes from the checkpoint.
 
 python scripts/train.py --config=configs/lm.py:tiny --workdir=runs/tiny \
     [--config.mesh.fsdp=2 --config.train.steps=100 ...]
+
+Multi-process (every host runs the same command; see WORKSPACE.md):
+    ... --coordinator_address=HOST0:1234 --num_processes=N --process_id=I
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; SLURM,
+Open MPI and Cloud TPU are detected without flags). On one machine,
+scripts/launch_local.py starts the N processes for you.
 """
 import os
 import sys
@@ -16,13 +22,35 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at_step", None, "Checkpoint and exit after this step, as a "
     "preemption would; rerun without it to continue.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordination "
+    "service, for a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (all hosts together).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for all processes to "
+    "join before failing.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+    "process counts as dead and the job ends on every process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
-  import lm.train  # noqa: PLC0415  (after flags: jax reads XLA_FLAGS on import)
+  # After flags: jax reads XLA_FLAGS on import.
+  from lm import distributed  # noqa: PLC0415
+  try:  # Before anything starts a backend.
+    distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        initialization_timeout=_INIT_TIMEOUT.value,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+  except distributed.DistributedError as e:
+    sys.exit(f"error: {e}")
+  import lm.train  # noqa: PLC0415
   result = lm.train.run(_CONFIG.value, _WORKDIR.value,
                         stop_at_step=_STOP_AT.value)
   if "eval" in result:

@@ -93,15 +93,30 @@ def test_train_iterator_is_deterministic_and_resumable():
   assert not np.array_equal(next(other_seed)["tokens"], first[0])
 
 
-def test_processes_read_disjoint_shares():
-  tokens = _tokens()
-  seen = []
-  for p in range(2):
-    it = pipeline.train_iterator(tokens, length=16, batch_size=4, seed=0,
-                                 process_index=p, process_count=2)
-    seen.append({bytes(row) for _ in range(10)
-                 for row in next(it)["tokens"]})
-  assert not seen[0] & seen[1]
+@pytest.mark.parametrize("count", [2, 4, 8])
+def test_process_shares_partition_every_global_batch(count):
+  """Each process reads only its rows; together they are the one-process
+  global batch, exactly once each, in order, for training and eval."""
+  tokens = _tokens(16 * 40 + 1)  # 40 windows: 5 global batches per epoch.
+  kw = dict(length=16, batch_size=8, seed=0)
+  whole = pipeline.train_iterator(tokens, **kw)
+  shares = [pipeline.train_iterator(tokens, **kw, share_index=i,
+                                    share_count=count) for i in range(count)]
+  for _ in range(12):  # Into the third epoch.
+    parts = [next(it)["tokens"] for it in shares]
+    assert all(len(p) == 8 // count for p in parts)
+    rows = {bytes(r) for p in parts for r in p}
+    assert len(rows) == 8  # Disjoint.
+    np.testing.assert_array_equal(np.concatenate(parts),
+                                  next(whole)["tokens"])  # Covering, in order.
+  ekw = dict(length=16, batch_size=8, max_batches=3)
+  whole_eval = pipeline.eval_batches(tokens, **ekw)
+  shares_eval = [pipeline.eval_batches(tokens, **ekw, share_index=i,
+                                       share_count=count)
+                 for i in range(count)]
+  for b, batch in enumerate(whole_eval):
+    np.testing.assert_array_equal(
+        np.concatenate([s[b]["tokens"] for s in shares_eval]), batch["tokens"])
 
 
 def test_epochs_are_reshuffled():

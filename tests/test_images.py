@@ -158,7 +158,7 @@ def test_eval_covers_the_test_split_once_in_order(prepared):
 def test_processes_share_eval_once_with_equal_batch_counts(prepared):
   cfg = _config(prepared, batch_size=32)
   x, y = images.load_split(cfg.data, "test")
-  shares = [images.make(cfg, process_index=p, process_count=2)
+  shares = [images.make(cfg, share_index=p, share_count=2)
             for p in range(2)]
   assert len(shares[0].eval) == len(shares[1].eval)  # Multi-host eval steps.
   seen = collections.Counter()

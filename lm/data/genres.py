@@ -3,7 +3,7 @@
 The prepared `shakespeare_genres` tfds dataset (see `genre_builder.py`) ->
 each work cut into non-overlapping windows of exactly config.data.seq_len
 tokens (bytes with the byte tokenizer; the short tail is dropped), labelled
-with the work's genre -> this process's share ([process_index::process_count])
+with the work's genre -> this process's share ([share_index::share_count])
 -> train: endless shuffled batches; eval: every test passage once, in order.
 
 The poems give far fewer passages than the plays, so by default the train
@@ -58,8 +58,8 @@ class Passages:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def share(self, process_index: int, process_count: int) -> Passages:
-    s = slice(process_index, None, process_count)
+  def share(self, share_index: int, share_count: int) -> Passages:
+    s = slice(share_index, None, share_count)
     return Passages(self.tokens[s], self.labels[s], self.works[s])
 
 
@@ -158,23 +158,23 @@ def _seq_len(config) -> int:
   return length
 
 
-def make(config, process_index: int = 0,
-         process_count: int = 1) -> TextClassData:
+def make(config, share_index: int = 0,
+         share_count: int = 1) -> TextClassData:
   """Prepares (if needed) and opens the dataset named by config.data."""
   _check_dataset(config.data)
   length = _seq_len(config)
-  batch_size = config.train.batch_size // process_count
+  batch_size = config.train.batch_size // share_count
   if batch_size < 1:
     raise sources.DataError(
         f"config.train.batch_size={config.train.batch_size} is smaller than "
-        f"the {process_count} processes; make it a multiple of that.")
+        f"the {share_count} processes; make it a multiple of that.")
   tok = tokenizer_lib.get(config.data.get("tokenizer", "byte"))
   b = prepare(config.data)
   num_classes = len(GENRES)
   all_train = load_passages(b, "train", length=length, tok=tok)
   all_test = load_passages(b, "test", length=length, tok=tok)
-  train = all_train.share(process_index, process_count)
-  test = all_test.share(process_index, process_count)
+  train = all_train.share(share_index, share_count)
+  test = all_test.share(share_index, share_count)
   train_counts = np.bincount(train.labels, minlength=num_classes)
   balance = config.data.get("balance_classes", True)
   if len(train) < batch_size:
@@ -198,7 +198,7 @@ def make(config, process_index: int = 0,
       eval=pipeline.masked_batches(
           {"tokens": test.tokens.astype(np.int32), "label": test.labels},
           batch_size=batch_size, global_rows=len(all_test),
-          process_count=process_count),
+          share_count=share_count),
       num_classes=num_classes,
       class_names=GENRES,
       num_train=len(train),

@@ -104,11 +104,11 @@ class Examples(grain.sources.RandomAccessDataSource):
 
 def train_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                    seed: int, augment_kw: dict | None = None,
-                   process_index: int = 0, process_count: int = 1):
+                   share_index: int = 0, share_count: int = 1):
   """Endless shuffled batches of `batch_size` from float32 [-1, 1] images;
   `augment_kw` (max_shift, max_rotation) turns augmentation on."""
   ds = grain.MapDataset.source(
-      Examples(images, labels))[process_index::process_count]
+      Examples(images, labels))[share_index::share_count]
   if len(ds) < batch_size:
     raise DataError(
         f"The train split has {len(ds)} examples for this process, fewer than"
@@ -124,13 +124,13 @@ def train_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> list[dict]:
+                 share_index: int = 0, share_count: int = 1) -> list[dict]:
   """This process's share of the split once, padded with masked black rows."""
   return pipeline.masked_batches(
-      {"image": images[process_index::process_count],
-       "label": labels[process_index::process_count].astype(np.int32)},
+      {"image": images[share_index::share_count],
+       "label": labels[share_index::share_count].astype(np.int32)},
       batch_size=batch_size, global_rows=len(labels),
-      process_count=process_count, pad_values={"image": BACKGROUND})
+      share_count=share_count, pad_values={"image": BACKGROUND})
 
 
 @dataclasses.dataclass
@@ -143,13 +143,13 @@ class ImageData:
   num_eval: int  # Examples in the whole test split: the sum of all masks.
 
 
-def make(config, process_index: int = 0, process_count: int = 1) -> ImageData:
+def make(config, share_index: int = 0, share_count: int = 1) -> ImageData:
   """Prepares (if needed) and opens the dataset named by config.data."""
   dataset = _dataset(config.data)
-  batch_size = config.train.batch_size // process_count
+  batch_size = config.train.batch_size // share_count
   if batch_size < 1:
     raise DataError(f"config.train.batch_size={config.train.batch_size} is "
-                    f"less than one example for each of {process_count} "
+                    f"less than one example for each of {share_count} "
                     "processes; raise it.")
   train_images, train_labels = load_split(config.data, "train")
   test_images, test_labels = load_split(config.data, "test")
@@ -160,11 +160,11 @@ def make(config, process_index: int = 0, process_count: int = 1) -> ImageData:
   return ImageData(
       train=train_iterator(normalize(train_images, dataset), train_labels,
                            batch_size=batch_size, seed=config.seed,
-                           augment_kw=augment_kw, process_index=process_index,
-                           process_count=process_count),
+                           augment_kw=augment_kw, share_index=share_index,
+                           share_count=share_count),
       eval=eval_batches(normalize(test_images, dataset), test_labels,
-                        batch_size=batch_size, process_index=process_index,
-                        process_count=process_count),
+                        batch_size=batch_size, share_index=share_index,
+                        share_count=share_count),
       num_classes=NUM_CLASSES,
       image_shape=IMAGE_SHAPES[dataset],
       num_train=len(train_labels),

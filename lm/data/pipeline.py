@@ -2,8 +2,8 @@
 
 tfds.data_source (random access over documents) -> byte tokens, documents
 joined with an end-of-document token -> non-overlapping windows of
-max_len + 1 tokens -> this process's share -> shuffle (a new order every
-epoch, fixed by the seed) -> batch. Windows, not documents, are shuffled: a
+max_len + 1 tokens -> shuffle (a new order every epoch, fixed by the seed)
+-> global batches -> this process's rows of each. Windows, not documents, are shuffled: a
 corpus of 42 plays would give a very coarse shuffle otherwise.
 
 The iterator is a grain `DatasetIterator`: its state is checkpointed with the
@@ -128,47 +128,55 @@ class Windows(grain.sources.RandomAccessDataSource):
     return self.tokens[start:start + self.length + 1].astype(np.int32)
 
 
-def _process_windows(tokens, length, process_index, process_count):
-  """This process's share: every process_count-th window."""
-  return grain.MapDataset.source(
-      Windows(tokens, length))[process_index::process_count]
+def _share(batches: grain.MapDataset, share_index: int, share_count: int):
+  """This process's rows of every global batch.
+
+  `batches` holds chunks of global_batch / share_count consecutive elements
+  of the global order; chunk k belongs to share k mod share_count. So every
+  process count cuts the same global batches, and a process reads (and
+  tokenizes, and copies) only its own rows.
+  """
+  return batches[share_index::share_count]
 
 
 def train_iterator(tokens: np.ndarray, *, length: int, batch_size: int,
-                   seed: int, process_index: int = 0, process_count: int = 1):
-  """Endless shuffled batches of `batch_size` (this process's share)."""
-  windows = _process_windows(tokens, length, process_index, process_count)
+                   seed: int, share_index: int = 0, share_count: int = 1):
+  """Endless shuffled batches: this process's `batch_size // share_count`
+  rows of each global batch of `batch_size` windows."""
+  windows = grain.MapDataset.source(Windows(tokens, length))
   if len(windows) < batch_size:
     raise sources.DataError(
         f"The training split has {len(windows)} windows of "
-        f"config.data.seq_len+1={length + 1} tokens for this process, fewer "
-        f"than one batch of {batch_size}: lower config.train.batch_size or "
-        "config.model.max_len, or add text.")
-  ds = (windows.shuffle(seed=seed).repeat()
-        .batch(batch_size, drop_remainder=True)
-        .map(lambda tokens: {"tokens": tokens}))
+        f"config.data.seq_len+1={length + 1} tokens, fewer than one batch of "
+        f"{batch_size}: lower config.train.batch_size or config.model.max_len,"
+        " or add text.")
+  rows = batch_size // share_count
+  ds = _share(windows.shuffle(seed=seed).repeat().batch(rows,
+                                                        drop_remainder=True),
+              share_index, share_count).map(lambda t: {"tokens": t})
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                                    prefetch_buffer_size=2)))
 
 
 def eval_batches(tokens: np.ndarray, *, length: int, batch_size: int,
-                 max_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict]:
-  """The first `max_batches` batches of the split, in order (deterministic)."""
-  windows = _process_windows(tokens, length, process_index, process_count)
+                 max_batches: int, share_index: int = 0,
+                 share_count: int = 1) -> list[dict]:
+  """The first `max_batches` global batches of the split, in order
+  (deterministic); this process's rows of each."""
+  windows = grain.MapDataset.source(Windows(tokens, length))
   n = min(max_batches, len(windows) // batch_size)
   if n == 0:
     raise sources.DataError(
         f"The validation split has {len(windows)} windows of "
         f"config.data.seq_len+1={length + 1} tokens, fewer than one batch of "
         f"{batch_size}: lower config.train.batch_size or config.model.max_len.")
-  return [{"tokens": np.stack([windows[b * batch_size + i]
-                               for i in range(batch_size)])}
-          for b in range(n)]
+  mine = _share(windows.batch(batch_size // share_count, drop_remainder=True),
+                share_index, share_count)
+  return [{"tokens": mine[b]} for b in range(n)]
 
 
 def masked_batches(columns: dict[str, np.ndarray], *, batch_size: int,
-                   global_rows: int, process_count: int = 1,
+                   global_rows: int, share_count: int = 1,
                    pad_values: dict | None = None) -> list[dict]:
   """This process's rows once, in order, in whole batches with a "mask"
   (1 real row, 0 padding; padding takes `pad_values[key]`, else 0).
@@ -176,7 +184,7 @@ def masked_batches(columns: dict[str, np.ndarray], *, batch_size: int,
   Every process gets the same number of batches, sized for the largest share
   of the `global_rows`: a multi-host eval step needs a batch from each.
   """
-  largest_share = math.ceil(global_rows / process_count)
+  largest_share = math.ceil(global_rows / share_count)
   total = math.ceil(largest_share / batch_size) * batch_size
   rows = len(next(iter(columns.values())))
   padded = {}
@@ -198,23 +206,26 @@ class Data:
   eval_bytes_per_token: float
 
 
-def make(config, process_index: int = 0, process_count: int = 1) -> Data:
-  """Prepares (if needed) and opens the corpus named by `config.data`."""
+def make(config, share_index: int = 0, share_count: int = 1) -> Data:
+  """Prepares (if needed) and opens the corpus named by `config.data`.
+
+  The global batches are the same for every process count; this process
+  gets rows [i*B/n, (i+1)*B/n) of each, with (i, n) = (share_index,
+  share_count) from `lm.parallel.mesh.batch_share`.
+  """
   tok = tokenizer_lib.get(config.data.tokenizer)
   b = prepare(config.data)
   length = seq_len(config)
-  local_batch = config.train.batch_size // process_count
+  global_batch = config.train.batch_size
   train_tokens = load_tokens(b, "train", tok)
   val_tokens = load_tokens(b, "validation", tok)
   return Data(
       train=train_iterator(train_tokens.tokens, length=length,
-                           batch_size=local_batch, seed=config.seed,
-                           process_index=process_index,
-                           process_count=process_count),
+                           batch_size=global_batch, seed=config.seed,
+                           share_index=share_index, share_count=share_count),
       eval=eval_batches(val_tokens.tokens, length=length,
-                        batch_size=local_batch,
+                        batch_size=global_batch,
                         max_batches=config.train.eval_batches,
-                        process_index=process_index,
-                        process_count=process_count),
+                        share_index=share_index, share_count=share_count),
       tokenizer=tok,
       eval_bytes_per_token=val_tokens.bytes_per_token)

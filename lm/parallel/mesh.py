@@ -1,6 +1,7 @@
 """Builds the device mesh from `config.mesh`."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -89,3 +90,50 @@ def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
   shape = mesh.shape if isinstance(mesh, Mesh) else mesh
   batch = rules_lib.axis_names(rules_lib.Rules().batch)
   return int(np.prod([shape.get(a, 1) for a in batch]))
+
+
+class ShareError(ValueError):
+  pass
+
+
+def share_of(shards_by_process: Mapping[int, set[int]], process: int,
+             num_shards: int) -> tuple[int, int]:
+  """(index, count) such that this process feeds rows
+  [index*B/count, (index+1)*B/count) of every global batch of B rows.
+
+  `shards_by_process` maps every process to the batch shards (0 ..
+  num_shards-1) its devices hold. Processes that hold the same shards feed the
+  same rows; the shards must form equal, contiguous, aligned blocks.
+  """
+  mine = sorted(shards_by_process[process])
+  size = len(mine)
+  block = set(range(mine[0], mine[0] + size))
+  blocks = {frozenset(s) for s in shards_by_process.values()}
+  aligned = all(
+      len(b) == size and min(b) % size == 0 and
+      set(b) == set(range(min(b), min(b) + size)) for b in blocks)
+  if set(mine) != block or not aligned or num_shards % size:
+    raise ShareError(
+        "config.mesh: the batch axes (data, fsdp, expert) give the processes "
+        "interleaved or unequal parts of the batch "
+        f"({ {p: sorted(s) for p, s in shards_by_process.items()} }); keep "
+        "the axes that span hosts (data, stage) first in the mesh, as "
+        "lm.parallel.mesh.AXES orders them, with sizes that divide per host.")
+  return mine[0] // size, num_shards // size
+
+
+@functools.lru_cache(maxsize=None)
+def batch_share(mesh: Mesh) -> tuple[int, int]:
+  """This process's share of every global batch, as `share_of` describes.
+
+  One process: (0, 1). Two processes splitting `data`: (0, 2) and (1, 2).
+  A batch axis that lives inside each host (e.g. tensor across hosts, data
+  within) gives (0, 1) to every process: each feeds the whole batch.
+  """
+  n = batch_divisor(mesh)
+  batch = rules_lib.axis_names(rules_lib.Rules().batch)
+  sharding = jax.sharding.NamedSharding(mesh, jax.P(batch or None))
+  shards: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map((n,)).items():
+    shards.setdefault(device.process_index, set()).add(index[0].start or 0)
+  return share_of(shards, jax.process_index(), n)

@@ -3,9 +3,10 @@ train step) and its evaluation; the loop (lm/train/loop.py) is the same for
 all of them.
 
 A task object has:
-  make_data(process_index, process_count) -> object with .train (a
+  make_data(share_index, share_count) -> object with .train (a
       checkpointable grain iterator of host-local batches) and .eval (a list
-      of host-local batches)
+      of host-local batches): this process's share of every global batch,
+      rows [i*B/n, (i+1)*B/n) for (i, n) = lm.parallel.mesh.batch_share
   train_step(state, batch, *, setup, accum_steps) -> (state, metrics)  pure
   eval_step(model, batch) -> dict of arrays                            pure
   summarize(outputs, data, *, workdir, step) -> dict of floats  on the host,

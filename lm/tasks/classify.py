@@ -28,12 +28,12 @@ def inputs_key(dataset: str) -> str:
   return "tokens" if dataset in TEXT_DATASETS else "image"
 
 
-def make_data(config, process_index: int = 0, process_count: int = 1):
+def make_data(config, share_index: int = 0, share_count: int = 1):
   dataset = config.data.dataset
   if dataset in images.DATASETS:
-    return images.make(config, process_index, process_count)
+    return images.make(config, share_index, share_count)
   if dataset in TEXT_DATASETS:
-    return genres.make(config, process_index, process_count)
+    return genres.make(config, share_index, share_count)
   raise sources.DataError(f"config.data.dataset={dataset!r} is unknown; use "
                           f"one of {DATASETS}.")
 
@@ -45,8 +45,8 @@ class Classification(Supervised):
     self.config = config
     self.key = inputs_key(config.data.dataset)
 
-  def make_data(self, process_index: int = 0, process_count: int = 1):
-    return make_data(self.config, process_index, process_count)
+  def make_data(self, share_index: int = 0, share_count: int = 1):
+    return make_data(self.config, share_index, share_count)
 
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""

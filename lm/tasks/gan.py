@@ -58,10 +58,10 @@ class Gan:
       self.classifier = feature_classifier.load_or_train(self.config.data)
     return self.classifier.params
 
-  def make_data(self, process_index: int = 0, process_count: int = 1):
-    data = images.make(self.config, process_index, process_count)
+  def make_data(self, share_index: int = 0, share_count: int = 1):
+    data = images.make(self.config, share_index, share_count)
     latent = self.config.model.latent_dim
-    rng = np.random.default_rng(EVAL_LATENT_SEED + process_index)
+    rng = np.random.default_rng(EVAL_LATENT_SEED + share_index)
     for batch in data.eval:
       batch["z"] = rng.standard_normal(
           (len(batch["label"]), latent)).astype(np.float32)

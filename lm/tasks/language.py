@@ -65,8 +65,8 @@ class LanguageModeling(Supervised):
   def __init__(self, config):
     self.config = config
 
-  def make_data(self, process_index: int = 0, process_count: int = 1):
-    return pipeline.make(self.config, process_index, process_count)
+  def make_data(self, share_index: int = 0, share_count: int = 1):
+    return pipeline.make(self.config, share_index, share_count)
 
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lm import tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
-from lm.parallel.mesh import describe
+from lm.parallel.mesh import batch_share, describe
 from lm.train import checkpoint as ckpt_lib
 from lm.train import distill, prune
 from lm.train import state as state_lib
@@ -35,17 +37,27 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopSignals:
-  """SIGTERM / SIGINT ask the loop to checkpoint and exit at the next step.
+  """SIGTERM / SIGINT ask the loop to checkpoint and exit; `stop(step)` says
+  when, and on a multi-process job it is the same step on every process.
 
-  A second Ctrl-C interrupts at once (orbax discards the partial save).
+  One process: a Python handler sets a flag that the next step reads.
+  Several processes: JAX's preemption sync manager (started by
+  `jax.distributed.initialize`) catches SIGTERM on any process, and
+  `reached_preemption_sync_point(step)` turns true at the same step on all
+  of them, so they save one checkpoint together. SIGINT is forwarded to it as
+  SIGTERM. A second Ctrl-C interrupts at once (orbax discards the partial
+  save).
   """
 
   def __init__(self):
     self.requested: str | None = None
+    self.multiprocess = jax.process_count() > 1
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM,
+                                                          signal.SIGINT)
+    for sig in signals:
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread: leave signals alone.
@@ -56,7 +68,20 @@ class _StopSignals:
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.requested = signal.Signals(signum).name
-    log(f"{self.requested} received: saving a checkpoint, then stopping.")
+    if self.multiprocess:  # JAX's handler takes it from here.
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      log(f"{self.requested} received: saving a checkpoint, then stopping.")
+
+  def stop(self, step: int) -> bool:
+    if not self.multiprocess:
+      return self.requested is not None
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.requested = self.requested or "SIGTERM"
+      log(f"SIGTERM on a process of the job: all {jax.process_count()} "
+          f"processes save step {step}, then stop.")
+      return True
+    return False
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
@@ -81,9 +106,14 @@ def evaluate(task, eval_step, params, data, setup, *, workdir=None,
 
 
 def global_batch(batch: dict, setup: state_lib.Setup) -> dict:
-  """Host-local rows -> global arrays sharded over (data, fsdp)."""
+  """This process's rows -> global arrays sharded over the batch axes.
+
+  The process holds share i of n (`batch_share`): the global batch has n
+  times its rows, whatever the number of processes."""
+  _, shares = batch_share(setup.mesh)
   return {k: jax.make_array_from_process_local_data(
-      setup.batch_sharding(np.ndim(v), k), np.asarray(v))
+      setup.batch_sharding(np.ndim(v), k), np.asarray(v),
+      (shares * np.shape(v)[0], *np.shape(v)[1:]))
           for k, v in batch.items()}
 
 
@@ -100,7 +130,7 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
   total = config.train.steps
   mesh = make_mesh(config.mesh)
   task = tasks.get(config)
-  data = task.make_data(jax.process_index(), jax.process_count())
+  data = task.make_data(*batch_share(mesh))
   write_config(config, workdir)
 
   rules = rules_lib.Rules()
@@ -123,8 +153,10 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   total = config.train.steps
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
-  log(f"mesh {describe(setup.mesh)} on {jax.device_count()} {jax.devices()[0].platform}"
-      f" devices | {n_params:,} parameters")
+  hosts = (f" in {jax.process_count()} processes"
+           if jax.process_count() > 1 else "")
+  log(f"mesh {describe(setup.mesh)} on {jax.device_count()} "
+      f"{jax.devices()[0].platform} devices{hosts} | {n_params:,} parameters")
   stages = setup.mesh.shape["stage"]
   if stages > 1:
     micro = config.train.get("microbatches", 1)
@@ -194,7 +226,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     step += 1
     pending.append((step, metrics))
     drain(keep=MAX_IN_FLIGHT)
-    stopping = signals.requested or step == stop_at_step
+    stopping = signals.stop(step) or step == stop_at_step
     if config.train.eval_every and (step % config.train.eval_every == 0
                                     or step == total):
       drain(keep=0)
