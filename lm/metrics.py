@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 import scipy.stats
+from etils import epath
 
 
 def confusion_matrix(labels_N: np.ndarray, preds_N: np.ndarray,
@@ -84,7 +85,8 @@ def save_confusion_png(cm_CxC: np.ndarray, class_names: list[str], path: str,
     ax.text(j, i, str(cm_CxC[i, j]), ha="center", va="center", fontsize=8,
             color="white" if cm_CxC[i, j] > cm_CxC.max() / 2 else "black")
   fig.tight_layout()
-  fig.savefig(path)
+  with epath.Path(path).open("wb") as f:  # Local or gs://.
+    fig.savefig(f, format="png")
 
 
 def frechet_distance(feats_a_NxD: np.ndarray, feats_b_MxD: np.ndarray,
@@ -142,4 +144,5 @@ def save_image_grid_png(images_NxHxWxK: np.ndarray, path: str, ncols: int = 10,
     r, c = divmod(i, cols)
     y, x = gap + r * (th + gap), gap + c * (tw + gap)
     grid[y:y + th, x:x + tw] = pixels[i]
-  Image.fromarray(grid[..., 0] if k == 1 else grid).save(path)
+  with epath.Path(path).open("wb") as f:  # Local or gs://.
+    Image.fromarray(grid[..., 0] if k == 1 else grid).save(f, format="png")

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from lm import paths
 from lm.quant import serving
 from lm.parallel import AXES, make_mesh, resolve_shape, rules as rules_lib
 from lm.train import checkpoint as ckpt_lib
@@ -20,7 +21,7 @@ from lm.train import state as state_lib
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
+  path = paths.resolve(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a run "
                             "directory written by scripts/train.py.")
@@ -83,10 +84,10 @@ def load(workdir: str | Path, mesh_arg: str | None = None,
   serving_dir = serving.is_serving_dir(workdir)
   setup = state_lib.make_setup(
       serving.float_config(config) if serving_dir else config, mesh, rules)
-  ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints")
+  ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {Path(workdir) / 'checkpoints'}"
+    raise FileNotFoundError(f"No checkpoint in {ckpt.directory}"
                             ": train first (scripts/train.py).")
   with jax.set_mesh(mesh):
     if serving_dir:

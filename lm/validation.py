@@ -3,13 +3,12 @@ compiled, and every message names the config key and how to fix it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import ml_collections
 from flax import nnx
 
-from lm import models, quant
+from lm import models, paths, quant
 from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
 from lm.models import gan, layers
 from lm.tasks import classify
@@ -264,10 +263,10 @@ def _teacher(config, cfg, task: str) -> None:
            f"config.distill.alpha={d.alpha} must be in [0, 1].")
   _require(d.get("temperature", 1.0) > 0,
            f"config.distill.temperature={d.temperature} must be positive.")
-  path = Path(d.teacher_workdir) / "config.json"
+  path = paths.resolve(d.teacher_workdir) / "config.json"
   _require(path.exists(), f"{where}: {path} does not exist; point it at a "
            "run directory written by scripts/train.py.")
-  checkpoints = Path(d.teacher_workdir) / "checkpoints"
+  checkpoints = paths.resolve(d.teacher_workdir) / "checkpoints"
   _require(checkpoints.is_dir() and any(
       p.name.isdigit() for p in checkpoints.iterdir()),
            f"{where} has no checkpoint in {checkpoints}; train the teacher "

@@ -29,15 +29,14 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from pathlib import Path  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
 
-  from lm import restore  # noqa: PLC0415
+  from lm import paths, restore  # noqa: PLC0415
   from lm.quant import serving  # noqa: PLC0415
   from lm.train import checkpoint as ckpt_lib, loop  # noqa: PLC0415
 
-  out = Path(_OUT.value).absolute()
+  out = paths.resolve(_OUT.value)
   if serving.is_serving_dir(_WORKDIR.value):
     raise app.UsageError(f"--workdir={_WORKDIR.value} is already a serving "
                          "model; pass the training run it came from.")
@@ -59,7 +58,7 @@ def main(argv):
             force=True)
   ckpt.close()
   with config.unlocked():
-    config.serving.source_workdir = str(Path(_WORKDIR.value).absolute())
+    config.serving.source_workdir = str(paths.resolve(_WORKDIR.value))
   loop.write_config(config, out)
   before = serving.params_bytes(loaded.params)
   after = serving.params_bytes(params)

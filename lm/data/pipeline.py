@@ -16,12 +16,13 @@ import dataclasses
 import fcntl
 import math
 import os
-from pathlib import Path
 
 import grain
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lm import paths
 from lm.data import sources, text_corpus, tokenizer as tokenizer_lib
 
 CORPORA = ("shakespeare", "python_stdlib", "text_dir")
@@ -32,10 +33,11 @@ def seq_len(config) -> int:
   return config.data.get("seq_len", 0) or config.model.max_len
 
 
-def data_dir(data_cfg) -> Path:
-  path = data_cfg.get("data_dir") or os.environ.get("LM_DATA_DIR") or \
-      "~/.cache/lm/tensorflow_datasets"
-  return Path(os.path.expanduser(path))
+def data_dir(data_cfg) -> epath.Path:
+  """config.data.data_dir, else $LM_DATA_DIR, else ~/.cache/lm/
+  tensorflow_datasets; a local path or a URI (gs://...)."""
+  return paths.resolve(data_cfg.get("data_dir") or os.environ.get("LM_DATA_DIR")
+                       or "~/.cache/lm/tensorflow_datasets")
 
 
 def builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -50,8 +52,12 @@ def builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-  """Serializes preparation across processes (e.g. parallel test workers)."""
+def file_lock(path):
+  """Serializes preparation across processes (e.g. parallel test workers) on
+  a local disk. A bucket has no locks: prepare it once, before the job."""
+  if paths.is_remote(path):
+    yield
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -61,7 +67,7 @@ def file_lock(path: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare_once(b: tfds.core.DatasetBuilder, root: Path,
+def prepare_once(b: tfds.core.DatasetBuilder, root: epath.Path,
                  fill_manual_dir=None) -> tfds.core.DatasetBuilder:
   """Prepares builder `b` under `root` once (idempotent, safe to call
   concurrently). `fill_manual_dir(path)` puts the raw files in place first:

@@ -24,7 +24,7 @@ import qwix
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding
 
-from lm import models
+from lm import models, paths
 from lm.quant import qat
 from lm.train import state as state_lib
 
@@ -32,7 +32,7 @@ ACTIVATIONS = ("auto", "int8", "float")
 
 
 def is_serving_dir(workdir: str | Path) -> bool:
-  path = Path(workdir) / "config.json"
+  path = paths.resolve(workdir) / "config.json"
   return path.exists() and "serving" in json.loads(path.read_text())
 
 

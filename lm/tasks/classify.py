@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import metrics
+from lm import metrics, paths
 from lm.data import genres, images, sources
 from lm.tasks.supervised import Supervised
 
@@ -94,7 +94,7 @@ class Classification(Supervised):
           str(i) for i in range(probs_NxC.shape[1])]
       cm = metrics.confusion_matrix(labels_N, probs_NxC.argmax(-1),
                                     probs_NxC.shape[1])
-      path = Path(workdir) / "images" / f"confusion_{step:06d}.png"
+      path = paths.resolve(workdir) / "images" / f"confusion_{step:06d}.png"
       path.parent.mkdir(parents=True, exist_ok=True)
       metrics.save_confusion_png(
           cm, names, path,

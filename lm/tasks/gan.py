@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lm import metrics
+from lm import metrics, paths
 from lm.data import images
 from lm.parallel import constrain
 from lm.tasks import feature_classifier
@@ -140,7 +140,7 @@ class Gan:
                                                get("real_feats")),
               "classifier_score": metrics.classifier_score(get("fake_probs"))}
     if workdir is not None and jax.process_index() == 0:
-      path = Path(workdir) / "images" / f"samples_{step:06d}.png"
+      path = paths.resolve(workdir) / "images" / f"samples_{step:06d}.png"
       path.parent.mkdir(parents=True, exist_ok=True)
       metrics.save_image_grid_png(get("fake")[:GRID], path)
     return result

@@ -14,12 +14,14 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from lm import paths
+
 
 class Checkpointer:
 
   def __init__(self, directory: str | Path, *, max_to_keep: int = 3,
                async_save: bool = True):
-    self.directory = Path(directory).absolute()
+    self.directory = paths.resolve(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -14,7 +14,6 @@ independent of T. Evaluation reports the student's plain cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm import paths
 from lm.train import checkpoint as ckpt_lib
 from lm.train import state as state_lib
 
@@ -76,7 +76,7 @@ class Teacher:
 def load_teacher(config, mesh, rules=None) -> Teacher:
   """Restores the teacher's latest parameters onto `mesh` (the student's)."""
   from lm import restore  # noqa: PLC0415  (restore imports the trainer.)
-  workdir = Path(config.distill.teacher_workdir)
+  workdir = paths.resolve(config.distill.teacher_workdir)
   teacher_config = restore.load_config(workdir)
   with teacher_config.unlocked():
     teacher_config.mesh = dict(config.mesh)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm import tasks, validation
+from lm import paths, tasks, validation
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
@@ -125,7 +125,7 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
   would (for tests and for splitting a run into pieces).
   """
   validation.validate(config)
-  workdir = Path(workdir).absolute()
+  workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   total = config.train.steps
   mesh = make_mesh(config.mesh)

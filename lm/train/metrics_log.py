@@ -2,6 +2,9 @@
 
 Only process 0 writes (multi-host safe). TensorBoard files are written with
 the `tensorboard` package's own event writer, so no TensorFlow is needed.
+On a local disk metrics.jsonl is appended to; an object store (gs://) has no
+append, so there the whole file is rewritten at each write (it stays small:
+one line per log interval).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import jax
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from lm import paths
+
 
 # Metrics worth a place on the progress line (all go to metrics.jsonl).
 SHOWN = ("loss", "perplexity", "bits_per_byte", "accuracy", "f1", "d_loss",
@@ -24,22 +29,34 @@ SHOWN = ("loss", "perplexity", "bits_per_byte", "accuracy", "f1", "d_loss",
 
 class MetricsLog:
 
-  def __init__(self, workdir: str | Path, total_steps: int):
+  def __init__(self, workdir: str | Path, total_steps: int, *,
+               append: bool | None = None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self.start_time = time.time()
     self.start_step: int | None = None
     if self.enabled:
-      workdir = Path(workdir)
-      self.jsonl = open(workdir / "metrics.jsonl", "a")
+      workdir = paths.resolve(workdir)
+      self.path = workdir / "metrics.jsonl"
+      self.append = not paths.is_remote(workdir) if append is None else append
+      if self.append:
+        self.jsonl = self.path.open("a")
+      else:  # Keep what a resumed run wrote before.
+        self.lines = (self.path.read_text().splitlines(keepends=True)
+                      if self.path.exists() else [])
       self.tb = EventFileWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in metrics.items()}
-    self.jsonl.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-    self.jsonl.flush()
+    line = json.dumps({"step": step, "split": split, **clean}) + "\n"
+    if self.append:
+      self.jsonl.write(line)
+      self.jsonl.flush()
+    else:
+      self.lines.append(line)
+      self.path.write_text("".join(self.lines))
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=v)
         for k, v in clean.items()])
@@ -67,7 +84,8 @@ class MetricsLog:
 
   def close(self) -> None:
     if self.enabled:
-      self.jsonl.close()
+      if self.append:
+        self.jsonl.close()
       self.tb.close()
 
 
