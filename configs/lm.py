@@ -65,6 +65,10 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   # (ZeRO-3), expert (MoE experts; a data axis elsewhere), sequence (ring
   # attention), tensor (Megatron). Unlisted axes are 1.
   c.mesh = dict(data=-1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1)
+  # Of each axis, how many slices it spans (TPU multislice: the data-center
+  # network between slices; elsewhere each process counts as a slice). Only
+  # `data` (and `stage`) should: e.g. --config.mesh_dcn.data=4 on 4 slices.
+  c.mesh_dcn = dict(data=1, stage=1)
   accel = size in ("small", "1b")
   cpu_sized = size in ("tiny", "bench", "long", "moe")
   c.precision = dict(

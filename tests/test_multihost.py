@@ -139,7 +139,9 @@ def test_two_processes_equal_one_process_across_a_resume(reference, tmp_path,
   first = Launch(workdir, data_dir, "--stop_at_step=5")
   assert first.finish() == 0, first.output[-5000:]
   assert "stopped at step 5" in first.output
-  second = Launch(workdir, data_dir)
+  # Resumed onto the hybrid layout a multislice job uses (each process a
+  # "slice" here): data across them, fsdp x tensor inside.
+  second = Launch(workdir, data_dir, "--config.mesh_dcn.data=2")
   assert second.finish() == 0, second.output[-5000:]
   assert "resumed from step 5" in second.output
   assert "on 8 cpu devices in 2 processes" in second.output
@@ -281,6 +283,16 @@ def test_mesh_and_batch_errors_name_the_key_and_the_processes():
                      match=r"config.train.batch_size=12 .* each of the 2 "
                      "processes"):
     validation.validate(c, num_devices=8, process_count=2)
+
+
+def test_dcn_axes_must_match_the_slices():
+  with pytest.raises(ValueError, match=r"config.mesh_dcn=\{'data': 2\} spans 2 "
+                     "processes, but the devices are in 1 processes"):
+    mesh_lib.make_mesh(dict(data=8), dcn=dict(data=2))
+  with pytest.raises(ValueError, match="config.mesh_dcn.dta: not a mesh axis"):
+    mesh_lib.make_mesh(dict(data=8), dcn=dict(dta=2))
+  # Every axis inside one slice: the plain layout.
+  assert mesh_lib.make_mesh(dict(data=8), dcn=dict(data=1)).shape["data"] == 8
 
 
 def test_batch_shares_follow_the_devices_of_each_process():

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from lm.parallel import rules as rules_lib
@@ -53,8 +54,17 @@ def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
 
 
 def make_mesh(mesh_config: Mapping[str, int],
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
   """A mesh over all (or the given) devices with axes `AXES`.
+
+  `dcn` (config.mesh_dcn) says how many slices an axis spans: on a TPU
+  multislice job, e.g. {"data": 4} over 4 slices makes `data` cross the
+  data-center network 4 ways and keeps every other axis inside a slice's ICI.
+  Slices are the devices' `slice_index`; where all devices report one slice
+  (GPU, CPU) each process counts as a slice. Without `dcn`, devices are laid out
+  process-major, so the first axes (data, stage) are the ones that span
+  hosts.
 
   Axis types are Auto: shardings are propagated by XLA from the in/out
   shardings and our `with_sharding_constraint` hints. (jax 0.10 defaults to
@@ -64,8 +74,34 @@ def make_mesh(mesh_config: Mapping[str, int],
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_shape(mesh_config, len(devices))
   shape = tuple(sizes[a] for a in AXES)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  types = (AxisType.Auto,) * len(AXES)
+  unknown = set(dcn or {}) - set(AXES)
+  if unknown:
+    raise ValueError(f"config.mesh_dcn.{sorted(unknown)[0]}: not a mesh axis; "
+                     f"use one of {AXES}.")
+  dcn = {a: int(s) for a, s in (dcn or {}).items() if int(s) != 1}
+  if not dcn:
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  # CPU and GPU devices report slice 0 (or nothing): processes are the units.
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  slices = len({d.slice_index if by_slice else d.process_index
+                for d in devices})
+  dcn_shape = tuple(dcn.get(a, 1) for a in AXES)
+  unit = "slices" if by_slice else "processes"
+  if math.prod(dcn_shape) != slices:
+    raise ValueError(
+        f"config.mesh_dcn={dcn} spans {math.prod(dcn_shape)} {unit}, but the "
+        f"devices are in {slices} {unit}: make the product {slices}.")
+  for axis, n in dcn.items():
+    if sizes[axis] % n:
+      raise ValueError(
+          f"config.mesh_dcn.{axis}={n} does not divide config.mesh.{axis}="
+          f"{sizes[axis]}: each of the {n} {unit} needs an equal part.")
+  ici_shape = tuple(s // d for s, d in zip(shape, dcn_shape))
+  grid = mesh_utils.create_hybrid_device_mesh(
+      ici_shape, dcn_shape, devices, process_is_granule=not by_slice,
+      allow_split_physical_axes=True)
+  return Mesh(grid, AXES, axis_types=types)
 
 
 def describe(mesh: Mesh) -> str:

@@ -128,7 +128,7 @@ def run(config, workdir: str | Path, *, stop_at_step: int | None = None
   workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   total = config.train.steps
-  mesh = make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh, dcn=config.get("mesh_dcn", None))
   task = tasks.get(config)
   data = task.make_data(*batch_share(mesh))
   write_config(config, workdir)
