@@ -8,10 +8,12 @@ checkpoint written on one mesh shape restores onto another.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from lm import paths
@@ -49,10 +51,32 @@ class Checkpointer:
     in place). Returns the state."""
     step = self.latest_step() if step is None else step
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    other_count_state = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      other_count_state = self._data_state_of_other_process_count(step)
+      if other_count_state is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if other_count_state is not None:
+      data_iterator.set_state(other_count_state)
     return restored["state"]
+
+  def _data_state_of_other_process_count(self, step: int) -> dict | None:
+    """grain saves one iterator state per process (process_I-of-N.json).
+    Our pipelines make every process's state the same position in the
+    global batch sequence, so a job with another process count resumes from
+    it; None when this job's own file is there."""
+    folder = self.directory / str(step) / "data"
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if (folder / name).exists() or not folder.exists():
+      return None
+    states = [json.loads(f.read_text()) for f in folder.glob("process_*.json")]
+    if not states or any(s != states[0] for s in states):
+      raise ValueError(
+          f"{folder} holds the data-iterator states of another number of "
+          f"processes, and they differ ({states}); resume with the process "
+          "count that wrote it.")
+    return states[0]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
