@@ -50,10 +50,12 @@ def main(argv):
         heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   except distributed.DistributedError as e:
     sys.exit(f"error: {e}")
+  import jax  # noqa: PLC0415
+
   import lm.train  # noqa: PLC0415
   result = lm.train.run(_CONFIG.value, _WORKDIR.value,
                         stop_at_step=_STOP_AT.value)
-  if "eval" in result:
+  if "eval" in result and jax.process_index() == 0:
     print("final eval: " + ", ".join(
         f"{k} {v:.4f}" for k, v in result["eval"].items()))
 

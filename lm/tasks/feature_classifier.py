@@ -1,20 +1,23 @@
 """The fixed classifier behind the GAN metrics (cFID, classifier score).
 
 An MLP trained once per dataset with a fixed recipe and seed on one device,
-then stored (orbax) next to the prepared data, so every GAN run and every
-eval compares against the same features. Its features are the last hidden
-layer; its test accuracy is printed when it is trained.
+then stored (an .npz of its parameters) next to the prepared data, so every
+GAN run and every eval compares against the same features. Its features are
+the last hidden layer; its test accuracy is printed when it is trained.
+
+It is process-local: each process of a multi-process job loads it onto one
+of its own devices (an orbax checkpoint would make the processes
+coordinate over a model only one of them may be saving).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from lm.data import images, pipeline
@@ -22,7 +25,7 @@ from lm.parallel import make_mesh, rules as rules_lib
 from lm.tasks import classify
 from lm.train import state as state_lib, step as step_lib
 
-VERSION = 1  # Bump when the recipe changes: stored classifiers are keyed by it.
+VERSION = 2  # Bump when the recipe or format changes (2: .npz, was orbax).
 
 
 def recipe(data_cfg) -> ml_collections.ConfigDict:
@@ -60,28 +63,41 @@ class FeatureClassifier:
     return feats.astype(np.float32), jax.nn.softmax(model.head(feats), -1)
 
 
-def _directory(data_cfg) -> Path:
-  return (pipeline.data_dir(data_cfg).absolute() / "feature_classifiers" /
+def _directory(data_cfg) -> epath.Path:
+  return (pipeline.data_dir(data_cfg) / "feature_classifiers" /
           f"{data_cfg.dataset}-v{VERSION}")
 
 
 def load_or_train(data_cfg) -> FeatureClassifier:
   directory = _directory(data_cfg)
   config = recipe(data_cfg)
-  mesh = make_mesh(config.mesh, jax.devices()[:1])
+  mesh = make_mesh(config.mesh, jax.local_devices()[:1])
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
     setup = state_lib.make_setup(config, mesh)
     with pipeline.file_lock(directory.parent / f".{directory.name}.lock"):
       if not (directory / "info.json").exists():
         _train(config, setup, directory)
-    params = ocp.StandardCheckpointer().restore(
-        directory / "params", setup.abstract_state.params)
+    params = _load(directory / "params.npz", setup.abstract_state.params)
     info = json.loads((directory / "info.json").read_text())
-  params = jax.device_get(params)
   return FeatureClassifier(setup.graphdef, params, info["test_accuracy"])
 
 
-def _train(config, setup, directory: Path) -> None:
+def _save(path, params) -> None:
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+  with path.open("wb") as f:
+    np.savez(f, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+
+
+def _load(path, abstract_params):
+  """The stored arrays, on the host, in `abstract_params`' structure."""
+  with path.open("rb") as f:
+    stored = dict(np.load(f))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  return jax.tree_util.tree_unflatten(
+      treedef, [stored[jax.tree_util.keystr(k)] for k, _ in leaves])
+
+
+def _train(config, setup, directory: epath.Path) -> None:
   task = classify.Classification(config)
   data = task.make_data()
   train_step = step_lib.jit_train_step(setup, task)
@@ -95,9 +111,8 @@ def _train(config, setup, directory: Path) -> None:
   print(f"feature classifier for {config.data.dataset}: test accuracy "
         f"{accuracy:.4f}; stored in {directory}", flush=True)
   tmp = directory.with_name(directory.name + ".tmp")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp / "params", state.params, force=True)
-  checkpointer.wait_until_finished()
+  tmp.mkdir(parents=True, exist_ok=True)
+  _save(tmp / "params.npz", state.params)
   (tmp / "info.json").write_text(json.dumps(
       {"test_accuracy": accuracy, "recipe": config.to_dict()}, default=list))
   tmp.replace(directory)  # Atomic: a half-trained classifier is never read.
