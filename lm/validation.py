@@ -313,6 +313,7 @@ def _transformer(cfg, mesh: dict[str, int]) -> None:
   _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
   _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
   _one_of(cfg.attention_impl, ("xla", "cudnn"), "config.model.attention_impl")
+  _one_of(cfg.einsum_grad, layers.EINSUM_GRADS, "config.model.einsum_grad")
   # Model shapes.
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
               "vocab_size", "max_len"):

@@ -42,6 +42,12 @@ def model_config(config) -> object:
       kwargs[key] = _nested(default, dict(value), f"config.model.{key}")
   if "pipeline_microbatches" in fields:
     kwargs["pipeline_microbatches"] = config.train.get("microbatches", 1)
+  quantized = (config.get("quant", {}).get("mode", "none") != "none"
+               or "serving" in config)
+  if "einsum_grad" in fields and quantized:
+    # qwix intercepts jnp.einsum (QAT and int8 serving) and defines its
+    # gradient; a custom VJP around it would bypass that.
+    kwargs["einsum_grad"] = "autodiff"
   return family.Config(**kwargs, dtype=config.precision.compute_dtype,
                        param_dtype=config.precision.param_dtype)
 

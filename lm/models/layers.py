@@ -5,6 +5,7 @@ through `param_init`; nothing here knows about meshes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -34,24 +35,76 @@ def _weight(kernel, dtype):
   return jnp.asarray(kernel[...], dtype)
 
 
+EINSUM_GRADS = ("small_left", "autodiff")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def weight_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """jnp.einsum(equation, x, w) whose weight gradient XLA:CPU computes
+  without transposing the larger operand.
+
+  The weight gradient contracts the input with the output gradient over the
+  token axes, which are the *major* axes of both. A GEMM takes its left
+  operand with the contracted axis minor, so one of the two must be
+  transposed. Under plain autodiff XLA folds the permutation of the result
+  into the dot and so always transposes the operand that lines up with the
+  weight's first axes: for the MLP's down projection that is the B x L x F
+  hidden activation, which XLA:CPU then transposes inside the GELU backward
+  fusion (45 ms per layer of an 800 ms step at the reference shapes). Here
+  the smaller operand goes on the left, and an optimization barrier keeps
+  XLA from undoing that: the permutation moves to the small weight-shaped
+  result. Same math as autodiff; the sums run in another order.
+  """
+  return jnp.einsum(equation, x, w)
+
+
+def _weight_einsum_fwd(equation, x, w):
+  return jnp.einsum(equation, x, w), (x, w)
+
+
+def _weight_einsum_bwd(equation, residuals, g):
+  x, w = residuals
+  inputs, out = equation.split("->")
+  a, b = inputs.split(",")
+  dx = jnp.einsum(f"{out},{b}->{a}", g, w)
+  if x.size <= g.size:
+    dw = jnp.einsum(f"{a},{out}->{b}", x, g)
+  else:  # [batch axes] + the output's weight axes + the input's.
+    order = "".join([c for c in b if c in a and c in out] +
+                    [c for c in out if c in b and c not in a] +
+                    [c for c in a if c in b and c not in out])
+    dw = jax.lax.optimization_barrier(
+        jnp.einsum(f"{out},{a}->{order}", g, x))
+    dw = jnp.einsum(f"{order}->{b}", dw)
+  return dx, dw
+
+
+weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
+
+
 class Einsum(nnx.Module):
   """A weight of any shape contracted with the input by an einsum equation.
 
   Used for every projection so attention weights keep their head axes
   (D x H x K rather than D x HK) and can be named and sharded per axis.
+  `grad`: "small_left" differentiates through `weight_einsum` (faster weight
+  gradients, see there); "autodiff" is jnp.einsum's own gradient, which QAT
+  needs (qwix intercepts jnp.einsum and defines its gradient).
   """
 
   def __init__(self, equation: str, shape: Sequence[int],
                names: Sequence[str | None], *, fan_in: int, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, grad: str = "small_left"):
     self.equation = equation
     self.dtype = dtype
+    self.grad = grad
     init = param_init(fan_in_normal(fan_in), *names)
     self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum(self.equation, x.astype(self.dtype),
-                      _weight(self.kernel, self.dtype))
+    einsum = weight_einsum if self.grad == "small_left" else jnp.einsum
+    return einsum(self.equation, x.astype(self.dtype),
+                  _weight(self.kernel, self.dtype))
 
 
 class Dense(nnx.Module):

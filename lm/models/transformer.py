@@ -47,6 +47,8 @@ class Config:
   scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
   remat: str = "none"  # A key of layers.REMAT_POLICIES.
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation.
+  # Projection gradients: "small_left" (layers.weight_einsum) | "autodiff".
+  einsum_grad: str = "small_left"
   # Attention when the mesh's `sequence` axis > 1: "ring" | "all_gather".
   context_parallel: str = "ring"
   moe: moe_lib.Config = moe_lib.Config()  # experts > 0: MoE MLPs.
@@ -66,7 +68,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     D, H, N, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.k
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+                              param_dtype=cfg.param_dtype, rngs=rngs,
+                              grad=cfg.einsum_grad)
     self.q = dense("bld,dhk->blhk", (D, H, K), ("embed", "heads", "head_dim"),
                    fan_in=D)
     self.k = dense("bld,dnk->blnk", (D, N, K),
@@ -122,7 +125,8 @@ class Mlp(nnx.Module):
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     D, F = cfg.d_model, cfg.d_ff
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+                              param_dtype=cfg.param_dtype, rngs=rngs,
+                              grad=cfg.einsum_grad)
     if cfg.mlp == "swiglu":
       self.gate = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
     self.up = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
@@ -270,7 +274,7 @@ class Model(nnx.Module):
       self.head = layers.Einsum(
           "bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
           fan_in=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          rngs=rngs)
+          rngs=rngs, grad=cfg.einsum_grad)
 
   def __call__(self, tokens_BxL, positions_BxL=None, cache: Cache | None = None,
                cache_index=None) -> tuple[jax.Array, Cache | None]:
@@ -278,7 +282,9 @@ class Model(nnx.Module):
                                       cache_index)
     if self.cfg.tie_embeddings:
       embedding_VxD = self.transformer.embedding[...].astype(self.cfg.dtype)
-      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD)
+      einsum = (layers.weight_einsum if self.cfg.einsum_grad == "small_left"
+                else jnp.einsum)
+      logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, embedding_VxD)
     else:
       logits_BxLxV = self.head(x_BxLxD)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
