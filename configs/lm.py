@@ -55,6 +55,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       # the GEMM's left (1.5x faster steps on CPU, lm/models/layers.py) |
       # "autodiff". QAT and int8 serving always use autodiff.
       einsum_grad="small_left",
+      # One q/k/v projection instead of three (another parameter tree).
+      fused_qkv=False,
       # Attention over a mesh.sequence > 1 (lm/parallel/context.py): "ring"
       # (ppermute K/V around the ring, O(L/n) memory) or "all_gather".
       context_parallel="ring",

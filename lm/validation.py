@@ -312,7 +312,19 @@ def _teacher(config, cfg, task: str) -> None:
 def _transformer(cfg, mesh: dict[str, int]) -> None:
   _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
   _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
-  _one_of(cfg.attention_impl, ("xla", "cudnn"), "config.model.attention_impl")
+  _one_of(cfg.attention_impl, layers.ATTENTION_BACKENDS,
+          "config.model.attention_impl")
+  # Known choices this backend cannot run: an error, never a silent fallback.
+  backend = jax.default_backend()
+  for key, value, choices, needs in (
+      ("remat", cfg.remat, layers.REMAT_POLICIES, layers.REMAT_BACKENDS),
+      ("attention_impl", cfg.attention_impl, layers.ATTENTION_BACKENDS,
+       layers.ATTENTION_BACKENDS)):
+    here = [c for c in choices if backend in needs.get(c, (backend,))]
+    _require(value in here,
+             f"config.model.{key}={value!r} needs a "
+             f"{' or '.join(needs.get(value, ()))} backend; this one is "
+             f"{backend}. Use one of {here}.")
   _one_of(cfg.einsum_grad, layers.EINSUM_GRADS, "config.model.einsum_grad")
   # Model shapes.
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",

@@ -222,4 +222,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Like dots_no_batch, but the saved matmul outputs wait in host memory
+    # (GPU/TPU: pinned host memory; CPU has no separate host memory).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
 }
+REMAT_BACKENDS = {"offload": ("gpu", "tpu")}  # Policies not every backend has.
+ATTENTION_BACKENDS = {"xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",)}

@@ -49,6 +49,10 @@ class Config:
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation.
   # Projection gradients: "small_left" (layers.weight_einsum) | "autodiff".
   einsum_grad: str = "small_left"
+  # One D x N x (G+2) x K projection for q, k and v (G = H/N query heads per
+  # kv head) instead of three: one GEMM with 3x the columns. Another
+  # parameter tree: checkpoints do not carry over between the two.
+  fused_qkv: bool = False
   # Attention when the mesh's `sequence` axis > 1: "ring" | "all_gather".
   context_parallel: str = "ring"
   moe: moe_lib.Config = moe_lib.Config()  # experts > 0: MoE MLPs.
@@ -70,12 +74,18 @@ class Attention(nnx.Module):
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
                               grad=cfg.einsum_grad)
-    self.q = dense("bld,dhk->blhk", (D, H, K), ("embed", "heads", "head_dim"),
-                   fan_in=D)
-    self.k = dense("bld,dnk->blnk", (D, N, K),
-                   ("embed", "kv_heads", "head_dim"), fan_in=D)
-    self.v = dense("bld,dnk->blnk", (D, N, K),
-                   ("embed", "kv_heads", "head_dim"), fan_in=D)
+    if cfg.fused_qkv:
+      # Per kv head n: its G query heads, then k, then v. Query head n*G + g
+      # is the one jax.nn.dot_product_attention groups with kv head n.
+      self.qkv = dense("bld,dngk->blngk", (D, N, H // N + 2, K),
+                       ("embed", "kv_heads", None, "head_dim"), fan_in=D)
+    else:
+      self.q = dense("bld,dhk->blhk", (D, H, K),
+                     ("embed", "heads", "head_dim"), fan_in=D)
+      self.k = dense("bld,dnk->blnk", (D, N, K),
+                     ("embed", "kv_heads", "head_dim"), fan_in=D)
+      self.v = dense("bld,dnk->blnk", (D, N, K),
+                     ("embed", "kv_heads", "head_dim"), fan_in=D)
     self.o = dense("blhk,hkd->bld", (H, K, D), ("heads", "head_dim", "embed"),
                    fan_in=H * K)
     self.cfg = cfg
@@ -83,9 +93,18 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, cache: Cache | None,
                cache_index):
     cfg = self.cfg
-    q_BxLxHxK = layers.rope(self.q(x_BxLxD), positions_BxL, cfg.rope_base)
-    k_BxLxNxK = layers.rope(self.k(x_BxLxD), positions_BxL, cfg.rope_base)
-    v_BxLxNxK = self.v(x_BxLxD)
+    if cfg.fused_qkv:
+      qkv_BxLxNxSxK = self.qkv(x_BxLxD)  # S = G + 2 slots per kv head.
+      B, L, N, S, K = qkv_BxLxNxSxK.shape
+      q_BxLxHxK = qkv_BxLxNxSxK[:, :, :, :S - 2].reshape(B, L, N * (S - 2), K)
+      k_BxLxNxK = qkv_BxLxNxSxK[:, :, :, S - 2]
+      v_BxLxNxK = qkv_BxLxNxSxK[:, :, :, S - 1]
+    else:
+      q_BxLxHxK = self.q(x_BxLxD)
+      k_BxLxNxK = self.k(x_BxLxD)
+      v_BxLxNxK = self.v(x_BxLxD)
+    q_BxLxHxK = layers.rope(q_BxLxHxK, positions_BxL, cfg.rope_base)
+    k_BxLxNxK = layers.rope(k_BxLxNxK, positions_BxL, cfg.rope_base)
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)

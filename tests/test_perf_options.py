@@ -1,0 +1,163 @@
+"""Every performance option computes what the plain path computes: losses and
+gradients at rtol 1e-5 in float32 (benchmarks, not tests, say how fast)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from lm import validation
+from lm.models import layers, transformer
+
+CFG = transformer.Config(vocab_size=64, max_len=24, d_model=32, n_layers=2,
+                         n_heads=4, n_kv_heads=2, d_ff=64, mlp="gelu",
+                         einsum_grad="autodiff")
+TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
+
+
+def _loss_and_grads(cfg, params=None):
+  model = transformer.Model(cfg, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  if params is not None:
+    state = params
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(TOKENS[:, :-1])[0]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, TOKENS[:, 1:, None], -1)[..., 0])
+  return jax.jit(jax.value_and_grad(loss))(state)
+
+
+def _as_scanned(pure: dict) -> dict:
+  """An unrolled model's pure dict in the scanned layout: the blocks'
+  leaves stacked on a leading layer axis."""
+  blocks = pure["transformer"]["blocks"]
+  out = {**pure, "transformer": dict(pure["transformer"])}
+  out["transformer"]["blocks"] = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  return out
+
+
+def _run(cfg, plain_cfg):
+  """(loss, grads as a pure dict) of `cfg` starting from the parameters
+  `plain_cfg` initializes (restacked when only `cfg` scans its layers)."""
+  _, params = nnx.split(transformer.Model(plain_cfg, nnx.Rngs(0)))
+  _, state = nnx.split(transformer.Model(cfg, nnx.Rngs(0)))
+  pure = nnx.to_pure_dict(params)
+  if cfg.scan_layers and not plain_cfg.scan_layers:
+    pure = _as_scanned(pure)
+  nnx.replace_by_pure_dict(state, pure)
+  loss, grads = _loss_and_grads(cfg, state)
+  return loss, nnx.to_pure_dict(grads)
+
+
+def _assert_close(a, b):
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5,
+                                                       atol=1e-7), a[1], b[1])
+
+
+@pytest.mark.parametrize("model,option", [
+    ({}, dict(einsum_grad="small_left")),
+    (dict(mlp="swiglu", tie_embeddings=False), dict(einsum_grad="small_left")),
+    (dict(scan_layers=True, remat="full"), dict(einsum_grad="small_left")),
+    ({}, dict(scan_layers=True)),
+    ({}, dict(remat="full")), ({}, dict(remat="dots")),
+    ({}, dict(remat="dots_no_batch")),
+    (dict(scan_layers=True), dict(remat="dots")),
+], ids=str)
+def test_option_equals_the_plain_path(model, option):
+  plain = dataclasses.replace(CFG, **model)
+  ours = dataclasses.replace(plain, **option)
+  loss, grads = _run(plain, plain)
+  if ours.scan_layers and not plain.scan_layers:
+    grads = _as_scanned(grads)
+  _assert_close(_run(ours, plain), (loss, grads))
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("bld,df->blf", (2, 5, 8), (8, 24)),     # x smaller than the gradient
+    ("blf,fd->bld", (2, 5, 24), (24, 8)),    # x larger: the other branch
+    ("bld,dhk->blhk", (2, 5, 8), (8, 3, 4)),
+    ("blhk,hkd->bld", (2, 5, 3, 4), (3, 4, 8)),
+    ("ecf,efd->ecd", (3, 5, 16), (3, 16, 4)),  # an axis shared by all three
+])
+def test_weight_einsum_gradients_equal_autodiff(equation, x_shape, w_shape):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape)
+  g = jax.random.normal(kg, jnp.einsum(equation, x, w).shape)
+  ours = jax.vjp(lambda x, w: layers.weight_einsum(equation, x, w), x, w)
+  plain = jax.vjp(lambda x, w: jnp.einsum(equation, x, w), x, w)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+  for a, b in zip(ours[1](g), plain[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_qkv_equals_separate_projections(scan):
+  """The fused kernel built from the separate q, k, v kernels gives the same
+  loss, and its gradient is theirs, stacked the same way."""
+  cfg = dataclasses.replace(CFG, scan_layers=scan)
+  fused_cfg = dataclasses.replace(cfg, fused_qkv=True)
+  _, separate = nnx.split(transformer.Model(cfg, nnx.Rngs(0)))
+  _, fused = nnx.split(transformer.Model(fused_cfg, nnx.Rngs(0)))
+  H, N, K = cfg.n_heads, cfg.n_kv_heads, cfg.k
+  lead = (cfg.n_layers,) if scan else ()
+
+  def stack(attn):  # q, k, v kernels -> the fused D x N x (G+2) x K kernel.
+    q = attn["q"]["kernel"].reshape(*lead, cfg.d_model, N, H // N, K)
+    return jnp.concatenate([q, attn["k"]["kernel"][..., None, :],
+                            attn["v"]["kernel"][..., None, :]], axis=-2)
+
+  sep = nnx.to_pure_dict(separate)
+  fus = nnx.to_pure_dict(fused)
+  blocks = ({"": (sep["transformer"]["blocks"], fus["transformer"]["blocks"])}
+            if scan else {i: (sep["transformer"]["blocks"][i],
+                              fus["transformer"]["blocks"][i])
+                          for i in sep["transformer"]["blocks"]})
+  for s_block, f_block in blocks.values():
+    f_block["attn"]["qkv"]["kernel"] = stack(s_block["attn"])
+    for name in ("o",):
+      f_block["attn"][name] = s_block["attn"][name]
+    f_block["mlp"] = s_block["mlp"]
+    for norm in [k for k in s_block if k not in ("attn", "mlp")]:
+      f_block[norm] = s_block[norm]
+  for key in sep["transformer"]:
+    if key != "blocks":
+      fus["transformer"][key] = sep["transformer"][key]
+  nnx.replace_by_pure_dict(fused, fus)
+  loss_s, g_s = _loss_and_grads(cfg)
+  loss_f, g_f = _loss_and_grads(fused_cfg, fused)
+  np.testing.assert_allclose(loss_f, loss_s, rtol=1e-5)
+  g_s, g_f = nnx.to_pure_dict(g_s), nnx.to_pure_dict(g_f)
+  s_blocks = g_s["transformer"]["blocks"]
+  f_blocks = g_f["transformer"]["blocks"]
+  pairs = [(s_blocks, f_blocks)] if scan else [
+      (s_blocks[i], f_blocks[i]) for i in s_blocks]
+  for s_block, f_block in pairs:
+    np.testing.assert_allclose(f_block["attn"]["qkv"]["kernel"],
+                               stack(s_block["attn"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f_block["mlp"]["up"]["kernel"],
+                               s_block["mlp"]["up"]["kernel"], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_unsupported_options_name_the_key_and_the_choices():
+  for key, value, allowed in (("einsum_grad", "fast", "autodiff"),
+                              ("attention_impl", "flash", "cudnn"),
+                              ("remat", "swap", "dots_no_batch")):
+    c = tiny_config(**{f"model.{key}": value})
+    with pytest.raises(validation.ConfigError,
+                       match=rf"config.model.{key}='{value}' .*{allowed}"):
+      validation.validate(c, num_devices=1)
+  # Known, but not on this (CPU) backend: the error says which backend.
+  for key, value in (("attention_impl", "cudnn"), ("remat", "offload")):
+    c = tiny_config(**{f"model.{key}": value})
+    with pytest.raises(validation.ConfigError,
+                       match=rf"config.model.{key}='{value}' needs a .*gpu.* "
+                       "backend; this one is cpu. Use one of"):
+      validation.validate(c, num_devices=1)
