@@ -1,6 +1,6 @@
 r"""Benchmarks our train step against the reference (../shared/bench/ref_lm.py).
 
-python scripts/benchmark.py --config=configs/lm.py:bench \
+python scripts/benchmark.py --config=configs/lm.py:bench --compare_ref \
     [--steps=20 --rounds=3 --out=bench.json --config.precision.compute_dtype=bfloat16]
 
 Like with like (see DESIGN.md): the reference gets our shapes on its command
@@ -27,6 +27,9 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round, each side.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
+_COMPARE = flags.DEFINE_bool(
+    "compare_ref", False, "Also run the reference at the same shapes, "
+    "interleaved with our rounds, and print the ratio.")
 _REF = flags.DEFINE_string("ref", "../shared/bench/ref_lm.py",
                            "Reference script (relative: to cwd, else repo root).")
 _REF_ATTN = flags.DEFINE_string("ref_attn", "naive",
@@ -35,33 +38,6 @@ _OUT = flags.DEFINE_string("out", None, "Also write all numbers here as JSON.")
 flags.mark_flags_as_required(["config"])
 
 WARMUP_STEPS = 2  # Per round, as the reference does: excluded from medians.
-
-
-def _timed(fn, *args) -> float:
-  """Seconds for one call, including waiting for the device."""
-  import jax  # noqa: PLC0415
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t
-
-
-def matmul_peak_gflops(dtype: str, reps: int = 10, budget_s: float = 20.0
-                       ) -> dict[int, float]:
-  """Median GFLOP/s of a jitted square matmul per size (as matmul_peak.py)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  result, dot = {}, jax.jit(jnp.dot)
-  for n in (2048, 4096):
-    if result and 2 * n**3 / (result[n // 2] * 1e9) * (reps + 2) > budget_s:
-      break  # At the last size's speed this size would overrun the budget.
-    k1, k2 = jax.random.split(jax.random.key(0))
-    a_NxN = jax.random.normal(k1, (n, n), dtype)
-    b_NxN = jax.random.normal(k2, (n, n), dtype)
-    for _ in range(2):  # Warm-up: compile and first touch of the buffers.
-      _timed(dot, a_NxN, b_NxN)
-    t = statistics.median(_timed(dot, a_NxN, b_NxN) for _ in range(reps))
-    result[n] = 2 * n**3 / t / 1e9
-  return result
 
 
 def run_reference(path: str, model_cfg, seq_len: int, batch: int, steps: int,
@@ -119,8 +95,12 @@ def main(argv):
   config, steps, ref = _CONFIG.value, _STEPS.value, _ref_path(_REF.value)
   if steps <= WARMUP_STEPS:
     raise app.UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
-  peaks = matmul_peak_gflops(config.precision.compute_dtype)
-  peak_gflops = max(peaks.values())
+  from lm.train import perf  # noqa: PLC0415
+  # Measured once in a subprocess and cached: no big matrices in this
+  # process's memory (its peak RSS is one of the measured numbers).
+  peak, peak_source = perf.peak_flops(config.precision.compute_dtype,
+                                      jax.devices()[:1])
+  peak_gflops = peak / 1e9
 
   # A fully explicit mesh (bench: 1x1x1) takes the first devices, so the
   # benchmark also runs where XLA_FLAGS simulates several CPU devices.
@@ -150,8 +130,9 @@ def main(argv):
 
     ours_ms, ref_runs = [], []
     for _ in range(_ROUNDS.value):
-      ref_runs.append(run_reference(ref, model_cfg, seq_len, batch_size, steps,
-                                    _REF_ATTN.value))
+      if _COMPARE.value:
+        ref_runs.append(run_reference(ref, model_cfg, seq_len, batch_size,
+                                      steps, _REF_ATTN.value))
       # steps + 1 as the reference runs, so both keep steps - 1 per round.
       for i in range(steps + 1):
         batch = jax.block_until_ready(make_batch())  # Input prep not timed.
@@ -171,14 +152,15 @@ def main(argv):
   ref_cfg = dataclasses.replace(model_cfg, mlp="gelu",
                                 n_kv_heads=model_cfg.n_heads, head_dim=0)
   rows = {}
-  for name, ms, cfg, compile_, xla_flops, xla_mem, rss in (
-      ("ours", ours_ms, model_cfg, compile_s, _cost_flops(compiled),
-       _xla_peak_bytes(compiled) / 2**20,
-       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-      ("reference (ref_lm.py)", ref_ms, ref_cfg,
-       statistics.median(r["aot_compile_s"] for r in ref_runs),
-       ref_runs[0]["xla_cost_flops"], float("nan"),
-       max(r["peak_rss_mb"] for r in ref_runs))):
+  sides = [("ours", ours_ms, model_cfg, compile_s, _cost_flops(compiled),
+            _xla_peak_bytes(compiled) / 2**20,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
+  if ref_runs:
+    sides.append(("reference (ref_lm.py)", ref_ms, ref_cfg,
+                  statistics.median(r["aot_compile_s"] for r in ref_runs),
+                  ref_runs[0]["xla_cost_flops"], float("nan"),
+                  max(r["peak_rss_mb"] for r in ref_runs)))
+  for name, ms, cfg, compile_, xla_flops, xla_mem, rss in sides:
     step_s = statistics.median(ms) / 1e3
     flops = transformer.flops_per_token(cfg, seq_len) * tokens
     rows[name] = dict(
@@ -187,7 +169,8 @@ def main(argv):
         compile_s=compile_, xla_peak_mem_mb=xla_mem, peak_rss_mb=rss,
         xla_flops_per_step=xla_flops, analytic_flops_per_step=flops)
   rows["ours"]["loss_last"] = final_loss
-  rows["reference (ref_lm.py)"]["loss_last"] = ref_runs[-1]["loss_last"]
+  if ref_runs:
+    rows["reference (ref_lm.py)"]["loss_last"] = ref_runs[-1]["loss_last"]
 
   fmt = lambda x, spec: "n/a" if math.isnan(x) else format(x, spec)
   print("| impl | step time median (ms) | tokens/s | MFU (%) | compile (s) | "
@@ -200,11 +183,15 @@ def main(argv):
           f"{fmt(r['xla_peak_mem_mb'], '.1f')} | {r['peak_rss_mb']:.0f} | "
           f"{fmt(r['xla_flops_per_step'] / 1e9, '.2f')} | "
           f"{r['analytic_flops_per_step'] / 1e9:.2f} |")
+  if ref_runs:
+    ratio = (rows["ours"]["tokens_per_s"]
+             / rows["reference (ref_lm.py)"]["tokens_per_s"])
+    print(f"\nours / reference tokens/s: {ratio:.2f}x")
   device = jax.devices()[0]
   command = shlex.join(["python"] + sys.argv)
   print(f"\nmatmul peak ({config.precision.compute_dtype}): {peak_gflops:.1f} "
-        "GFLOP/s (" + ", ".join(f"n={n}: {g:.1f}" for n, g in peaks.items())
-        + f"); jax {jax.__version__}; {jax.device_count()} x "
+        f"GFLOP/s ({peak_source}); jax {jax.__version__}; "
+        f"{jax.device_count()} x "
         f"{device.device_kind} ({device.platform}), mesh {dict(mesh.shape)}; "
         f"{_ROUNDS.value} rounds x {steps} steps, {WARMUP_STEPS} warm-up "
         f"steps per round excluded; reference attention {_REF_ATTN.value}")
@@ -215,7 +202,7 @@ def main(argv):
         isinstance(x, dict) else None if x != x else x
     with open(_OUT.value, "w") as f:
       json.dump(nan_to_none(dict(rows=rows, matmul_peak_gflops=peak_gflops,
-                     matmul_gflops_by_size=peaks, jax_version=jax.__version__,
+                     jax_version=jax.__version__,
                      device_kind=device.device_kind,
                      device_count=jax.device_count(),
                      mesh=dict(mesh.shape), steps=steps, rounds=_ROUNDS.value,

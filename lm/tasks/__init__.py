@@ -12,6 +12,8 @@ A task object has:
   summarize(outputs, data, *, workdir, step) -> dict of floats  on the host,
       from every eval batch's outputs (gathered to the host)
   throughput(config) -> (unit name, units per step), e.g. ("tokens", 8192)
+  model_flops_per_step(model_cfg) -> analytic FLOPs (optional; without it
+      MFU counts the FLOPs of XLA's cost analysis)
 """
 from __future__ import annotations
 

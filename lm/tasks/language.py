@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from lm.data import pipeline
+from lm.models import transformer
 from lm.parallel import axis_size, context
 from lm.tasks.supervised import Supervised
 
@@ -77,6 +78,12 @@ class LanguageModeling(Supervised):
   def throughput(self) -> tuple[str, int]:
     return "tokens", self.config.train.batch_size * pipeline.seq_len(
         self.config)
+
+  def model_flops_per_step(self, model_cfg) -> float:
+    """Analytic training FLOPs of one step (lm/train/perf.py's MFU)."""
+    _, tokens = self.throughput()
+    return transformer.flops_per_token(model_cfg,
+                                       pipeline.seq_len(self.config)) * tokens
 
   @staticmethod
   def forward(model, batch: dict, key) -> tuple:

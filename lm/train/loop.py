@@ -24,7 +24,7 @@ from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill, prune
+from lm.train import distill, perf, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 from lm.train.metrics_log import MetricsLog, log
@@ -117,6 +117,22 @@ def global_batch(batch: dict, setup: state_lib.Setup) -> dict:
           for k, v in batch.items()}
 
 
+def _meter(config, task, setup, train_step, state, batch) -> perf.Meter:
+  """Model FLOPs per step (analytic where the task has a count, else XLA's)
+  against the devices' peak; logs both counts and where the peak is from."""
+  xla = perf.xla_flops(train_step.lower(state, batch))
+  analytic = (task.model_flops_per_step(setup.model_cfg)
+              if hasattr(task, "model_flops_per_step") else None)
+  dtype = config.precision.compute_dtype
+  peak, source = perf.peak_flops(dtype, jax.devices())
+  flops = analytic or xla
+  log(f"FLOPs per step: {flops / 1e9:,.1f} G "
+      + (f"(analytic; XLA's cost analysis: {xla / 1e9:,.1f} G, "
+         f"{xla / analytic:.3f}x)" if analytic else "(XLA's cost analysis)")
+      + f" | peak {peak / 1e12:,.3g} TFLOP/s ({source})")
+  return perf.Meter(flops, peak)
+
+
 def run(config, workdir: str | Path, *, stop_at_step: int | None = None
         ) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns final metrics.
@@ -180,6 +196,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
       setup, task, config.train.get("grad_accum_steps", 1), teacher)
   eval_step = step_lib.jit_eval_step(setup, task)
   unit, units_per_step = task.throughput()
+  meter = None  # lm/train/perf.py; made at the first step, from its batch.
   pending = collections.deque()  # (step, metrics) not yet read on the host.
   window = []  # Train metrics since the last log line.
   last_log_time, last_log_step = time.time(), step
@@ -214,6 +231,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             mean[latest] = m[latest]
         mean[f"{unit}_per_sec"] = (units_per_step * (s - last_log_step)
                                    / max(now - last_log_time, 1e-9))
+        mean.update(meter.metrics(s - last_log_step, now - last_log_time))
         metrics_log.write(s, "train", mean)
         metrics_log.progress(s, mean)
         result["train"] = mean
@@ -222,6 +240,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
 
   while step < total:
     batch = global_batch(next(data.train), setup)
+    if meter is None:
+      meter = _meter(config, task, setup, train_step, state, batch)
     state, metrics = train_step(state, batch)
     step += 1
     pending.append((step, metrics))

@@ -76,6 +76,10 @@ class MetricsLog:
                       ("examples_per_sec", "ex/s")):
       if key in metrics:
         parts.append(f"{metrics[key]:,.0f} {unit}")
+    if "step_time_s" in metrics:
+      parts.append(f"{1e3 * metrics['step_time_s']:,.0f} ms/step")
+    if "mfu" in metrics and math.isfinite(metrics["mfu"]):
+      parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     done = step - self.start_step
     if split == "train" and done > 0:
       eta = (time.time() - self.start_time) / done * (self.total_steps - step)
