@@ -35,9 +35,24 @@ _REF = flags.DEFINE_string("ref", "../shared/bench/ref_lm.py",
 _REF_ATTN = flags.DEFINE_string("ref_attn", "naive",
                                 "Reference attention: naive | xla.")
 _OUT = flags.DEFINE_string("out", None, "Also write all numbers here as JSON.")
+_INPUT_BATCHES = flags.DEFINE_integer(
+    "input_batches", 300, "Batches read from the real input pipeline to time "
+    "it on its own (0: skip).")
 flags.mark_flags_as_required(["config"])
 
 WARMUP_STEPS = 2  # Per round, as the reference does: excluded from medians.
+
+
+def time_input_pipeline(config, batches: int) -> dict:
+  """Tokens/s of the training iterator alone (the real corpus, this
+  process's pipeline: windows, shuffle, batching, host arrays)."""
+  import lm.tasks  # noqa: PLC0415
+  data = lm.tasks.get(config).make_data()
+  next(data.train)  # Start-up (worker threads, first reads) not timed.
+  t = time.perf_counter()
+  tokens = sum(next(data.train)["tokens"][:, 1:].size for _ in range(batches))
+  return {"tokens_per_s": tokens / (time.perf_counter() - t),
+          "batches": batches}
 
 
 def run_reference(path: str, model_cfg, seq_len: int, batch: int, steps: int,
@@ -183,6 +198,12 @@ def main(argv):
           f"{fmt(r['xla_peak_mem_mb'], '.1f')} | {r['peak_rss_mb']:.0f} | "
           f"{fmt(r['xla_flops_per_step'] / 1e9, '.2f')} | "
           f"{r['analytic_flops_per_step'] / 1e9:.2f} |")
+  if _INPUT_BATCHES.value:
+    rows["input pipeline"] = time_input_pipeline(config, _INPUT_BATCHES.value)
+    print(f"\ninput pipeline ({config.data.corpus}, one process, no "
+          f"training): {rows['input pipeline']['tokens_per_s']:,.0f} tokens/s"
+          f" = {rows['input pipeline']['tokens_per_s'] / rows['ours']['tokens_per_s']:,.0f}x"
+          " what our step consumes")
   if ref_runs:
     ratio = (rows["ours"]["tokens_per_s"]
              / rows["reference (ref_lm.py)"]["tokens_per_s"])
