@@ -17,6 +17,7 @@ Peak FLOP/s per device:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -73,7 +74,8 @@ def measure_cpu_peak(dtype: str) -> float:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run([sys.executable, "-c", _MEASURE, dtype], env=env,
-                       capture_output=True, text=True, check=True).stdout
+                       capture_output=True, text=True, check=True,
+                       timeout=120).stdout
   return float(out.strip().splitlines()[-1])
 
 
@@ -102,7 +104,11 @@ def peak_flops(dtype: str, devices=None) -> tuple[float, str]:
   except (OSError, ValueError):
     cache = {}
   if key not in cache:
-    cache[key] = measure_cpu_peak(dtype)
+    try:
+      cache[key] = measure_cpu_peak(dtype)
+    except (subprocess.SubprocessError, OSError, ValueError) as e:
+      # MFU is a report, not a reason to stop training.
+      return float("nan"), f"not measured ({type(e).__name__})"
     os.makedirs(os.path.dirname(CACHE), exist_ok=True)
     tmp = f"{CACHE}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -127,5 +133,7 @@ class Meter:
 
   def metrics(self, steps: int, seconds: float) -> dict[str, float]:
     step_s = seconds / max(steps, 1)
-    return {"step_time_s": step_s,
-            "mfu": self.flops_per_step / step_s / self.peak}
+    out = {"step_time_s": step_s}
+    if math.isfinite(self.peak) and self.peak > 0:
+      out["mfu"] = self.flops_per_step / step_s / self.peak
+    return out
