@@ -79,11 +79,13 @@ def measure_cpu_peak(dtype: str) -> float:
   return float(out.strip().splitlines()[-1])
 
 
-def peak_flops(dtype: str, devices=None) -> tuple[float, str]:
+def peak_flops(dtype: str, devices=None, *, remeasure: bool = False
+               ) -> tuple[float, str]:
   """(peak FLOP/s of `devices` together in `dtype`, where it comes from).
 
   Accelerators: per-chip peak x chips (`LM_PEAK_TFLOPS` is per chip). CPU:
-  the machine's measured peak, however many simulated devices share it.
+  the machine's measured peak, however many simulated devices share it
+  (`remeasure`: measure now and update the cache, as the benchmark does).
   """
   devices = devices or jax.devices()
   device = devices[0]
@@ -103,7 +105,7 @@ def peak_flops(dtype: str, devices=None) -> tuple[float, str]:
       cache = json.load(f)
   except (OSError, ValueError):
     cache = {}
-  if key not in cache:
+  if key not in cache or remeasure:
     try:
       cache[key] = measure_cpu_peak(dtype)
     except (subprocess.SubprocessError, OSError, ValueError) as e:
