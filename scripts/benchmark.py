@@ -71,12 +71,6 @@ def run_reference(path: str, model_cfg, seq_len: int, batch: int, steps: int,
   return json.loads(lines[-1])
 
 
-def _cost_flops(compiled) -> float:
-  cost = compiled.cost_analysis()  # A dict, or a list of one per program.
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
 def _xla_peak_bytes(compiled) -> float:
   """Arguments + outputs + temporaries, less donated (aliased) buffers."""
   mem = compiled.memory_analysis()
@@ -167,7 +161,7 @@ def main(argv):
   ref_cfg = dataclasses.replace(model_cfg, mlp="gelu",
                                 n_kv_heads=model_cfg.n_heads, head_dim=0)
   rows = {}
-  sides = [("ours", ours_ms, model_cfg, compile_s, _cost_flops(compiled),
+  sides = [("ours", ours_ms, model_cfg, compile_s, perf.xla_flops(compiled),
             _xla_peak_bytes(compiled) / 2**20,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]
   if ref_runs:

@@ -14,6 +14,17 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "scripts", "train.py")
+# scripts/train.py flags for subprocess runs: the tiny LM, 10 steps with an
+# eval at 5 and 10, on a data x fsdp x tensor mesh of 8 devices.
+TRAIN_ARGS = ["--config=configs/lm.py:tiny", "--config.model.d_model=64",
+              "--config.model.n_layers=2", "--config.model.d_ff=128",
+              "--config.model.max_len=32", "--config.train.batch_size=16",
+              "--config.train.steps=10", "--config.train.log_every=1",
+              "--config.train.eval_every=5", "--config.train.eval_batches=2",
+              "--config.train.checkpoint_every=0",
+              "--config.optimizer.warmup_steps=2", "--config.mesh.data=2",
+              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 
 
 @pytest.fixture(scope="session")

@@ -13,22 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, TRAIN, TRAIN_ARGS, tiny_config
 from lm import distributed, restore, validation
 from lm.parallel import mesh as mesh_lib
 
-TRAIN = os.path.join(REPO, "scripts", "train.py")
 LAUNCH = os.path.join(REPO, "scripts", "launch_local.py")
 # data x fsdp x tensor: `data` splits the batch across the two processes,
 # fsdp and tensor work inside each.
-ARGS = ["--config=configs/lm.py:tiny", "--config.model.d_model=64",
-        "--config.model.n_layers=2", "--config.model.d_ff=128",
-        "--config.model.max_len=32", "--config.train.batch_size=16",
-        "--config.train.steps=10", "--config.train.log_every=1",
-        "--config.train.eval_every=5", "--config.train.eval_batches=2",
-        "--config.train.checkpoint_every=0", "--config.optimizer.warmup_steps=2",
-        "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-        "--heartbeat_timeout=10"]
+ARGS = [*TRAIN_ARGS, "--heartbeat_timeout=10"]
 TIMEOUT = 300  # Seconds any one launch may take before the test fails.
 
 

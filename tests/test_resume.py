@@ -9,23 +9,14 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO
+from conftest import REPO, TRAIN, TRAIN_ARGS
 from lm import restore
-
-TRAIN = os.path.join(REPO, "scripts", "train.py")
-ARGS = ["--config=configs/lm.py:tiny", "--config.model.d_model=64",
-        "--config.model.n_layers=2", "--config.model.d_ff=128",
-        "--config.model.max_len=32", "--config.train.batch_size=16",
-        "--config.train.steps=10", "--config.train.log_every=1",
-        "--config.train.eval_every=5", "--config.train.eval_batches=2",
-        "--config.train.checkpoint_every=0", "--config.optimizer.warmup_steps=2",
-        "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 
 
 def _train(workdir, data_dir, *extra, check=True, **popen):
   env = dict(os.environ, LM_DATA_DIR=data_dir,
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  cmd = [sys.executable, TRAIN, f"--workdir={workdir}", *ARGS, *extra]
+  cmd = [sys.executable, TRAIN, f"--workdir={workdir}", *TRAIN_ARGS, *extra]
   if popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,

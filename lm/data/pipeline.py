@@ -3,8 +3,9 @@
 tfds.data_source (random access over documents) -> byte tokens, documents
 joined with an end-of-document token -> non-overlapping windows of
 max_len + 1 tokens -> shuffle (a new order every epoch, fixed by the seed)
--> global batches -> this process's rows of each. Windows, not documents, are shuffled: a
-corpus of 42 plays would give a very coarse shuffle otherwise.
+-> global batches -> this process's rows of each. Windows, not documents,
+are shuffled: a corpus of 42 plays would give a very coarse shuffle
+otherwise.
 
 The iterator is a grain `DatasetIterator`: its state is checkpointed with the
 model so a resumed run reads exactly the batches the uninterrupted one would.

@@ -82,6 +82,11 @@ def _weight_einsum_bwd(equation, residuals, g):
 weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
+def einsum_for(grad: str):
+  """The einsum a projection uses under config.model.einsum_grad."""
+  return weight_einsum if grad == "small_left" else jnp.einsum
+
+
 class Einsum(nnx.Module):
   """A weight of any shape contracted with the input by an einsum equation.
 
@@ -102,9 +107,8 @@ class Einsum(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    einsum = weight_einsum if self.grad == "small_left" else jnp.einsum
-    return einsum(self.equation, x.astype(self.dtype),
-                  _weight(self.kernel, self.dtype))
+    return einsum_for(self.grad)(self.equation, x.astype(self.dtype),
+                                 _weight(self.kernel, self.dtype))
 
 
 class Dense(nnx.Module):

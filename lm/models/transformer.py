@@ -301,9 +301,8 @@ class Model(nnx.Module):
                                       cache_index)
     if self.cfg.tie_embeddings:
       embedding_VxD = self.transformer.embedding[...].astype(self.cfg.dtype)
-      einsum = (layers.weight_einsum if self.cfg.einsum_grad == "small_left"
-                else jnp.einsum)
-      logits_BxLxV = einsum("bld,vd->blv", x_BxLxD, embedding_VxD)
+      logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
+          "bld,vd->blv", x_BxLxD, embedding_VxD)
     else:
       logits_BxLxV = self.head(x_BxLxD)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
