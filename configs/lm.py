@@ -57,6 +57,11 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
       einsum_grad="small_left",
       # One q/k/v projection instead of three (another parameter tree).
       fused_qkv=False,
+      # Attention core (lm/models/attention.py): "chunked" (ours: skips the
+      # masked key blocks of causal attention, flash-style backward), "xla"
+      # or "cudnn" (GPU) from jax.nn.dot_product_attention.
+      attention_impl="chunked",
+      attention_chunks=2,  # Query chunks for "chunked" (compile time grows).
       # Attention over a mesh.sequence > 1 (lm/parallel/context.py): "ring"
       # (ppermute K/V around the ring, O(L/n) memory) or "all_gather".
       context_parallel="ring",

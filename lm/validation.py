@@ -10,7 +10,7 @@ from flax import nnx
 
 from lm import models, paths, quant
 from lm.data import genres, images, pipeline, sources, tokenizer as tokenizer_lib
-from lm.models import gan, layers
+from lm.models import attention, gan, layers
 from lm.tasks import classify
 from lm.parallel import context, mesh as mesh_lib, reduce as reduce_lib
 from lm.train import distill, optim, prune
@@ -312,14 +312,14 @@ def _teacher(config, cfg, task: str) -> None:
 def _transformer(cfg, mesh: dict[str, int]) -> None:
   _one_of(cfg.remat, layers.REMAT_POLICIES, "config.model.remat")
   _one_of(cfg.mlp, ("swiglu", "gelu"), "config.model.mlp")
-  _one_of(cfg.attention_impl, layers.ATTENTION_BACKENDS,
+  _one_of(cfg.attention_impl, attention.BACKENDS,
           "config.model.attention_impl")
   # Known choices this backend cannot run: an error, never a silent fallback.
   backend = jax.default_backend()
   for key, value, choices, needs in (
       ("remat", cfg.remat, layers.REMAT_POLICIES, layers.REMAT_BACKENDS),
-      ("attention_impl", cfg.attention_impl, layers.ATTENTION_BACKENDS,
-       layers.ATTENTION_BACKENDS)):
+      ("attention_impl", cfg.attention_impl, attention.BACKENDS,
+       attention.BACKENDS)):
     here = [c for c in choices if backend in needs.get(c, (backend,))]
     _require(value in here,
              f"config.model.{key}={value!r} needs a "
@@ -328,7 +328,7 @@ def _transformer(cfg, mesh: dict[str, int]) -> None:
   _one_of(cfg.einsum_grad, layers.EINSUM_GRADS, "config.model.einsum_grad")
   # Model shapes.
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-              "vocab_size", "max_len"):
+              "vocab_size", "max_len", "attention_chunks"):
     _require(getattr(cfg, key) > 0, f"config.model.{key}={getattr(cfg, key)} "
              "must be positive.")
   _require(cfg.n_heads % cfg.n_kv_heads == 0,

@@ -10,11 +10,11 @@ from flax import nnx
 
 from conftest import tiny_config
 from lm import validation
-from lm.models import layers, transformer
+from lm.models import attention, layers, transformer
 
 CFG = transformer.Config(vocab_size=64, max_len=24, d_model=32, n_layers=2,
                          n_heads=4, n_kv_heads=2, d_ff=64, mlp="gelu",
-                         einsum_grad="autodiff")
+                         einsum_grad="autodiff", attention_impl="xla")
 TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
 
 
@@ -68,6 +68,12 @@ def _assert_close(a, b):
     ({}, dict(remat="full")), ({}, dict(remat="dots")),
     ({}, dict(remat="dots_no_batch")),
     (dict(scan_layers=True), dict(remat="dots")),
+    ({}, dict(attention_impl="chunked")),
+    ({}, dict(attention_impl="chunked", attention_chunks=3)),  # 15 = 5+5+5
+    ({}, dict(attention_impl="chunked", attention_chunks=4)),  # uneven
+    (dict(n_kv_heads=4), dict(attention_impl="chunked")),  # no grouping
+    (dict(causal=False), dict(attention_impl="chunked")),
+    (dict(scan_layers=True, remat="full"), dict(attention_impl="chunked")),
 ], ids=str)
 def test_option_equals_the_plain_path(model, option):
   plain = dataclasses.replace(CFG, **model)
@@ -161,3 +167,38 @@ def test_unsupported_options_name_the_key_and_the_choices():
                        match=rf"config.model.{key}='{value}' needs a .*gpu.* "
                        "backend; this one is cpu. Use one of"):
       validation.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_chunked_attention_in_low_precision_follows_xla(dtype):
+  """bfloat16/float16 inputs: outputs and gradients of "chunked" within the
+  low dtype's rounding of jax.nn's (float16 runs from float32 copies on
+  CPU, the path both share)."""
+  kq, kk, kv, kg = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(kq, (2, 32, 4, 16)).astype(dtype)
+  k, v = (jax.random.normal(key, (2, 32, 2, 16)).astype(dtype)
+          for key in (kk, kv))
+  g = jax.random.normal(kg, q.shape).astype(dtype)
+
+  def vjp(impl):
+    out, back = jax.vjp(lambda q, k, v: attention.attend(
+        q, k, v, causal=True, impl=impl, chunks=2), q, k, v)
+    return [out, *back(g)]
+  for ours, plain in zip(vjp("chunked"), vjp("xla")):
+    assert ours.dtype == plain.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.float32(ours), np.float32(plain),
+                               atol=0.05, rtol=0.05)
+
+
+def test_rope_table_equals_the_formula():
+  """RoPE from the numpy sin/cos table equals computing the angles in the
+  step, at arbitrary (context-parallel-like) positions."""
+  x = jax.random.normal(jax.random.key(3), (2, 6, 3, 8))
+  positions = jnp.array([[0, 5, 1, 4, 2, 3], [17, 9, 11, 0, 23, 8]])
+  inv_freq = 10_000.0 ** (-jnp.arange(4) / 4)
+  angle = positions[:, :, None, None] * inv_freq
+  x1, x2 = x[..., :4], x[..., 4:]
+  want = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
+                          x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+  np.testing.assert_allclose(layers.rope(x, positions, 10_000.0, 24), want,
+                             rtol=1e-5, atol=1e-5)

@@ -104,11 +104,21 @@ def _with(config, **overrides):
   return config
 
 
-# Parameters after 3 Adam steps (lr 1e-2): quantized runs get atol 1e-4, 1%
-# of one step. A value that lands within an ulp of a rounding tie can still
-# round the other way on another mesh (measured: a few per run, moving some
-# weights by ~2e-5); losses and metrics still match at rtol 1e-5.
-QUANT_ATOL = 1e-4
+# Quantized runs: a value that lands within an ulp of a rounding tie can
+# round the other way on another mesh, and Adam turns the small gradient
+# change into a visible parameter change where the gradient is near zero.
+# How many flips a run gets depends on the float rounding of everything
+# before the quantizers: with jax.nn's attention a few weights moved by
+# ~2e-5; with the chunked attention (same math, other rounding) 4% of one
+# kernel moved, by up to 9.2e-4, and the loss and gradient norm by 4e-5 and
+# 1.1e-4 relative, another weight by 2.6e-3. So after 3 Adam steps (lr
+# 1e-2) quantized parameters must be within half a step (5e-3) everywhere
+# and within 2e-4 on average over each tensor (measured up to 4.3e-5), and
+# quantized metrics within rtol 5e-4. A wrong sharding moves nearly every
+# weight by about a whole step (1e-2).
+QUANT_ATOL = 5e-3
+QUANT_MEAN_ATOL = 2e-4
+QUANT_METRICS_RTOL = 5e-4
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -119,14 +129,19 @@ def test_quantized_and_pruned_sharded_equals_single_device(case):
   config, batches = CASES[case]()
   history, state, _ = train(config, dict(data=2, fsdp=2, tensor=2),
                             batches=batches)
+  rtol = QUANT_METRICS_RTOL if "int8" in case else 1e-5
   for key in ref_history[0]:
     np.testing.assert_allclose([h[key] for h in history],
-                               [h[key] for h in ref_history], rtol=1e-5,
+                               [h[key] for h in ref_history], rtol=rtol,
                                err_msg=key)
   atol = QUANT_ATOL if "int8" in case else ATOL
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=atol),
                state.params, ref_state.params)
+  if "int8" in case:
+    mean_diffs = jax.tree.map(lambda a, b: float(np.mean(np.abs(a - b))),
+                              state.params, ref_state.params)
+    assert max(jax.tree.leaves(mean_diffs)) < QUANT_MEAN_ATOL, mean_diffs
 
 
 def test_int8_conversion_gives_integer_weights_and_the_qat_outputs():

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.models import layers, moe as moe_lib
+from lm.models import attention, layers, moe as moe_lib
 from lm.parallel import axis_size, constrain, context, pipeline
 
 Cache = dict[str, jax.Array]  # {"k": [layers] B x S x N x K, "v": same}
@@ -46,7 +46,9 @@ class Config:
   causal: bool = True
   scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
   remat: str = "none"  # A key of layers.REMAT_POLICIES.
-  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation.
+  # A key of attention.BACKENDS: "chunked" (ours) | "xla" | "cudnn".
+  attention_impl: str = "chunked"
+  attention_chunks: int = 2  # Query chunks of the "chunked" causal attention.
   # Projection gradients: "small_left" (layers.weight_einsum) | "autodiff".
   einsum_grad: str = "small_left"
   # One D x N x (G+2) x K projection for q, k and v (G = H/N query heads per
@@ -103,8 +105,10 @@ class Attention(nnx.Module):
       q_BxLxHxK = self.q(x_BxLxD)
       k_BxLxNxK = self.k(x_BxLxD)
       v_BxLxNxK = self.v(x_BxLxD)
-    q_BxLxHxK = layers.rope(q_BxLxHxK, positions_BxL, cfg.rope_base)
-    k_BxLxNxK = layers.rope(k_BxLxNxK, positions_BxL, cfg.rope_base)
+    q_BxLxHxK = layers.rope(q_BxLxHxK, positions_BxL, cfg.rope_base,
+                            cfg.max_len)
+    k_BxLxNxK = layers.rope(k_BxLxNxK, positions_BxL, cfg.rope_base,
+                            cfg.max_len)
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
@@ -116,9 +120,9 @@ class Attention(nnx.Module):
           impl=cfg.context_parallel)
       new_cache = None
     elif cache is None:
-      out_BxLxHxK = layers.dot_product_attention(
-          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, is_causal=cfg.causal,
-          implementation=cfg.attention_impl)
+      out_BxLxHxK = attention.attend(
+          q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, causal=cfg.causal,
+          impl=cfg.attention_impl, chunks=cfg.attention_chunks)
       new_cache = None
     else:
       # Decoding: write this chunk's keys/values at cache_index, then attend
@@ -131,10 +135,10 @@ class Attention(nnx.Module):
       L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
       q_pos_L = cache_index + jnp.arange(L)
       mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
-      out_BxLxHxK = layers.dot_product_attention(
+      out_BxLxHxK = attention.attend(
           q_BxLxHxK, k_BxSxNxK.astype(q_BxLxHxK.dtype),
-          v_BxSxNxK.astype(q_BxLxHxK.dtype), mask=mask_LxS[None, None],
-          implementation=cfg.attention_impl)
+          v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False,
+          mask=mask_LxS[None, None], impl=cfg.attention_impl)
       new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
     return self.o(out_BxLxHxK), new_cache
 
@@ -320,8 +324,11 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
   """Analytic training FLOPs per token (forward + backward = 3x forward).
 
   Counts matmuls only: projections, MLP, LM head, and the two attention
-  matmuls over the full L x L score matrix (what the XLA kernel computes,
-  although half of it is masked for causal attention).
+  matmuls over the full L x L score matrix (PaLM's convention; what
+  jax.nn's XLA attention computes, although half of it is masked for causal
+  attention). Model FLOPs, not hardware FLOPs: the "chunked" attention
+  computes less (3/4 of the score matrix with 2 chunks) for the same count,
+  so MFU compares implementations at equal work.
   """
   D, F, H, N, K, V = (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads,
                       cfg.k, cfg.vocab_size)
