@@ -103,6 +103,28 @@ def test_weight_einsum_gradients_equal_autodiff(equation, x_shape, w_shape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_einsum_float32_output_rounds_the_gradient_like_a_cast():
+  """out_dtype=float32 from bfloat16 operands: the forward is the float32
+  accumulator (no bf16 rounding); the backward is autodiff of the bfloat16
+  einsum followed by a cast to float32 (the gradient enters in bfloat16)."""
+  kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(kx, (2, 5, 24)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (24, 8)).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (2, 5, 8))
+  ours = jax.vjp(lambda x, w: layers.weight_einsum(
+      "blf,fd->bld", x, w, jnp.float32), x, w)
+  cast = jax.vjp(lambda x, w: jnp.einsum("blf,fd->bld", x, w).astype(
+      jnp.float32), x, w)
+  assert ours[0].dtype == jnp.float32
+  np.testing.assert_allclose(ours[0], jnp.einsum(
+      "blf,fd->bld", x.astype(jnp.float32), w.astype(jnp.float32)),
+                             rtol=1e-5, atol=1e-5)
+  for a, b in zip(ours[1](g), cast[1](g)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2,
+                               atol=2e-2)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_fused_qkv_equals_separate_projections(scan):
   """The fused kernel built from the separate q, k, v kernels gives the same

@@ -40,8 +40,9 @@ def _weight(kernel, dtype):
 EINSUM_GRADS = ("small_left", "autodiff")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def weight_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def weight_einsum(equation: str, x: jax.Array, w: jax.Array,
+                  out_dtype=None) -> jax.Array:
   """jnp.einsum(equation, x, w) whose weight gradient XLA:CPU computes
   without transposing the larger operand.
 
@@ -56,16 +57,23 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
   the smaller operand goes on the left, and an optimization barrier keeps
   XLA from undoing that: the permutation moves to the small weight-shaped
   result. Same math as autodiff; the sums run in another order.
+
+  `out_dtype` (e.g. float32 under bfloat16 compute): the product is returned
+  in that dtype straight from the accumulator (preferred_element_type), and
+  the incoming gradient is cast back to the compute dtype before the
+  backward matmuls, so both matmuls still take compute-dtype operands.
   """
-  return jnp.einsum(equation, x, w)
+  return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
 
 
-def _weight_einsum_fwd(equation, x, w):
-  return jnp.einsum(equation, x, w), (x, w)
+def _weight_einsum_fwd(equation, x, w, out_dtype):
+  return weight_einsum(equation, x, w, out_dtype), (x, w)
 
 
-def _weight_einsum_bwd(equation, residuals, g):
+def _weight_einsum_bwd(equation, out_dtype, residuals, g):
+  del out_dtype
   x, w = residuals
+  g = g.astype(x.dtype)
   inputs, out = equation.split("->")
   a, b = inputs.split(",")
   dx = jnp.einsum(f"{out},{b}->{a}", g, w)
@@ -84,9 +92,17 @@ def _weight_einsum_bwd(equation, residuals, g):
 weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
+def _autodiff_einsum(equation, x, w, out_dtype=None):
+  # qwix intercepts this call under QAT and int8 serving; it sees the plain
+  # einsum, and the result is cast afterwards.
+  y = jnp.einsum(equation, x, w)
+  return y if out_dtype is None else y.astype(out_dtype)
+
+
 def einsum_for(grad: str):
-  """The einsum a projection uses under config.model.einsum_grad."""
-  return weight_einsum if grad == "small_left" else jnp.einsum
+  """The einsum a projection uses under config.model.einsum_grad:
+  f(equation, x, w, out_dtype=None)."""
+  return weight_einsum if grad == "small_left" else _autodiff_einsum
 
 
 class Einsum(nnx.Module):
@@ -108,9 +124,11 @@ class Einsum(nnx.Module):
     init = param_init(fan_in_normal(fan_in), *names)
     self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    """`out_dtype`: the result's dtype when it should not be rounded to the
+    compute dtype (an activation or RoPE follows in float32)."""
     return einsum_for(self.grad)(self.equation, x.astype(self.dtype),
-                                 _weight(self.kernel, self.dtype))
+                                 _weight(self.kernel, self.dtype), out_dtype)
 
 
 class Dense(nnx.Module):

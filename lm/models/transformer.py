@@ -96,19 +96,22 @@ class Attention(nnx.Module):
                cache_index):
     cfg = self.cfg
     if cfg.fused_qkv:
-      qkv_BxLxNxSxK = self.qkv(x_BxLxD)  # S = G + 2 slots per kv head.
+      # S = G + 2 slots per kv head; float32 for RoPE, as below.
+      qkv_BxLxNxSxK = self.qkv(x_BxLxD, out_dtype=jnp.float32)
       B, L, N, S, K = qkv_BxLxNxSxK.shape
       q_BxLxHxK = qkv_BxLxNxSxK[:, :, :, :S - 2].reshape(B, L, N * (S - 2), K)
       k_BxLxNxK = qkv_BxLxNxSxK[:, :, :, S - 2]
-      v_BxLxNxK = qkv_BxLxNxSxK[:, :, :, S - 1]
+      v_BxLxNxK = qkv_BxLxNxSxK[:, :, :, S - 1].astype(cfg.dtype)
     else:
-      q_BxLxHxK = self.q(x_BxLxD)
-      k_BxLxNxK = self.k(x_BxLxD)
+      # q and k stay in the float32 accumulator for RoPE (computed in
+      # float32) and are rounded to the compute dtype once, after it.
+      q_BxLxHxK = self.q(x_BxLxD, out_dtype=jnp.float32)
+      k_BxLxNxK = self.k(x_BxLxD, out_dtype=jnp.float32)
       v_BxLxNxK = self.v(x_BxLxD)
     q_BxLxHxK = layers.rope(q_BxLxHxK, positions_BxL, cfg.rope_base,
-                            cfg.max_len)
+                            cfg.max_len).astype(cfg.dtype)
     k_BxLxNxK = layers.rope(k_BxLxNxK, positions_BxL, cfg.rope_base,
-                            cfg.max_len)
+                            cfg.max_len).astype(cfg.dtype)
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
@@ -155,13 +158,21 @@ class Mlp(nnx.Module):
     self.up = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
     self.down = dense("blf,fd->bld", (F, D), ("mlp", "embed"), fan_in=F)
     self.kind = cfg.mlp
+    self.dtype = cfg.dtype
 
   def __call__(self, x_BxLxD):
+    # The activation reads the float32 accumulator and is rounded to the
+    # compute dtype once, for the down projection. Under bfloat16 on XLA:CPU
+    # this lets the activation fuse into the GEMM as it does in float32
+    # (a bf16 GEMM output is a float32 GEMM plus a convert there).
+    up_BxLxF = self.up(x_BxLxD, out_dtype=jnp.float32)
     if self.kind == "swiglu":
-      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+      gate_BxLxF = self.gate(x_BxLxD, out_dtype=jnp.float32)
+      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
     else:
-      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD))
-    h_BxLxF = constrain(h_BxLxF, "batch", "length", "act_mlp")
+      h_BxLxF = jax.nn.gelu(up_BxLxF)
+    h_BxLxF = constrain(h_BxLxF.astype(self.dtype), "batch", "length",
+                        "act_mlp")
     return self.down(h_BxLxF)
 
 
@@ -306,9 +317,9 @@ class Model(nnx.Module):
     if self.cfg.tie_embeddings:
       embedding_VxD = self.transformer.embedding[...].astype(self.cfg.dtype)
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
-          "bld,vd->blv", x_BxLxD, embedding_VxD)
+          "bld,vd->blv", x_BxLxD, embedding_VxD, jnp.float32)
     else:
-      logits_BxLxV = self.head(x_BxLxD)
+      logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
     # The loss and sampling read float32 logits whatever the compute dtype.
     return logits_BxLxV.astype(jnp.float32), cache
