@@ -56,28 +56,36 @@ def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
 def _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal: bool, chunks: int):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxSxNxK.shape[2]
-  q_BxLxNxGxK = q_BxLxHxK.reshape(B, L, N, H // N, K)
+  # Head-major inside: every einsum below is then a plain batched GEMM whose
+  # output is already in the layout its consumer reads. With the sequence
+  # axis outside the heads, XLA:CPU computed some score blocks transposed
+  # and transposed them back inside the softmax fusions (measured 4-9%
+  # slower, and 0.2 s more compile).
+  q_BxNxGxLxK = q_BxLxHxK.reshape(B, L, N, H // N, K).transpose(0, 2, 3, 1, 4)
+  k_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3)
+  v_BxNxSxK = v_BxSxNxK.transpose(0, 2, 1, 3)
   if not causal:
-    out = _attend_chunk(q_BxLxNxGxK, k_BxSxNxK, v_BxSxNxK, None)
-    return out.reshape(B, L, H, K)
-  assert k_BxSxNxK.shape[1] == L, "causal chunked attention needs S == L"
-  chunks = max(1, min(chunks, L))
-  ends = [L * (i + 1) // chunks for i in range(chunks)]
-  outs, start = [], 0
-  for end in ends:
-    # Queries [start, end) see keys [0, end): the keys after `end` are
-    # masked for every query of the chunk, so they are not computed at all.
-    outs.append(_attend_chunk(q_BxLxNxGxK[:, start:end], k_BxSxNxK[:, :end],
-                              v_BxSxNxK[:, :end], start))
-    start = end
-  return jnp.concatenate(outs, axis=1).reshape(B, L, H, K)
+    out_BxNxGxLxK = _attend_chunk(q_BxNxGxLxK, k_BxNxSxK, v_BxNxSxK, None)
+  else:
+    assert k_BxSxNxK.shape[1] == L, "causal chunked attention needs S == L"
+    chunks = max(1, min(chunks, L))
+    outs, start = [], 0
+    for end in [L * (i + 1) // chunks for i in range(chunks)]:
+      # Queries [start, end) see keys [0, end): the keys after `end` are
+      # masked for every query of the chunk, so they are not computed.
+      outs.append(_attend_chunk(q_BxNxGxLxK[:, :, :, start:end],
+                                k_BxNxSxK[:, :, :end], v_BxNxSxK[:, :, :end],
+                                start))
+      start = end
+    out_BxNxGxLxK = jnp.concatenate(outs, axis=3)
+  return out_BxNxGxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
-def _scores(q_BxCxNxGxK, k_BxSxNxK, offset):
+def _scores(q_BxNxGxCxK, k_BxNxSxK, offset):
   """float32 scaled scores; causal (query i at position offset + i) unless
   offset is None."""
-  C, S, K = q_BxCxNxGxK.shape[1], k_BxSxNxK.shape[1], q_BxCxNxGxK.shape[-1]
-  s_BxNxGxCxS = jnp.einsum("bcngk,bsnk->bngcs", q_BxCxNxGxK, k_BxSxNxK,
+  C, S, K = q_BxNxGxCxK.shape[3], k_BxNxSxK.shape[2], q_BxNxGxCxK.shape[-1]
+  s_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", q_BxNxGxCxK, k_BxNxSxK,
                            preferred_element_type=jnp.float32) * K ** -0.5
   if offset is None:
     return s_BxNxGxCxS
@@ -85,51 +93,50 @@ def _scores(q_BxCxNxGxK, k_BxSxNxK, offset):
   return jnp.where(mask_CxS, s_BxNxGxCxS, -jnp.inf)
 
 
-def _forward(q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK, offset):
-  s_BxNxGxCxS = _scores(q_BxCxNxGxK, k_BxSxNxK, offset)
+def _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
+  s_BxNxGxCxS = _scores(q_BxNxGxCxK, k_BxNxSxK, offset)
   max_BxNxGxCx1 = jnp.max(s_BxNxGxCxS, axis=-1, keepdims=True)
   p_BxNxGxCxS = jnp.exp(s_BxNxGxCxS - max_BxNxGxCx1)
   sum_BxNxGxCx1 = jnp.sum(p_BxNxGxCxS, axis=-1, keepdims=True)
-  # Normalize after the p.v product: a pass over B x C x H x K, not over
-  # the B x H x C x S probabilities.
-  o_BxCxNxGxK = jnp.einsum("bngcs,bsnk->bcngk",
-                           p_BxNxGxCxS.astype(v_BxSxNxK.dtype), v_BxSxNxK,
-                           preferred_element_type=jnp.float32)
-  o_BxCxNxGxK = o_BxCxNxGxK / jnp.moveaxis(sum_BxNxGxCx1, 3, 1)
+  # Normalize after the p.v product: a pass over C x K per head, not over
+  # the C x S probabilities.
+  o_BxNxGxCxK = jnp.einsum("bngcs,bnsk->bngck",
+                           p_BxNxGxCxS.astype(v_BxNxSxK.dtype), v_BxNxSxK,
+                           preferred_element_type=jnp.float32) / sum_BxNxGxCx1
   lse_BxNxGxCx1 = max_BxNxGxCx1 + jnp.log(sum_BxNxGxCx1)
-  return o_BxCxNxGxK.astype(q_BxCxNxGxK.dtype), lse_BxNxGxCx1
+  return o_BxNxGxCxK.astype(q_BxNxGxCxK.dtype), lse_BxNxGxCx1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attend_chunk(q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK, offset):
-  return _forward(q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK, offset)[0]
+def _attend_chunk(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
+  return _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset)[0]
 
 
-def _attend_chunk_fwd(q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK, offset):
-  o_BxCxNxGxK, lse_BxNxGxCx1 = _forward(q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK,
+def _attend_chunk_fwd(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
+  o_BxNxGxCxK, lse_BxNxGxCx1 = _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK,
                                         offset)
-  return o_BxCxNxGxK, (q_BxCxNxGxK, k_BxSxNxK, v_BxSxNxK, o_BxCxNxGxK,
+  return o_BxNxGxCxK, (q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, o_BxNxGxCxK,
                        lse_BxNxGxCx1)
 
 
-def _attend_chunk_bwd(offset, residuals, do_BxCxNxGxK):
+def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
   q, k, v, o, lse_BxNxGxCx1 = residuals
   dtype = q.dtype
+  do_BxNxGxCxK = do_BxNxGxCxK.astype(dtype)
   p_BxNxGxCxS = jnp.exp(_scores(q, k, offset) - lse_BxNxGxCx1)
-  dv_BxSxNxK = jnp.einsum("bngcs,bcngk->bsnk", p_BxNxGxCxS.astype(dtype),
-                          do_BxCxNxGxK.astype(dtype))
-  dp_BxNxGxCxS = jnp.einsum("bcngk,bsnk->bngcs", do_BxCxNxGxK.astype(dtype), v,
+  dv_BxNxSxK = jnp.einsum("bngcs,bngck->bnsk", p_BxNxGxCxS.astype(dtype),
+                          do_BxNxGxCxK)
+  dp_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", do_BxNxGxCxK, v,
                             preferred_element_type=jnp.float32)
   # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) =
   # rowsum(dO * O), a sum over K instead of over S.
-  rowsum_BxCxNxGx1 = jnp.sum(do_BxCxNxGxK.astype(jnp.float32)
+  rowsum_BxNxGxCx1 = jnp.sum(do_BxNxGxCxK.astype(jnp.float32)
                              * o.astype(jnp.float32), axis=-1, keepdims=True)
-  ds_BxNxGxCxS = (p_BxNxGxCxS * (dp_BxNxGxCxS
-                                 - jnp.moveaxis(rowsum_BxCxNxGx1, 1, 3))
+  ds_BxNxGxCxS = (p_BxNxGxCxS * (dp_BxNxGxCxS - rowsum_BxNxGxCx1)
                   * q.shape[-1] ** -0.5).astype(dtype)
-  dq_BxCxNxGxK = jnp.einsum("bngcs,bsnk->bcngk", ds_BxNxGxCxS, k)
-  dk_BxSxNxK = jnp.einsum("bngcs,bcngk->bsnk", ds_BxNxGxCxS, q)
-  return dq_BxCxNxGxK, dk_BxSxNxK, dv_BxSxNxK
+  dq_BxNxGxCxK = jnp.einsum("bngcs,bnsk->bngck", ds_BxNxGxCxS, k)
+  dk_BxNxSxK = jnp.einsum("bngcs,bngck->bnsk", ds_BxNxGxCxS, q)
+  return dq_BxNxGxCxK, dk_BxNxSxK, dv_BxNxSxK
 
 
 _attend_chunk.defvjp(_attend_chunk_fwd, _attend_chunk_bwd)
