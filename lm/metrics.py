@@ -7,9 +7,11 @@ Letters: N, M examples, C classes, D feature dim, H x W image, K channels.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-import scipy.stats
 from etils import epath
+
+# scipy is imported where it is used: scipy.stats alone adds ~60 MB to the
+# resident memory of every process that imports lm.tasks, and language-model
+# runs never call it.
 
 
 def confusion_matrix(labels_N: np.ndarray, preds_N: np.ndarray,
@@ -27,6 +29,7 @@ def confusion_matrix(labels_N: np.ndarray, preds_N: np.ndarray,
 
 def _binary_auc(is_pos_N: np.ndarray, score_N: np.ndarray) -> float:
   # Mann-Whitney U with average ranks == trapezoidal ROC area, no curve.
+  import scipy.stats  # noqa: PLC0415 (see the imports)
   n_pos = is_pos_N.sum()
   rank_sum = scipy.stats.rankdata(score_N)[is_pos_N].sum()
   return float((rank_sum - n_pos * (n_pos + 1) / 2)
@@ -93,6 +96,7 @@ def frechet_distance(feats_a_NxD: np.ndarray, feats_b_MxD: np.ndarray,
                      eps: float = 1e-6) -> float:
   """||mu_a - mu_b||^2 + Tr(Ca + Cb - 2 sqrtm(Ca Cb)) of the two sets' sample
   means and (ddof=1) covariances; FID when the features are Inception's."""
+  import scipy.linalg  # noqa: PLC0415 (see the imports)
   a_NxD, b_MxD = (np.asarray(f, np.float64) for f in (feats_a_NxD, feats_b_MxD))
   diff_D = a_NxD.mean(axis=0) - b_MxD.mean(axis=0)
   cov_a_DxD, cov_b_DxD = (np.atleast_2d(np.cov(f, rowvar=False))
