@@ -14,6 +14,9 @@ run() {  # name, overrides...
 }
 run plain_autodiff --config.model.einsum_grad=autodiff
 run default
+run attention_xla --config.model.attention_impl=xla
+run attention_chunks_1 --config.model.attention_chunks=1
+run attention_chunks_4 --config.model.attention_chunks=4
 run fused_qkv --config.model.fused_qkv=True
 run scan --config.model.scan_layers=True
 run remat_full --config.model.remat=full
@@ -21,3 +24,4 @@ run remat_dots --config.model.remat=dots
 run remat_dots_no_batch --config.model.remat=dots_no_batch
 run bf16 --config.precision.compute_dtype=bfloat16
 run bf16_autodiff --config.precision.compute_dtype=bfloat16 --config.model.einsum_grad=autodiff
+run bf16_attention_xla --config.precision.compute_dtype=bfloat16 --config.model.attention_impl=xla

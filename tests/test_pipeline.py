@@ -29,7 +29,9 @@ def assert_close(actual, desired, rtol=1e-5):
 
 def _blocks():
   """(layer_fn, stacked params as a pure dict, logical specs) of real blocks."""
-  cfg = transformer.Config(vocab_size=64, max_len=L, d_model=D,
+  # max_len covers the strided positions of _inputs (up to B x L): RoPE's
+  # sin/cos table has max_len rows.
+  cfg = transformer.Config(vocab_size=64, max_len=B * L, d_model=D,
                            n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, d_ff=64,
                            scan_layers=True)
   model = transformer.Model(cfg, nnx.Rngs(0))
