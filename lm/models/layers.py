@@ -67,7 +67,7 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array,
 
 
 def _weight_einsum_fwd(equation, x, w, out_dtype):
-  return weight_einsum(equation, x, w, out_dtype), (x, w)
+  return jnp.einsum(equation, x, w, preferred_element_type=out_dtype), (x, w)
 
 
 def _weight_einsum_bwd(equation, out_dtype, residuals, g):
@@ -210,6 +210,19 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _rope_table(base: float, max_len: int, half: int):
+  """float32 (sin, cos), each max_len x half. Cached: every layer's q and k
+  then share one pair of arrays, which the program holds once."""
+  inv_freq_K2 = base ** (-np.arange(half, dtype=np.float64) / half)
+  angle_PxK2 = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq_K2
+  tables = (np.sin(angle_PxK2).astype(np.float32),
+            np.cos(angle_PxK2).astype(np.float32))
+  for table in tables:
+    table.flags.writeable = False  # Shared by every caller.
+  return tables
+
+
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, base: float,
          max_len: int) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32.
@@ -222,12 +235,9 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, base: float,
   max_len (config.model.max_len); jnp.take fills NaN beyond it.
   """
   half = x_BxLxHxK.shape[-1] // 2
-  inv_freq_K2 = base ** (-np.arange(half, dtype=np.float64) / half)
-  angle_PxK2 = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq_K2
-  sin_BxLx1xK2 = jnp.take(np.sin(angle_PxK2).astype(np.float32),
-                          positions_BxL, axis=0)[:, :, None, :]
-  cos_BxLx1xK2 = jnp.take(np.cos(angle_PxK2).astype(np.float32),
-                          positions_BxL, axis=0)[:, :, None, :]
+  sin_PxK2, cos_PxK2 = _rope_table(base, max_len, half)
+  sin_BxLx1xK2 = jnp.take(sin_PxK2, positions_BxL, axis=0)[:, :, None, :]
+  cos_BxLx1xK2 = jnp.take(cos_PxK2, positions_BxL, axis=0)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos_BxLx1xK2 - x2 * sin_BxLx1xK2,
