@@ -29,6 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lm.models import layers
+
 # Implementation -> the backends that can run it.
 BACKENDS = {"chunked": ("cpu", "gpu", "tpu"), "xla": ("cpu", "gpu", "tpu"),
             "cudnn": ("gpu",)}
@@ -124,8 +126,8 @@ def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
   dtype = q.dtype
   do_BxNxGxCxK = do_BxNxGxCxK.astype(dtype)
   p_BxNxGxCxS = jnp.exp(_scores(q, k, offset) - lse_BxNxGxCx1)
-  dv_BxNxSxK = jnp.einsum("bngcs,bngck->bnsk", p_BxNxGxCxS.astype(dtype),
-                          do_BxNxGxCxK)
+  dv_BxNxSxK = layers.accumulate_einsum(
+      "bngcs,bngck->bnsk", p_BxNxGxCxS.astype(dtype), do_BxNxGxCxK)
   dp_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", do_BxNxGxCxK, v,
                             preferred_element_type=jnp.float32)
   # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) =
@@ -134,8 +136,10 @@ def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
                              * o.astype(jnp.float32), axis=-1, keepdims=True)
   ds_BxNxGxCxS = (p_BxNxGxCxS * (dp_BxNxGxCxS - rowsum_BxNxGxCx1)
                   * q.shape[-1] ** -0.5).astype(dtype)
-  dq_BxNxGxCxK = jnp.einsum("bngcs,bnsk->bngck", ds_BxNxGxCxS, k)
-  dk_BxNxSxK = jnp.einsum("bngcs,bngck->bnsk", ds_BxNxGxCxS, q)
+  dq_BxNxGxCxK = layers.accumulate_einsum("bngcs,bnsk->bngck",
+                                          ds_BxNxGxCxS, k)
+  dk_BxNxSxK = layers.accumulate_einsum("bngcs,bngck->bnsk",
+                                        ds_BxNxGxCxS, q)
   return dq_BxNxGxCxK, dk_BxNxSxK, dv_BxNxSxK
 
 

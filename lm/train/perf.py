@@ -9,7 +9,11 @@ lowered train step. Both are logged at start-up for comparison.
 Peak FLOP/s per device:
 - TPU and GPU: the data sheets' dense peaks below, per compute dtype.
 - CPU: measured (a jitted 2048^3 matmul, median of 10) in a subprocess, so its
-  buffers do not stay in the trainer's memory, and cached in
+  buffers do not stay in the trainer's memory. The matmul accumulates in
+  float32 (preferred_element_type), as every matmul of the model does: for
+  bfloat16 that is XLA:CPU's native BF16 GEMM, about 2x the float32 rate on
+  an AVX512-BF16 CPU, where a bf16-output dot would run through float32. It
+  is cached in
   ~/.cache/lm/peak_flops.json per CPU model, core count, dtype and jax
   version. Simulated devices (XLA_FLAGS) share that one peak.
 `LM_PEAK_TFLOPS` (per chip) overrides any of them.
@@ -47,7 +51,7 @@ import jax, jax.numpy as jnp
 n, dtype = 2048, sys.argv[1]
 a = jax.random.normal(jax.random.key(0), (n, n), dtype)
 b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-dot = jax.jit(jnp.dot)
+dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
 for _ in range(2):
   dot(a, b).block_until_ready()
 ts = []
@@ -66,7 +70,10 @@ def _cpu_key(dtype: str) -> str:
                     if line.startswith("model name")), model)
   except OSError:
     pass
-  return f"{model}|{os.cpu_count()} cores|{dtype}|jax {jax.__version__}"
+  # "acc f32": peaks measured before the matmul accumulated in float32 are
+  # not reused.
+  return (f"{model}|{os.cpu_count()} cores|{dtype} acc f32|"
+          f"jax {jax.__version__}")
 
 
 def measure_cpu_peak(dtype: str) -> float:
