@@ -58,12 +58,16 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array,
   XLA from undoing that: the permutation moves to the small weight-shaped
   result. Same math as autodiff; the sums run in another order.
 
-  `out_dtype` (e.g. float32 under bfloat16 compute): the product is returned
-  in that dtype straight from the accumulator (preferred_element_type), and
-  the incoming gradient is cast back to the compute dtype before the
-  backward matmuls, so both matmuls still take compute-dtype operands.
+  Dtypes: `w` may be wider than `x` (the float32 parameter under bfloat16
+  compute); it is cast to x's dtype for the matmul, and its gradient comes
+  back in w's dtype straight from the float32 accumulator, not rounded to
+  bf16 and widened again (one convert kernel less per weight, and a more
+  precise gradient). `out_dtype` (e.g. float32 before an activation or
+  RoPE): the product is returned in that dtype from the accumulator. The
+  incoming gradient is cast to x's dtype before the backward matmuls, so
+  every matmul takes compute-dtype operands.
   """
-  return accumulate_einsum(equation, x, w, out_dtype)
+  return accumulate_einsum(equation, x, w.astype(x.dtype), out_dtype)
 
 
 def accumulate_einsum(equation: str, a: jax.Array, b: jax.Array,
@@ -82,24 +86,25 @@ def accumulate_einsum(equation: str, a: jax.Array, b: jax.Array,
 
 
 def _weight_einsum_fwd(equation, x, w, out_dtype):
-  return accumulate_einsum(equation, x, w, out_dtype), (x, w)
+  return (accumulate_einsum(equation, x, w.astype(x.dtype), out_dtype),
+          (x, w))
 
 
 def _weight_einsum_bwd(equation, out_dtype, residuals, g):
   del out_dtype
-  x, w = residuals
+  x, w = residuals  # w in its own dtype; XLA shares the forward's cast.
   g = g.astype(x.dtype)
   inputs, out = equation.split("->")
   a, b = inputs.split(",")
-  dx = accumulate_einsum(f"{out},{b}->{a}", g, w)
+  dx = accumulate_einsum(f"{out},{b}->{a}", g, w.astype(x.dtype))
   if x.size <= g.size:
-    dw = accumulate_einsum(f"{a},{out}->{b}", x, g)
+    dw = accumulate_einsum(f"{a},{out}->{b}", x, g, w.dtype)
   else:  # [batch axes] + the output's weight axes + the input's.
     order = "".join([c for c in b if c in a and c in out] +
                     [c for c in out if c in b and c not in a] +
                     [c for c in a if c in b and c not in out])
     dw = jax.lax.optimization_barrier(
-        accumulate_einsum(f"{out},{a}->{order}", g, x))
+        accumulate_einsum(f"{out},{a}->{order}", g, x, w.dtype))
     dw = jnp.einsum(f"{order}->{b}", dw)
   return dx, dw
 
@@ -108,15 +113,17 @@ weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
 def _autodiff_einsum(equation, x, w, out_dtype=None):
-  # qwix intercepts this call under QAT and int8 serving; it sees the plain
-  # einsum, and the result is cast afterwards.
-  y = jnp.einsum(equation, x, w)
+  # qwix intercepts both calls under QAT and int8 serving: jnp.asarray casts
+  # an int8 kernel (values plus scales) where .astype cannot, and the einsum
+  # is the plain one; the result is cast afterwards.
+  y = jnp.einsum(equation, x, jnp.asarray(w, x.dtype))
   return y if out_dtype is None else y.astype(out_dtype)
 
 
 def einsum_for(grad: str):
   """The einsum a projection uses under config.model.einsum_grad:
-  f(equation, x, w, out_dtype=None)."""
+  f(equation, x, w, out_dtype=None), where w (the parameter's value, in any
+  dtype) is cast to x's dtype inside."""
   return weight_einsum if grad == "small_left" else _autodiff_einsum
 
 
@@ -143,7 +150,7 @@ class Einsum(nnx.Module):
     """`out_dtype`: the result's dtype when it should not be rounded to the
     compute dtype (an activation or RoPE follows in float32)."""
     return einsum_for(self.grad)(self.equation, x.astype(self.dtype),
-                                 _weight(self.kernel, self.dtype), out_dtype)
+                                 self.kernel[...], out_dtype)
 
 
 class Dense(nnx.Module):

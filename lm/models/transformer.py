@@ -315,9 +315,9 @@ class Model(nnx.Module):
     x_BxLxD, cache = self.transformer(tokens_BxL, positions_BxL, cache,
                                       cache_index)
     if self.cfg.tie_embeddings:
-      embedding_VxD = self.transformer.embedding[...].astype(self.cfg.dtype)
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
-          "bld,vd->blv", x_BxLxD, embedding_VxD, jnp.float32)
+          "bld,vd->blv", x_BxLxD, self.transformer.embedding[...],
+          jnp.float32)
     else:
       logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")

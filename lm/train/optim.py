@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lm.train import prune
@@ -87,6 +88,27 @@ def schedule(c, total_steps: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's rule (scale by max_norm / norm when the norm
+  is larger), applied as one multiply by a scalar.
+
+  optax divides every element by the norm. XLA does not duplicate a divide
+  into several consumers, so that form materializes a clipped copy of each
+  gradient before the optimizer's moment updates read it: one more kernel
+  per parameter (about 30 of the bench step's, 0.1 s of its compile) and
+  one more pass over every gradient. A multiply is fused into each
+  consumer. The state is optax's (empty), so checkpoints are unchanged.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.minimum(1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update_fn)
+
+
 def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
@@ -103,7 +125,7 @@ def make(c, total_steps: int, prune_cfg=None
   lr = schedule(c, total_steps)
   parts = []
   if c.get("grad_clip_norm", 0.0):
-    parts.append(optax.clip_by_global_norm(c.grad_clip_norm))
+    parts.append(clip_by_global_norm(c.grad_clip_norm))
   parts.append(UPDATE_RULES[c.name](c))
   if c.get("weight_decay", 0.0):
     parts.append(optax.add_decayed_weights(c.weight_decay, mask=decay_mask))
