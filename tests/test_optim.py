@@ -48,6 +48,25 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(optax.tree.norm(updates), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_clipping_equals_optax(scale):
+  """Our clip (one multiply by a scalar) against optax.clip_by_global_norm
+  (a divide per element), below, at and above the threshold."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  grads = {"w": jax.random.normal(k1, (7, 5)) * scale,
+           "b": jax.random.normal(k2, (5,)) * scale}
+  max_norm = float(optax.tree.norm(jax.tree.map(lambda g: g / scale, grads)))
+  ours = optim.clip_by_global_norm(max_norm)
+  theirs = optax.clip_by_global_norm(max_norm)
+  got, _ = ours.update(grads, ours.init(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  if scale <= 1.0:  # Below the threshold: untouched, bit for bit.
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(grads)):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_schedules():
   _, cos = optim.make(_cfg(schedule="cosine", warmup_steps=10,
                            end_learning_rate_fraction=0.1), total_steps=110)

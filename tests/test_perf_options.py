@@ -125,6 +125,35 @@ def test_weight_einsum_float32_output_rounds_the_gradient_like_a_cast():
                                atol=2e-2)
 
 
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("bld,df->blf", (2, 5, 8), (8, 24)),
+    ("blf,fd->bld", (2, 5, 24), (24, 8)),  # the transposed-result branch
+])
+def test_weight_einsum_float32_weight_gets_a_float32_gradient(
+    equation, x_shape, w_shape):
+  """A float32 weight with bfloat16 input: the weight is cast to bf16 for
+  the matmul, and its gradient comes back in float32 from the accumulator,
+  i.e. the float32 product of the bf16 operands, not rounded to bf16."""
+  kx, kw, kg = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, w_shape)
+  g = jax.random.normal(kg, jnp.einsum(equation, x, w).shape).astype(
+      jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, w: layers.weight_einsum(equation, x, w), x, w)
+  dx, dw = vjp(g)
+  w16 = w.astype(jnp.bfloat16)
+  assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  f32 = lambda t: t.astype(jnp.float32)
+  _, vjp32 = jax.vjp(lambda x, w: jnp.einsum(equation, x, w), f32(x), f32(w16))
+  dx32, dw32 = vjp32(f32(g))
+  # The bf16 operands' products summed in float32: equal up to summation
+  # order, far tighter than one bf16 rounding (2**-8 relative).
+  np.testing.assert_allclose(dw, dw32, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(f32(dx), dx32, rtol=2 ** -8, atol=1e-2)
+  np.testing.assert_allclose(f32(y), jnp.einsum(equation, f32(x), f32(w16)),
+                             rtol=2 ** -8, atol=1e-2)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_fused_qkv_equals_separate_projections(scan):
   """The fused kernel built from the separate q, k, v kernels gives the same
