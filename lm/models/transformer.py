@@ -161,10 +161,9 @@ class Mlp(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, x_BxLxD):
-    # The activation reads the float32 accumulator and is rounded to the
-    # compute dtype once, for the down projection. Under bfloat16 on XLA:CPU
-    # this lets the activation fuse into the GEMM as it does in float32
-    # (a bf16 GEMM output is a float32 GEMM plus a convert there).
+    # The activation reads the float32 accumulator (every matmul accumulates
+    # in float32, layers.accumulate_einsum) and is rounded to the compute
+    # dtype once, for the down projection: one rounding instead of two.
     up_BxLxF = self.up(x_BxLxD, out_dtype=jnp.float32)
     if self.kind == "swiglu":
       gate_BxLxF = self.gate(x_BxLxD, out_dtype=jnp.float32)
