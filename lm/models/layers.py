@@ -278,3 +278,57 @@ REMAT_POLICIES = {
         "device", "pinned_host"),
 }
 REMAT_BACKENDS = {"offload": ("gpu", "tpu")}  # Policies not every backend has.
+
+
+def remat(run_block, policy: str):
+  """run_block(block, x, layer_cache, positions) -> (x, cache, aux), with the
+  block's activations rematerialized under REMAT_POLICIES[policy].
+
+  "full" is built here rather than with jax.checkpoint: the forward keeps
+  only the block's inputs, and the backward recomputes the block from an
+  input that depends on the block's output gradient (x + 0 * one element of
+  it), so the recomputation cannot start before the backward pass reaches
+  the block. Under jax.checkpoint XLA:CPU schedules the recomputed forward
+  as soon as its inputs exist, i.e. during the original forward pass, and
+  keeps its results live until the backward: every activation is held as
+  without remat (README, the memory note under the performance log). jax's
+  optimization barrier does not prevent that on XLA:CPU, which removes the
+  barriers before scheduling. A non-finite gradient element makes the
+  recomputed block NaN; the step's gradients are non-finite then anyway.
+  The other policies, decoding (a KV cache, no backward) and blocks with
+  state besides their parameters use nnx.remat.
+  """
+  if policy != "full":
+    return nnx.remat(run_block, policy=REMAT_POLICIES[policy])
+
+  def wrapped(block, x_BxLxD, layer_cache, positions_BxL):
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    if layer_cache is not None or jax.tree.leaves(rest):
+      return nnx.remat(run_block, policy=REMAT_POLICIES[policy])(
+          block, x_BxLxD, layer_cache, positions_BxL)
+
+    def forward(params, x_BxLxD, positions_BxL):
+      return run_block(nnx.merge(graphdef, params, rest), x_BxLxD, None,
+                       positions_BxL)
+
+    @jax.custom_vjp
+    def rematted(params, x_BxLxD, positions_BxL):
+      return forward(params, x_BxLxD, positions_BxL)
+
+    def rematted_fwd(params, x_BxLxD, positions_BxL):
+      return (forward(params, x_BxLxD, positions_BxL),
+              (params, x_BxLxD, positions_BxL))
+
+    def rematted_bwd(inputs, cotangent):
+      params, x_BxLxD, positions_BxL = inputs
+      dx_BxLxD = cotangent[0]
+      # XLA does not fold a float multiply by zero (NaN semantics), so this
+      # is a real dependency: the recomputation waits for the gradient.
+      zero = dx_BxLxD[(0,) * dx_BxLxD.ndim].astype(x_BxLxD.dtype) * 0
+      _, vjp_fn = jax.vjp(forward, params, x_BxLxD + zero, positions_BxL)
+      return vjp_fn(cotangent)
+
+    rematted.defvjp(rematted_fwd, rematted_bwd)
+    return rematted(params, x_BxLxD, positions_BxL)
+
+  return wrapped

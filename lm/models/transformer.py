@@ -246,13 +246,12 @@ class Transformer(nnx.Module):
       positions_BxL = start + jnp.broadcast_to(
           jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = self.embed(tokens_BxL)
-    policy = layers.REMAT_POLICIES[cfg.remat]
 
     def run_block(block, x_BxLxD, layer_cache, positions_BxL):
       return block(x_BxLxD, positions_BxL, layer_cache, cache_index)
 
     if cfg.remat != "none":
-      run_block = nnx.remat(run_block, policy=policy)
+      run_block = layers.remat(run_block, cfg.remat)
 
     aux = {}
     if cfg.scan_layers and cache is None and axis_size("stage") > 1:
