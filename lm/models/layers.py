@@ -291,7 +291,7 @@ def remat(run_block, policy: str):
   the block. Under jax.checkpoint XLA:CPU schedules the recomputed forward
   as soon as its inputs exist, i.e. during the original forward pass, and
   keeps its results live until the backward: every activation is held as
-  without remat (README, the memory note under the performance log). jax's
+  without remat (README, performance log entry 10). jax's
   optimization barrier does not prevent that on XLA:CPU, which removes the
   barriers before scheduling. A non-finite gradient element makes the
   recomputed block NaN; the step's gradients are non-finite then anyway.
