@@ -75,8 +75,10 @@ def test_remat_changes_memory_not_gradients(policy):
                                                          atol=1e-7), g0, g1)
 
 
-def test_full_remat_lowers_the_compiled_temporaries():
-  """remat="full" must hold fewer activations, not only recompute them:
+@pytest.mark.parametrize("policy,most", [
+    ("full", 0.5), ("dots", 0.75), ("dots_no_batch", 0.75)])
+def test_remat_lowers_the_compiled_temporaries(policy, most):
+  """A remat policy must hold fewer activations, not only recompute them:
   XLA's temporaries of the gradient fall well below the no-remat ones.
   (Under plain jax.checkpoint XLA:CPU ran the recomputation during the
   forward pass and the two were equal; see layers.remat.)"""
@@ -93,7 +95,7 @@ def test_full_remat_lowers_the_compiled_temporaries():
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temporaries("full") < 0.6 * temporaries("none")
+  assert temporaries(policy) < most * temporaries("none")
 
 
 def test_gqa_matches_mha_with_repeated_kv_heads():

@@ -280,25 +280,33 @@ REMAT_POLICIES = {
 REMAT_BACKENDS = {"offload": ("gpu", "tpu")}  # Policies not every backend has.
 
 
+# Policies built by `remat` below; the rest go through nnx.remat.
+TIED_REMAT = ("full", "dots", "dots_no_batch")
+
+
 def remat(run_block, policy: str):
   """run_block(block, x, layer_cache, positions) -> (x, cache, aux), with the
   block's activations rematerialized under REMAT_POLICIES[policy].
 
-  "full" is built here rather than with jax.checkpoint: the forward keeps
-  only the block's inputs, and the backward recomputes the block from an
-  input that depends on the block's output gradient (x + 0 * one element of
-  it), so the recomputation cannot start before the backward pass reaches
-  the block. Under jax.checkpoint XLA:CPU schedules the recomputed forward
-  as soon as its inputs exist, i.e. during the original forward pass, and
-  keeps its results live until the backward: every activation is held as
-  without remat (README, performance log entry 10). jax's
-  optimization barrier does not prevent that on XLA:CPU, which removes the
-  barriers before scheduling. A non-finite gradient element makes the
-  recomputed block NaN; the step's gradients are non-finite then anyway.
-  The other policies, decoding (a KV cache, no backward) and blocks with
-  state besides their parameters use nnx.remat.
+  Why not plain nnx.remat (jax.checkpoint): XLA:CPU schedules the recomputed
+  forward as soon as its inputs exist, i.e. during the original forward
+  pass, and keeps its results live until the backward, so every activation
+  was held as without remat (README, performance log entry 10). jax's
+  optimization barriers do not prevent that: XLA:CPU removes them before it
+  schedules. Here each block is a custom VJP whose backward adds
+  `0 * (one element of the block's output gradient)` to what the forward
+  kept. XLA does not fold a float multiply by zero (NaN semantics), so the
+  recomputation depends on the gradient and waits for the backward pass to
+  reach the block.
+  - "full": the forward keeps only the block's inputs; the backward
+    recomputes the whole block.
+  - "dots", "dots_no_batch": the forward keeps what jax.checkpoint's policy
+    saves (jax.vjp's residuals); the backward recomputes the rest.
+  A non-finite gradient element makes the recomputed block NaN; the step's
+  gradients are non-finite then anyway. "offload", decoding (a KV cache, no
+  backward) and blocks with state besides their parameters use nnx.remat.
   """
-  if policy != "full":
+  if policy not in TIED_REMAT:
     return nnx.remat(run_block, policy=REMAT_POLICIES[policy])
 
   def wrapped(block, x_BxLxD, layer_cache, positions_BxL):
@@ -311,21 +319,27 @@ def remat(run_block, policy: str):
       return run_block(nnx.merge(graphdef, params, rest), x_BxLxD, None,
                        positions_BxL)
 
+    checkpointed = jax.checkpoint(forward, policy=REMAT_POLICIES[policy])
+
     @jax.custom_vjp
     def rematted(params, x_BxLxD, positions_BxL):
       return forward(params, x_BxLxD, positions_BxL)
 
     def rematted_fwd(params, x_BxLxD, positions_BxL):
-      return (forward(params, x_BxLxD, positions_BxL),
-              (params, x_BxLxD, positions_BxL))
+      if policy == "full":
+        return (forward(params, x_BxLxD, positions_BxL),
+                (params, x_BxLxD, positions_BxL))
+      return jax.vjp(checkpointed, params, x_BxLxD, positions_BxL)
 
-    def rematted_bwd(inputs, cotangent):
-      params, x_BxLxD, positions_BxL = inputs
+    def rematted_bwd(kept, cotangent):
       dx_BxLxD = cotangent[0]
-      # XLA does not fold a float multiply by zero (NaN semantics), so this
-      # is a real dependency: the recomputation waits for the gradient.
-      zero = dx_BxLxD[(0,) * dx_BxLxD.ndim].astype(x_BxLxD.dtype) * 0
-      _, vjp_fn = jax.vjp(forward, params, x_BxLxD + zero, positions_BxL)
+      zero = dx_BxLxD[(0,) * dx_BxLxD.ndim] * 0
+      kept = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(
+          r.dtype, jnp.floating) else r, kept)
+      if policy == "full":
+        _, vjp_fn = jax.vjp(forward, *kept)
+      else:
+        vjp_fn = kept
       return vjp_fn(cotangent)
 
     rematted.defvjp(rematted_fwd, rematted_bwd)
