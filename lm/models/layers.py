@@ -31,10 +31,10 @@ def fan_in_normal(fan_in: int):
 
 
 def _weight(kernel, dtype):
-  """A kernel in the compute dtype. Written with `jnp.asarray` on the variable
+  """A kernel's value in the compute dtype. Written with `jnp.asarray`
   because qwix intercepts that call: in a converted int8 model (lm/quant) the
   kernel is int8 values plus scales, which `.astype` cannot cast."""
-  return jnp.asarray(kernel[...], dtype)
+  return jnp.asarray(kernel, dtype)
 
 
 EINSUM_GRADS = ("small_left", "autodiff")
@@ -113,10 +113,9 @@ weight_einsum.defvjp(_weight_einsum_fwd, _weight_einsum_bwd)
 
 
 def _autodiff_einsum(equation, x, w, out_dtype=None):
-  # qwix intercepts both calls under QAT and int8 serving: jnp.asarray casts
-  # an int8 kernel (values plus scales) where .astype cannot, and the einsum
-  # is the plain one; the result is cast afterwards.
-  y = jnp.einsum(equation, x, jnp.asarray(w, x.dtype))
+  # qwix intercepts both calls under QAT and int8 serving (see _weight); the
+  # einsum is the plain one, and the result is cast afterwards.
+  y = jnp.einsum(equation, x, _weight(w, x.dtype))
   return y if out_dtype is None else y.astype(out_dtype)
 
 
@@ -168,7 +167,7 @@ class Dense(nnx.Module):
   def __call__(self, x_BxI: jax.Array) -> jax.Array:
     # An einsum, which qwix intercepts in training and in serving alike.
     y_BxO = jnp.einsum("...i,io->...o", x_BxI.astype(self.dtype),
-                       _weight(self.kernel, self.dtype))
+                       _weight(self.kernel[...], self.dtype))
     if self.bias is not None:
       y_BxO = y_BxO + self.bias[...].astype(self.dtype)
     return y_BxO
@@ -297,14 +296,12 @@ def remat(run_block, policy: str):
   `0 * (one element of the block's output gradient)` to what the forward
   kept. XLA does not fold a float multiply by zero (NaN semantics), so the
   recomputation depends on the gradient and waits for the backward pass to
-  reach the block.
-  - "full": the forward keeps only the block's inputs; the backward
-    recomputes the whole block.
-  - "dots", "dots_no_batch": the forward keeps what jax.checkpoint's policy
-    saves (jax.vjp's residuals); the backward recomputes the rest.
-  A non-finite gradient element makes the recomputed block NaN; the step's
-  gradients are non-finite then anyway. "offload", decoding (a KV cache, no
-  backward) and blocks with state besides their parameters use nnx.remat.
+  reach the block. What the forward keeps is what jax.checkpoint's policy
+  saves (jax.vjp's residuals): the block's inputs only under "full", also
+  the matmul outputs under "dots" and "dots_no_batch". A non-finite gradient
+  element makes the recomputed block NaN; the step's gradients are non-finite
+  then anyway. "offload", decoding (a KV cache, no backward) and blocks with
+  state besides their parameters use nnx.remat.
   """
   if policy not in TIED_REMAT:
     return nnx.remat(run_block, policy=REMAT_POLICIES[policy])
@@ -326,20 +323,14 @@ def remat(run_block, policy: str):
       return forward(params, x_BxLxD, positions_BxL)
 
     def rematted_fwd(params, x_BxLxD, positions_BxL):
-      if policy == "full":
-        return (forward(params, x_BxLxD, positions_BxL),
-                (params, x_BxLxD, positions_BxL))
       return jax.vjp(checkpointed, params, x_BxLxD, positions_BxL)
 
-    def rematted_bwd(kept, cotangent):
+    def rematted_bwd(vjp_fn, cotangent):
       dx_BxLxD = cotangent[0]
       zero = dx_BxLxD[(0,) * dx_BxLxD.ndim] * 0
-      kept = jax.tree.map(lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(
-          r.dtype, jnp.floating) else r, kept)
-      if policy == "full":
-        _, vjp_fn = jax.vjp(forward, *kept)
-      else:
-        vjp_fn = kept
+      vjp_fn = jax.tree.map(
+          lambda r: r + zero.astype(r.dtype)
+          if jnp.issubdtype(r.dtype, jnp.floating) else r, vjp_fn)
       return vjp_fn(cotangent)
 
     rematted.defvjp(rematted_fwd, rematted_bwd)
