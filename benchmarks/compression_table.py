@@ -11,13 +11,11 @@ the config file's defaults. Serving models: scripts/eval.py on the test split
 """
 import importlib.util
 import json
-import os
 import re
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {"lm": ("configs/lm.py", "tiny"), "mlp": ("configs/mlp_digits.py",
                                                     None)}
@@ -57,15 +55,12 @@ def _command(run: Path, family: str) -> str:
 
 
 def _bytes(run: Path) -> int:
-  from lm import models  # noqa: PLC0415
-  from lm.train import state as state_lib  # noqa: PLC0415
-  import ml_collections  # noqa: PLC0415
+  from lm import config as config_lib, models  # noqa: PLC0415
   import jax  # noqa: PLC0415
-  config = ml_collections.ConfigDict(json.loads((run / "config.json")
-                                                .read_text()))
+  config = config_lib.resolve(json.loads((run / "config.json").read_text()))
   config.quant.mode = "none"  # Training keeps float32 parameters.
-  model = state_lib.abstract_model(models.model_config(config),
-                                   config.model.name)
+  model = models.abstract_model(models.model_config(config),
+                                config.model.name)
   from flax import nnx  # noqa: PLC0415
   return sum(x.size * x.dtype.itemsize
              for x in jax.tree.leaves(nnx.state(model)))

@@ -17,18 +17,15 @@ import copy
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import lm as lm_config  # noqa: E402
-import lm.parallel  # noqa: E402
-import lm.tasks  # noqa: E402
-import lm.train.state  # noqa: E402
-import lm.train.step  # noqa: E402
+from configs import lm as lm_config
+import lm.parallel
+import lm.tasks
+import lm.train.state
+import lm.train.step
 
 
 def _override(config, overrides: str):
@@ -59,7 +56,7 @@ def main():
   mesh = lm.parallel.make_mesh(base_config.mesh, jax.devices()[:1])
   rng = np.random.default_rng(0)
   runs = []
-  with jax.set_mesh(mesh), lm.parallel.rules.use(lm.parallel.Rules()):
+  with jax.set_mesh(mesh):
     for variant in variants:
       config = _override(copy.deepcopy(base_config), variant)
       setup = lm.train.state.make_setup(config, mesh)

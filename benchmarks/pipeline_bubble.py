@@ -28,23 +28,22 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm.models import transformer  # noqa: E402
-from lm.parallel import mesh as mesh_lib  # noqa: E402
-from lm.parallel import pipeline  # noqa: E402
+from lm.models import transformer
+from lm.parallel import mesh as mesh_lib
+from lm.parallel import pipeline
 
 STAGES = 2
 MICROBATCHES = (1, 2, 4, 8, 16)

@@ -19,10 +19,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round, each side.")
@@ -98,13 +97,15 @@ def main(argv):
   import lm.train.state  # noqa: PLC0415
   import lm.tasks  # noqa: PLC0415
   import lm.train.step  # noqa: PLC0415
+  from lm import config as config_lib  # noqa: PLC0415
   from lm.data import pipeline  # noqa: PLC0415
   from lm.models import transformer  # noqa: PLC0415
+  from lm.run import perf  # noqa: PLC0415
 
-  config, steps, ref = _CONFIG.value, _STEPS.value, _ref_path(_REF.value)
+  config = config_lib.resolve(_CONFIG.value)
+  steps, ref = _STEPS.value, _ref_path(_REF.value)
   if steps <= WARMUP_STEPS:
     raise app.UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
-  from lm.train import perf  # noqa: PLC0415
   # Measured once in a subprocess and cached: no big matrices in this
   # process's memory (its peak RSS is one of the measured numbers).
   peak, peak_source = perf.peak_flops(config.precision.compute_dtype,
@@ -113,13 +114,13 @@ def main(argv):
 
   # A fully explicit mesh (bench: 1x1x1) takes the first devices, so the
   # benchmark also runs where XLA_FLAGS simulates several CPU devices.
-  sizes = [int(config.mesh.get(a, 1)) for a in lm.parallel.AXES]
+  sizes = [int(config.mesh[a]) for a in lm.parallel.AXES]
   devices = None if -1 in sizes else jax.devices()[:math.prod(sizes)]
   mesh = lm.parallel.make_mesh(config.mesh, devices)
   seq_len, batch_size = pipeline.seq_len(config), config.train.batch_size
   rng = np.random.default_rng(0)
 
-  with jax.set_mesh(mesh), lm.parallel.rules.use(lm.parallel.Rules()):
+  with jax.set_mesh(mesh):
     setup = lm.train.state.make_setup(config, mesh)
     model_cfg = setup.model_cfg
     vocab = model_cfg.vocab_size

@@ -5,12 +5,7 @@ Prints the metrics of the run's eval lines: for an LM loss, perplexity and
 bits per byte on --split; for a classifier or a GAN the whole test split
 (--split and --batches apply to LMs only).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["validation", "test"], "Split.")
@@ -29,12 +24,12 @@ def main(argv):
 
   import jax  # noqa: PLC0415
 
-  from lm import restore, tasks  # noqa: PLC0415
-  from lm.quant import serving  # noqa: PLC0415
+  from lm import tasks  # noqa: PLC0415
   from lm.data import pipeline, tokenizer as tokenizer_lib  # noqa: PLC0415
-  from lm.parallel import rules as rules_lib  # noqa: PLC0415
   from lm.parallel.mesh import batch_share  # noqa: PLC0415
-  from lm.train import loop, step as step_lib  # noqa: PLC0415
+  from lm.quant import serving  # noqa: PLC0415
+  from lm.run import loop, restore  # noqa: PLC0415
+  from lm.train import step as step_lib  # noqa: PLC0415
 
   loaded = restore.load(_WORKDIR.value, _MESH.value)
   config = loaded.config
@@ -55,12 +50,13 @@ def main(argv):
   else:
     data = task.make_data(*share)
     where = "test"
-  with jax.set_mesh(loaded.setup.mesh), rules_lib.use(loaded.setup.rules):
-    metrics = loop.evaluate(task, step_lib.jit_eval_step(loaded.setup, task),
-                            loaded.params, data, loaded.setup)
+  with jax.set_mesh(loaded.setup.mesh):
+    eval_step = step_lib.jit_eval_step(loaded.setup, task,
+                                       task.prepare_eval())
+    metrics = loop.evaluate(task, eval_step, loaded.params, data,
+                            loaded.setup)
   kind = ("int8 serving model" if "serving" in config
-          else f"quant.mode={config.quant.mode}" if "quant" in config
-          else "float")
+          else f"quant.mode={config.quant.mode}")
   print(f"step {loaded.step} {where}: " +
         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
         f" | params {serving.params_bytes(loaded.params):,} bytes ({kind})")

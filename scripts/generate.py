@@ -4,12 +4,7 @@ python scripts/generate.py --workdir=runs/tiny --prompt="ROMEO." \
     --max_new_tokens=200 [--temperature=0.8 --top_k=40 --top_p=0.95]
 --temperature=0 is greedy decoding.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Prompt text.")
@@ -34,22 +29,18 @@ def main(argv):
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from lm import restore, sample  # noqa: PLC0415
-  from lm.quant import serving  # noqa: PLC0415
+  from lm import sample  # noqa: PLC0415
   from lm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
   from lm.parallel import rules as rules_lib  # noqa: PLC0415
+  from lm.quant import serving  # noqa: PLC0415
+  from lm.run import restore  # noqa: PLC0415
 
-  # A handful of prompts cannot be split over data x fsdp: replicate the
-  # batch, keep the parameters sharded as in training.
-  rules = dataclasses.replace(rules_lib.Rules(), batch=None)
   config = restore.load_config(_WORKDIR.value)
-  if config.get("task", "lm") != "lm":
+  if config.task != "lm":
     raise app.UsageError(
         f"{_WORKDIR.value} holds a config.task={config.task!r} run; "
         "generate.py samples language models only (scripts/eval.py "
         "evaluates any run).")
-  loaded = restore.load(_WORKDIR.value, _MESH.value, rules)
-  config = loaded.config
   tok = tokenizer_lib.get(config.data.tokenizer)
   prompt = tok.encode(_PROMPT.value).astype(np.int32)
   total = len(prompt) + _N.value
@@ -61,12 +52,16 @@ def main(argv):
         f"{total} is over the model's positional limit config.model.max_len="
         f"{config.model.max_len}; shorten one of them.")
   prompts = np.tile(prompt[None], (_NUM.value, 1))
-  fn = jax.jit(functools.partial(
-      sample.generate, loaded.setup.graphdef, max_new_tokens=_N.value,
-      temperature=_T.value, top_k=_TOP_K.value, top_p=_TOP_P.value))
-  with jax.set_mesh(loaded.setup.mesh), rules_lib.use(rules):
-    out = jax.device_get(fn(loaded.params, prompts,
-                            jax.random.key(_SEED.value)))
+  # A handful of prompts cannot be split over data x fsdp: replicate the
+  # batch, keep the parameters sharded as in training.
+  with rules_lib.use(dataclasses.replace(rules_lib.Rules(), batch=None)):
+    loaded = restore.load(_WORKDIR.value, _MESH.value)
+    fn = jax.jit(functools.partial(
+        sample.generate, loaded.setup.graphdef, max_new_tokens=_N.value,
+        temperature=_T.value, top_k=_TOP_K.value, top_p=_TOP_P.value))
+    with jax.set_mesh(loaded.setup.mesh):
+      out = jax.device_get(fn(loaded.params, prompts,
+                              jax.random.key(_SEED.value)))
   print(f"[step {loaded.step}, mesh {dict(loaded.setup.mesh.shape)}, params "
         f"{serving.params_bytes(loaded.params):,} bytes"
         f"{' (int8 serving model)' if 'serving' in config else ''}]")

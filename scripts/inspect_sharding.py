@@ -9,13 +9,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 Nothing is allocated and no data is read: simulate as many CPU devices as
 the target mesh has to inspect a pod config here.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _PARAMS = flags.DEFINE_boolean("params", True, "Print the parameter table.")
@@ -31,19 +26,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax  # noqa: PLC0415
 
-  from lm import tasks, validation  # noqa: PLC0415
-  from lm.parallel import inspect, make_mesh, rules as rules_lib  # noqa: PLC0415
+  from lm import tasks  # noqa: PLC0415
+  from lm.parallel import inspect, make_mesh  # noqa: PLC0415
   from lm.parallel.mesh import describe  # noqa: PLC0415
-  from lm.train import state as state_lib  # noqa: PLC0415
+  from lm.run import checks  # noqa: PLC0415
+  from lm.train import state as state_lib, step as step_lib  # noqa: PLC0415
 
-  config = _CONFIG.value
-  validation.validate(config)
-  mesh = make_mesh(config.mesh)
-  rules = rules_lib.Rules()
+  config, _ = checks.validate(_CONFIG.value)
+  mesh = make_mesh(config.mesh, dcn=config.mesh_dcn)
   print(f"mesh: {describe(mesh)} on {jax.device_count()} "
         f"{jax.devices()[0].platform} devices")
-  with jax.set_mesh(mesh), rules_lib.use(rules):
-    setup = state_lib.make_setup(config, mesh, rules)
+  with jax.set_mesh(mesh):
+    setup = state_lib.make_setup(config, mesh)
     task = tasks.get(config)
     if _PARAMS.value:
       rows = inspect.parameter_table(setup.abstract_state.params)
@@ -59,8 +53,8 @@ def main(argv):
       total, per_device = inspect.state_bytes(tree)
       print(f"{name}: {_mib(total)} in all, {_mib(per_device)} per device "
             f"({per_device / total if total else 0:.3f} of the total)")
-    compiled = inspect.compiled_train_step(
-        setup, task, config.train.get("grad_accum_steps", 1))
+    compiled = step_lib.compile_train_step(setup, task,
+                                           config.train.grad_accum_steps)
   counts = inspect.count_collectives(compiled.as_text())
   print("collectives in the compiled train step: " + (", ".join(
       f"{k} {v}" for k, v in sorted(counts.items())) or "none"))

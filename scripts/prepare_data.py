@@ -3,13 +3,8 @@ r"""Prepares a config's corpus offline (tfds array_record files), once.
 python scripts/prepare_data.py --config=configs/lm.py:tiny
 Training does this on its own when needed; this script only does it ahead.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 

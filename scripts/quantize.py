@@ -10,12 +10,7 @@ baseline QAT should beat. The layers converted are config.quant.layers;
 everything else stays float32. --activations=auto keeps the source run's
 activation quantization (int8 for a float run).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to convert.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the serving model.")
@@ -32,22 +27,23 @@ def main(argv):
 
   import jax  # noqa: PLC0415
 
-  from lm import paths, restore  # noqa: PLC0415
+  from lm import paths  # noqa: PLC0415
   from lm.quant import serving  # noqa: PLC0415
-  from lm.train import checkpoint as ckpt_lib, loop  # noqa: PLC0415
+  from lm.run import loop, restore  # noqa: PLC0415
+  from lm.train import checkpoint as ckpt_lib  # noqa: PLC0415
 
   out = paths.resolve(_OUT.value)
-  if serving.is_serving_dir(_WORKDIR.value):
+  if restore.is_serving_dir(_WORKDIR.value):
     raise app.UsageError(f"--workdir={_WORKDIR.value} is already a serving "
                          "model; pass the training run it came from.")
   if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
     raise app.UsageError(f"--out={out} already holds a model; choose a new "
                          "directory (nothing was overwritten).")
-  if "quant" not in restore.load_config(_WORKDIR.value):
+  if not restore.load_config(_WORKDIR.value).quant.layers:
     raise app.UsageError(
-        f"{_WORKDIR.value}/config.json has no `quant` section: this run's "
-        "task or config cannot be quantized (LM and classifier configs carry "
-        "one, see configs/compression.py).")
+        f"{_WORKDIR.value}/config.json names no layers to quantize "
+        "(config.quant.layers is empty): the LM and classifier presets name "
+        "theirs; a GAN is not quantized.")
   loaded = restore.load(_WORKDIR.value, _MESH.value)
   config = serving.serving_config(loaded.config, _ACTS.value)
   with jax.set_mesh(loaded.setup.mesh):

@@ -9,13 +9,10 @@ Multi-process (every host runs the same command; see WORKSPACE.md):
 Open MPI and Cloud TPU are detected without flags). On one machine,
 scripts/launch_local.py starts the N processes for you.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -52,9 +49,9 @@ def main(argv):
     sys.exit(f"error: {e}")
   import jax  # noqa: PLC0415
 
-  import lm.train  # noqa: PLC0415
-  result = lm.train.run(_CONFIG.value, _WORKDIR.value,
-                        stop_at_step=_STOP_AT.value)
+  from lm.run import loop  # noqa: PLC0415
+  result = loop.train(_CONFIG.value, _WORKDIR.value,
+                      stop_at_step=_STOP_AT.value)
   if "eval" in result and jax.process_index() == 0:
     print("final eval: " + ", ".join(
         f"{k} {v:.4f}" for k, v in result["eval"].items()))

@@ -1,13 +1,11 @@
 """Every test runs on 8 simulated CPU devices (set before jax is imported)."""
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
 # Training runs in tests report MFU against this instead of measuring the
 # CPU's matmul peak under the suite's load (and caching that for later runs).
 os.environ.setdefault("LM_PEAK_TFLOPS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -70,13 +68,14 @@ def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
   the host, the setup)."""
   import math  # noqa: PLC0415
 
-  from lm import tasks  # noqa: PLC0415
-  from lm.parallel import Rules, make_mesh, rules as rules_lib  # noqa: PLC0415
+  from lm import config as config_lib, tasks  # noqa: PLC0415
+  from lm.parallel import make_mesh  # noqa: PLC0415
   from lm.train import checkpoint as ckpt_lib  # noqa: PLC0415
   from lm.train import state as state_lib, step as step_lib  # noqa: PLC0415
   config.mesh = mesh_shape
+  config = config_lib.resolve(config)
   mesh = make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
-  with jax.set_mesh(mesh), rules_lib.use(Rules()):
+  with jax.set_mesh(mesh):
     setup = state_lib.make_setup(config, mesh)
     if restore_from:
       ckpt = ckpt_lib.Checkpointer(restore_from, async_save=False)
@@ -87,7 +86,7 @@ def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
     fn = step_lib.jit_train_step(setup, tasks.get(config))
     history = []
     for b in batches:
-      b = {k: jax.device_put(v, setup.batch_sharding(v.ndim, k))
+      b = {k: jax.device_put(v, setup.batch_sharding(v.ndim))
            for k, v in b.items()}
       state, m = fn(state, b)
       history.append(jax.device_get(m))
@@ -110,3 +109,67 @@ def assert_same_run(history, state, ref_history, ref_state,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=atol),
                state.params, ref_state.params)
+
+
+# The other model families, small: each a config of configs/*.py.
+def _mlp():
+  from configs import mlp_digits  # noqa: PLC0415
+  c = mlp_digits.get_config()
+  c.model.update(width=32)
+  return c
+
+
+def _text():
+  from configs import classify_text  # noqa: PLC0415
+  c = classify_text.get_config()
+  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                 max_len=16)
+  c.data.seq_len = 16
+  return c
+
+
+def _gan_mlp():
+  from configs import gan_digits  # noqa: PLC0415
+  c = gan_digits.get_config()
+  c.model.update(width=32, latent_dim=8)
+  return c
+
+
+def _gan_conv():
+  from configs import gan_mnist  # noqa: PLC0415
+  c = gan_mnist.get_config()
+  c.model.update(width=4, latent_dim=8)
+  c.gan.r1_gamma = 1.0
+  return c
+
+
+FAMILIES = {"mlp": _mlp, "transformer_classifier": _text, "gan_mlp": _gan_mlp,
+            "gan_dcgan": _gan_conv}
+
+
+def family_batches(config, steps: int, batch: int = 16) -> list[dict]:
+  """Random inputs and labels of the family's shapes."""
+  import numpy as np  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(steps):
+    if config.data.dataset == "shakespeare_genres":
+      b = {"tokens": rng.integers(0, 256, (batch, config.data.seq_len))}
+    else:
+      shape = tuple(config.model.image_shape)
+      b = {"image": rng.uniform(-1, 1, (batch, *shape)).astype(np.float32)}
+    # The GAN's digits carry their 10 labels too (unused by its step).
+    classes = config.model.num_classes if config.task == "classify" else 10
+    b["label"] = rng.integers(0, classes, batch)
+    out.append({k: v.astype(np.int32) if v.dtype == np.int64 else v
+                for k, v in b.items()})
+  return out
+
+
+def train_family(config: ml_collections.ConfigDict, mesh_shape: dict,
+                 steps: int = 3, batches=None):
+  """Steps on `mesh_shape` (a prefix of the 8 devices); (losses, state,
+  setup)."""
+  config.train.update(steps=steps, batch_size=16)
+  return run_steps(config, mesh_shape,
+                   batches or family_batches(config, steps))

@@ -6,7 +6,7 @@ import ml_collections
 
 from lm import paths
 from lm.data import pipeline
-from lm.train.metrics_log import MetricsLog
+from lm.run.metrics_log import MetricsLog
 
 
 def test_uris_keep_their_scheme_and_local_paths_become_absolute(

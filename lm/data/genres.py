@@ -28,8 +28,14 @@ from lm.data.genre_builder import GENRES, ShakespeareGenres
 DATASET = "shakespeare_genres"
 
 
+def check(config, model_cfg) -> None:
+  """config.data of a passage-classification run against the model."""
+  _check_dataset(config.data)
+  pipeline.check_tokens(config.data, model_cfg, config.data.seq_len)
+
+
 def _check_dataset(data_cfg) -> None:
-  name = data_cfg.get("dataset")
+  name = data_cfg.dataset
   if name != DATASET:
     raise sources.DataError(
         f"config.data.dataset={name!r} is not a text-classification dataset "
@@ -150,7 +156,7 @@ class TextClassData:
 
 
 def _seq_len(config) -> int:
-  length = config.data.get("seq_len", 0)
+  length = config.data.seq_len
   if not isinstance(length, int) or length <= 0:
     raise sources.DataError(
         f"config.data.seq_len={length!r} must be a positive number of tokens "
@@ -168,7 +174,7 @@ def make(config, share_index: int = 0,
     raise sources.DataError(
         f"config.train.batch_size={config.train.batch_size} is smaller than "
         f"the {share_count} processes; make it a multiple of that.")
-  tok = tokenizer_lib.get(config.data.get("tokenizer", "byte"))
+  tok = tokenizer_lib.get(config.data.tokenizer)
   b = prepare(config.data)
   num_classes = len(GENRES)
   all_train = load_passages(b, "train", length=length, tok=tok)
@@ -176,7 +182,7 @@ def make(config, share_index: int = 0,
   train = all_train.share(share_index, share_count)
   test = all_test.share(share_index, share_count)
   train_counts = np.bincount(train.labels, minlength=num_classes)
-  balance = config.data.get("balance_classes", True)
+  balance = config.data.balance_classes
   if len(train) < batch_size:
     raise sources.DataError(
         f"The train split has {len(train)} passages of config.data.seq_len="

@@ -17,6 +17,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from lm import checks
 from lm.data import image_builders, pipeline
 from lm.data.sources import DataError
 
@@ -28,8 +29,21 @@ NUM_CLASSES = image_builders.NUM_CLASSES
 BACKGROUND = -1.0  # Black: no ink, after normalization.
 
 
+def check(config, model_cfg) -> None:
+  """config.data of an image run against the model's input shape."""
+  dataset = _dataset(config.data)
+  expected = tuple(IMAGE_SHAPES[dataset])
+  checks.require(
+      tuple(model_cfg.image_shape) == expected,
+      f"config.model.image_shape={tuple(model_cfg.image_shape)} does not fit "
+      f"config.data.dataset={dataset!r}, whose images are {expected}; set "
+      f"config.model.image_shape={expected}.")
+  for key in ("max_shift", "max_rotation"):
+    checks.require(config.data[key] >= 0, f"config.data.{key} must be >= 0.")
+
+
 def _dataset(data_cfg) -> str:
-  dataset = data_cfg.get("dataset", "")
+  dataset = data_cfg.dataset
   if dataset not in DATASETS:
     raise DataError(f"config.data.dataset={dataset!r} is unknown; use one of "
                     f"{DATASETS}.")
@@ -141,6 +155,9 @@ class ImageData:
   image_shape: tuple[int, int, int]
   num_train: int  # Examples in the whole split (all processes together).
   num_eval: int  # Examples in the whole test split: the sum of all masks.
+  class_names: tuple[str, ...] = tuple(str(c) for c in range(NUM_CLASSES))
+  # Balanced digit classes: no majority baseline (TextClassData has one).
+  train_class_counts: np.ndarray | None = None
 
 
 def make(config, share_index: int = 0, share_count: int = 1) -> ImageData:
@@ -154,9 +171,9 @@ def make(config, share_index: int = 0, share_count: int = 1) -> ImageData:
   train_images, train_labels = load_split(config.data, "train")
   test_images, test_labels = load_split(config.data, "test")
   augment_kw = None
-  if config.data.get("augment", False):
-    augment_kw = dict(max_shift=int(config.data.get("max_shift", 0)),
-                      max_rotation=float(config.data.get("max_rotation", 0.0)))
+  if config.data.augment:
+    augment_kw = dict(max_shift=int(config.data.max_shift),
+                      max_rotation=float(config.data.max_rotation))
   return ImageData(
       train=train_iterator(normalize(train_images, dataset), train_labels,
                            batch_size=batch_size, seed=config.seed,

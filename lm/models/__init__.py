@@ -1,13 +1,18 @@
 """The explicit registry of model families: the trainer never names a class.
 
-Each entry is a module with a frozen `Config` dataclass and `make(cfg, rngs)`;
-a family trained by several optimizers (the GAN) lists its parameter groups
-in `OPTIMIZER_GROUPS`.
+Each entry is a module with a frozen `Config` dataclass (its fields and their
+defaults are the `config.model` keys of that family), `make(cfg, rngs)`,
+`example_input(cfg)`, `check(cfg, mesh)` (its own shape and option checks)
+and `OPTIMIZER_GROUPS`: () for one optimizer over all parameters, or the
+top-level parameter groups that each get their own (the GAN's two networks).
 """
 from __future__ import annotations
 
 import dataclasses
 import types
+
+import jax
+from flax import nnx
 
 from lm.models import gan, mlp, transformer, transformer_classifier
 
@@ -18,32 +23,44 @@ MODELS: dict[str, types.ModuleType] = {
     "gan": gan,
 }
 
+# Config fields filled from other config sections, not set in config.model:
+# the compute and parameter dtypes (config.precision) and the pipeline's
+# microbatches (config.train.microbatches).
+DERIVED = ("dtype", "param_dtype", "pipeline_microbatches")
+
+
+def defaults(name: str) -> dict:
+  """`config.model` of family `name` with every field at its default (a
+  nested dataclass, e.g. the transformer's `moe`, as a dict)."""
+  def as_config(value):
+    if dataclasses.is_dataclass(value):
+      return {k: as_config(v) for k, v in dataclasses.asdict(value).items()}
+    return value
+  fields = {f.name: as_config(getattr(MODELS[name].Config(), f.name))
+            for f in dataclasses.fields(MODELS[name].Config)
+            if f.name not in DERIVED}
+  return {"name": name, **fields}
+
 
 def model_config(config) -> object:
-  """Builds the model's frozen Config from `config.model` + `config.precision`."""
+  """The family's frozen Config from a resolved config (lm/config.py):
+  `config.model` plus the derived fields."""
   family = MODELS[config.model.name]
-  fields = {f.name for f in dataclasses.fields(family.Config)}
-  # Lists (from JSON or the command line) become tuples: the config is part
-  # of the model's static graph, which must be hashable.
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in config.model.items() if k != "name"}
-  derived = {"dtype", "param_dtype", "pipeline_microbatches"}
-  unknown = sorted(set(kwargs) - (fields - derived))
-  if unknown:
-    raise ValueError(
-        f"config.model.{unknown[0]} is not a field of the {config.model.name!r}"
-        f" model; known fields: {sorted(fields - derived)}.")
-  defaults = family.Config()
-  for key, value in kwargs.items():
-    # A nested section (config.model.moe) becomes its frozen dataclass.
-    default = getattr(defaults, key)
-    if dataclasses.is_dataclass(default) and not dataclasses.is_dataclass(
-        value):
-      kwargs[key] = _nested(default, dict(value), f"config.model.{key}")
+  fields = {f.name: f for f in dataclasses.fields(family.Config)}
+  defaults_ = family.Config()
+  kwargs = {}
+  for key, value in config.model.items():
+    if key == "name":
+      continue
+    default = getattr(defaults_, key)
+    if dataclasses.is_dataclass(default):  # A nested section: config.model.moe.
+      value = dataclasses.replace(default, **dict(value))
+    # Lists (from JSON or the command line) become tuples: the config is
+    # part of the model's static graph, which must be hashable.
+    kwargs[key] = tuple(value) if isinstance(value, list) else value
   if "pipeline_microbatches" in fields:
-    kwargs["pipeline_microbatches"] = config.train.get("microbatches", 1)
-  quantized = (config.get("quant", {}).get("mode", "none") != "none"
-               or "serving" in config)
+    kwargs["pipeline_microbatches"] = config.train.microbatches
+  quantized = config.quant.mode != "none" or "serving" in config
   if "einsum_grad" in fields and quantized:
     # qwix intercepts jnp.einsum (QAT and int8 serving) and defines its
     # gradient; a custom VJP around it would bypass that.
@@ -52,10 +69,32 @@ def model_config(config) -> object:
                        param_dtype=config.precision.param_dtype)
 
 
-def _nested(default, values: dict, key: str):
-  fields = {f.name for f in dataclasses.fields(default)}
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ValueError(f"{key}.{unknown[0]} is unknown; known fields: "
-                     f"{sorted(fields)}.")
-  return dataclasses.replace(default, **values)
+def check(model_cfg, family_name: str, mesh: dict[str, int]) -> None:
+  """The family's own checks of its config against the mesh's axis sizes;
+  raises lm.checks.ConfigError."""
+  MODELS[family_name].check(model_cfg, mesh)
+
+
+def abstract_model(model_cfg, family_name: str, quantizer=None
+                   ) -> nnx.Module:
+  """The model without allocating. `quantizer(model, example_input)`, when
+  given, wraps it for quantized execution (lm/quant)."""
+  family = MODELS[family_name]
+
+  def make():
+    model = family.make(model_cfg, nnx.Rngs(0))
+    if quantizer is None:
+      return model
+    return quantizer(model, family.example_input(model_cfg))
+
+  # Under an active mesh nnx.eval_shape would read the logical names as mesh
+  # axes; the names are mapped by our rules table instead, so hide the mesh.
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    return nnx.eval_shape(make)
+
+
+def logical_specs(model: nnx.Module):
+  """(graphdef, tree of logical PartitionSpecs of the parameters) of an
+  (abstract) model."""
+  graphdef, params = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(nnx.get_partition_spec(params))

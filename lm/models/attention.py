@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lm.models import layers
+from lm.models import tuning
 
 # Implementation -> the backends that can run it.
 BACKENDS = {"chunked": ("cpu", "gpu", "tpu"), "xla": ("cpu", "gpu", "tpu"),
@@ -130,7 +130,7 @@ def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
   dtype = q.dtype
   do_BxNxGxCxK = do_BxNxGxCxK.astype(dtype)
   p_BxNxGxCxS = jnp.exp(_scores(q, k, offset) - lse_BxNxGxCx1)
-  dv_BxNxSxK = layers.accumulate_einsum(
+  dv_BxNxSxK = tuning.accumulate_einsum(
       "bngcs,bngck->bnsk", p_BxNxGxCxS.astype(dtype), do_BxNxGxCxK)
   dp_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", do_BxNxGxCxK, v,
                             preferred_element_type=jnp.float32)
@@ -140,9 +140,9 @@ def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
                              * o.astype(jnp.float32), axis=-1, keepdims=True)
   ds_BxNxGxCxS = (p_BxNxGxCxS * (dp_BxNxGxCxS - rowsum_BxNxGxCx1)
                   * q.shape[-1] ** -0.5).astype(dtype)
-  dq_BxNxGxCxK = layers.accumulate_einsum("bngcs,bnsk->bngck",
+  dq_BxNxGxCxK = tuning.accumulate_einsum("bngcs,bnsk->bngck",
                                           ds_BxNxGxCxS, k)
-  dk_BxNxSxK = layers.accumulate_einsum("bngcs,bngck->bnsk",
+  dk_BxNxSxK = tuning.accumulate_einsum("bngcs,bngck->bnsk",
                                         ds_BxNxGxCxS, q)
   return dq_BxNxGxCxK, dk_BxNxSxK, dv_BxNxSxK
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import checks
 from lm.models import layers
 from lm.parallel import constrain
 
@@ -38,6 +39,16 @@ class Config:
   depth: int = 2  # mlp only: hidden layers per network.
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+
+def check(cfg: Config, mesh: dict[str, int]) -> None:
+  checks.one_of(cfg.arch, ARCHS, "config.model.arch")
+  h, w, _ = cfg.image_shape
+  checks.require(cfg.arch != "dcgan" or (h % 4 == 0 and w % 4 == 0),
+                 f"config.model.image_shape={cfg.image_shape}: the dcgan "
+                 "architecture upsamples twice by 2, so height and width must"
+                 " be multiples of 4; use arch='mlp' for other shapes.")
+  layers.no_transformer_axes(mesh)
 
 
 def _conv_init():

@@ -16,8 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import checks
 from lm.models import layers
 from lm.parallel import constrain
+
+OPTIMIZER_GROUPS = ()  # One optimizer state for all parameters.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,15 @@ class Config:
   layer_norm: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+
+
+def check(cfg: Config, mesh: dict[str, int]) -> None:
+  checks.one_of(cfg.activation, layers.ACTIVATIONS, "config.model.activation")
+  checks.require(cfg.depth >= 1 and cfg.width >= 1, "config.model.depth and "
+                 "config.model.width must be positive.")
+  checks.require(0.0 <= cfg.dropout < 1.0,
+                 f"config.model.dropout={cfg.dropout} must be in [0, 1).")
+  layers.no_transformer_axes(mesh)
 
 
 def _names(i: int) -> tuple[str, str]:

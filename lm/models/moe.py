@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import checks
 from lm.models import layers
 from lm.parallel import constrain
 from lm.parallel import experts as experts_lib
@@ -39,6 +40,26 @@ class Config:
   capacity_factor: float = 1.25
   z_loss: float = 1e-3  # Router z-loss (ST-MoE): mean(logsumexp(logits)^2).
   load_balance: float = 1e-2  # Switch load balancing: E * sum_e f_e * p_e.
+
+
+def check(cfg: Config, mesh: dict[str, int]) -> None:
+  """config.model.moe against itself and the mesh (experts > 0 only)."""
+  if not cfg.experts:
+    return
+  checks.require(
+      cfg.experts % mesh["expert"] == 0,
+      f"config.model.moe.experts={cfg.experts} is not divisible by "
+      f"config.mesh.expert={mesh['expert']}: each expert shard holds the "
+      "same number of experts. Change one of them.")
+  checks.require(1 <= cfg.top_k <= cfg.experts,
+                 f"config.model.moe.top_k={cfg.top_k} must be between 1 and "
+                 f"config.model.moe.experts={cfg.experts}.")
+  checks.require(cfg.capacity_factor > 0,
+                 f"config.model.moe.capacity_factor={cfg.capacity_factor} "
+                 "must be positive.")
+  checks.require(mesh["stage"] == 1,
+                 "config.model.moe with config.mesh.stage > 1: the pipeline "
+                 "does not carry the MoE auxiliary losses yet; use stage=1.")
 
 
 def capacity(cfg: Config, tokens: int) -> int:

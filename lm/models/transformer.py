@@ -18,15 +18,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.models import attention, layers, moe as moe_lib
+from lm import checks
+from lm.models import attention, layers, moe as moe_lib, tuning
 from lm.parallel import axis_size, constrain, context, pipeline
 
 Cache = dict[str, jax.Array]  # {"k": [layers] B x S x N x K, "v": same}
+
+OPTIMIZER_GROUPS = ()  # One optimizer state for all parameters.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +47,11 @@ class Config:
   tie_embeddings: bool = True
   causal: bool = True
   scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
-  remat: str = "none"  # A key of layers.REMAT_POLICIES.
+  remat: str = "none"  # A key of tuning.REMAT_POLICIES.
   # A key of attention.BACKENDS: "chunked" (ours) | "xla" | "cudnn".
   attention_impl: str = "chunked"
   attention_chunks: int = 2  # Query chunks of the "chunked" causal attention.
-  # Projection gradients: "small_left" (layers.weight_einsum) | "autodiff".
+  # Projection gradients: "small_left" (tuning.weight_einsum) | "autodiff".
   einsum_grad: str = "small_left"
   # One D x N x (G+2) x K projection for q, k and v (G = H/N query heads per
   # kv head) instead of three: one GEMM with 3x the columns. Another
@@ -67,6 +69,68 @@ class Config:
   @property
   def k(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+
+MLPS = ("swiglu", "gelu")
+
+
+def check(cfg: Config, mesh: dict[str, int]) -> None:
+  """Options, shapes and shapes against the mesh's axis sizes."""
+  require, one_of = checks.require, checks.one_of
+  one_of(cfg.remat, tuning.REMAT_POLICIES, "config.model.remat")
+  one_of(cfg.mlp, MLPS, "config.model.mlp")
+  one_of(cfg.attention_impl, attention.BACKENDS,
+         "config.model.attention_impl")
+  # Known choices this backend cannot run: an error, never a silent fallback.
+  backend = jax.default_backend()
+  for key, value, choices, needs in (
+      ("remat", cfg.remat, tuning.REMAT_POLICIES, tuning.REMAT_BACKENDS),
+      ("attention_impl", cfg.attention_impl, attention.BACKENDS,
+       attention.BACKENDS)):
+    here = [c for c in choices if backend in needs.get(c, (backend,))]
+    require(value in here,
+            f"config.model.{key}={value!r} needs a "
+            f"{' or '.join(needs.get(value, ()))} backend; this one is "
+            f"{backend}. Use one of {here}.")
+  one_of(cfg.einsum_grad, layers.EINSUM_GRADS, "config.model.einsum_grad")
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+              "vocab_size", "max_len", "attention_chunks"):
+    require(getattr(cfg, key) > 0, f"config.model.{key}={getattr(cfg, key)} "
+            "must be positive.")
+  require(cfg.n_heads % cfg.n_kv_heads == 0,
+          f"config.model.n_heads={cfg.n_heads} is not a multiple of "
+          f"config.model.n_kv_heads={cfg.n_kv_heads}: grouped-query attention"
+          " shares each kv head among n_heads/n_kv_heads query heads.")
+  require(cfg.head_dim or cfg.d_model % cfg.n_heads == 0,
+          f"config.model.d_model={cfg.d_model} is not divisible by "
+          f"config.model.n_heads={cfg.n_heads}; change one, or set "
+          "config.model.head_dim.")
+  require(cfg.k % 2 == 0, f"head dim {cfg.k} must be even for RoPE; set "
+          "config.model.head_dim or change d_model/n_heads.")
+
+  t, f = mesh["tensor"], mesh["fsdp"]
+  for key in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+    value = getattr(cfg, key)
+    require(value % t == 0,
+            f"config.model.{key}={value} is not divisible by "
+            f"config.mesh.tensor={t}: tensor parallelism splits it evenly. "
+            f"Pick a tensor size that divides it, or change {key}.")
+  require(cfg.d_model % f == 0,
+          f"config.model.d_model={cfg.d_model} is not divisible by "
+          f"config.mesh.fsdp={f}: FSDP splits every weight's d_model axis.")
+  if mesh["sequence"] > 1:
+    one_of(cfg.context_parallel, context.IMPLS,
+           "config.model.context_parallel")
+  stage = mesh["stage"]
+  if stage > 1:
+    require(cfg.scan_layers,
+            f"config.mesh.stage={stage} needs config.model.scan_layers=True:"
+            " the pipeline splits the stacked layer axis over stages.")
+    require(cfg.n_layers % stage == 0,
+            f"config.model.n_layers={cfg.n_layers} is not divisible by "
+            f"config.mesh.stage={stage}: each stage holds the same number "
+            "of layers. Change n_layers or the number of stages.")
+  moe_lib.check(cfg.moe, mesh)
 
 
 class Attention(nnx.Module):
@@ -162,7 +226,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD):
     # The activation reads the float32 accumulator (every matmul accumulates
-    # in float32, layers.accumulate_einsum) and is rounded to the compute
+    # in float32, tuning.accumulate_einsum) and is rounded to the compute
     # dtype once, for the down projection: one rounding instead of two.
     up_BxLxF = self.up(x_BxLxD, out_dtype=jnp.float32)
     if self.kind == "swiglu":
@@ -251,7 +315,7 @@ class Transformer(nnx.Module):
       return block(x_BxLxD, positions_BxL, layer_cache, cache_index)
 
     if cfg.remat != "none":
-      run_block = layers.remat(run_block, cfg.remat)
+      run_block = tuning.remat(run_block, cfg.remat)
 
     aux = {}
     if cfg.scan_layers and cache is None and axis_size("stage") > 1:

@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import checks
 from lm.models import layers, transformer
 from lm.parallel import constrain
 
 POOLS = ("mean", "first")
+OPTIMIZER_GROUPS = ()  # One optimizer state for all parameters.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,11 @@ class Config(transformer.Config):
   causal: bool = False  # An encoder: every token sees the whole passage.
   num_classes: int = 4
   pool: str = "mean"  # mean | first (the first token's final state).
+
+
+def check(cfg: Config, mesh: dict[str, int]) -> None:
+  transformer.check(cfg, mesh)
+  checks.one_of(cfg.pool, POOLS, "config.model.pool")
 
 
 class Model(nnx.Module):

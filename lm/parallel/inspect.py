@@ -1,6 +1,7 @@
 """What a sharding strategy costs, before launching it: each parameter's
 partition spec and bytes per device, and the collectives XLA put in the
-compiled train step (scripts/inspect_sharding.py prints these).
+compiled train step (scripts/inspect_sharding.py prints these; the step is
+compiled by lm/train/step.py's compile_train_step).
 
 Everything works from abstract arrays (no parameter is allocated, no data is
 read), so a pod-sized config can be inspected on a laptop with simulated
@@ -57,14 +58,3 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
       if re.match(rf"\s*(ROOT )?%\S+ = .* {kind}(-start)?\(", line):
         counts[kind] += 1
   return dict(counts)
-
-
-def compiled_train_step(setup, task, accum_steps: int = 1):
-  """The train step compiled for abstract inputs (state and batch with their
-  shardings); returns the jax Compiled object."""
-  from lm.train import step as step_lib  # noqa: PLC0415
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                   sharding=setup.batch_sharding(v.ndim, k))
-           for k, v in task.batch_spec().items()}
-  fn = step_lib.jit_train_step(setup, task, accum_steps)
-  return fn.lower(setup.abstract_state, batch).compile()

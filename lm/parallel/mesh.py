@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from lm import checks
 from lm.parallel import rules as rules_lib
 
 # Order matters: data-like axes first so that on real hardware the innermost
@@ -51,6 +52,19 @@ def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
         f"{num_devices} devices; make the product {num_devices}, or set one "
         "axis to -1 to use all remaining devices.")
   return sizes
+
+
+def check(mesh_config: Mapping[str, int], num_devices: int,
+          process_count: int = 1) -> dict[str, int]:
+  """config.mesh against the devices: the resolved axis sizes, or a
+  ConfigError naming the key."""
+  try:
+    return resolve_shape(mesh_config, num_devices)
+  except ValueError as e:
+    where = (f" (the mesh spans all {process_count} processes: "
+             f"{num_devices} devices in all, {num_devices // process_count} "
+             "per process)" if process_count > 1 else "")
+    raise checks.ConfigError(str(e) + where) from None
 
 
 def make_mesh(mesh_config: Mapping[str, int],
@@ -124,7 +138,7 @@ def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
   """How many ways the rules table splits the batch dimension (by default
   data x fsdp x expert)."""
   shape = mesh.shape if isinstance(mesh, Mesh) else mesh
-  batch = rules_lib.axis_names(rules_lib.Rules().batch)
+  batch = rules_lib.axis_names(rules_lib.current().batch)
   return int(np.prod([shape.get(a, 1) for a in batch]))
 
 
@@ -158,7 +172,6 @@ def share_of(shards_by_process: Mapping[int, set[int]], process: int,
   return mine[0] // size, num_shards // size
 
 
-@functools.lru_cache(maxsize=None)
 def batch_share(mesh: Mesh) -> tuple[int, int]:
   """This process's share of every global batch, as `share_of` describes.
 
@@ -166,8 +179,12 @@ def batch_share(mesh: Mesh) -> tuple[int, int]:
   A batch axis that lives inside each host (e.g. tensor across hosts, data
   within) gives (0, 1) to every process: each feeds the whole batch.
   """
-  n = batch_divisor(mesh)
-  batch = rules_lib.axis_names(rules_lib.Rules().batch)
+  return _batch_share(mesh, rules_lib.axis_names(rules_lib.current().batch))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_share(mesh: Mesh, batch: tuple[str, ...]) -> tuple[int, int]:
+  n = int(np.prod([mesh.shape[a] for a in batch]))
   sharding = jax.sharding.NamedSharding(mesh, jax.P(batch or None))
   shards: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map((n,)).items():

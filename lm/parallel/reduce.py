@@ -25,10 +25,36 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lm.parallel import rules as rules_lib
+from lm import checks
+from lm.parallel import mesh as mesh_lib, rules as rules_lib
 
 MODES = ("auto", "psum", "reduce_scatter")
 DTYPES = ("float32", "bfloat16")
+
+
+def check(train_cfg, mesh: dict[str, int]) -> None:
+  """config.train.grad_reduce and grad_reduce_dtype against the mesh and
+  the backend."""
+  mode, dtype = train_cfg.grad_reduce, train_cfg.grad_reduce_dtype
+  checks.one_of(mode, MODES, "config.train.grad_reduce")
+  checks.one_of(dtype, DTYPES, "config.train.grad_reduce_dtype")
+  # A shard_map manual over `data` with fsdp/tensor left automatic makes
+  # XLA's SPMD partitioner abort the process (jax 0.10.2), so the explicit
+  # reduction is for pure data parallelism for now.
+  others = [a for a in mesh_lib.AXES if a != "data" and mesh[a] != 1]
+  checks.require(
+      mode == "auto" or not others,
+      f"config.train.grad_reduce={mode!r} needs config.mesh."
+      f"{others[0] if others else 'fsdp'}=1: the explicit reduction is for "
+      "pure data parallelism (every other mesh axis 1); use 'auto' with "
+      "FSDP, tensor, sequence, stage or expert parallelism.")
+  # XLA:CPU aborts the process (not an exception) compiling a bfloat16
+  # all-reduce, so this cannot be probed; it is refused up front.
+  checks.require(mode == "auto" or dtype == "float32"
+                 or jax.default_backend() != "cpu",
+                 "config.train.grad_reduce_dtype='bfloat16': XLA:CPU cannot "
+                 "compile bfloat16 all-reduces; use 'float32' on CPU "
+                 "(bfloat16 communication is for GPU/TPU).")
 
 
 def _without_data(rules: rules_lib.Rules) -> rules_lib.Rules:
@@ -51,14 +77,14 @@ def _reduce_scatter_mean(x: jax.Array, n: int, comm) -> jax.Array:
   return whole[:x.size].reshape(x.shape).astype(x.dtype)
 
 
-def explicit_grads(grad_fn, params, batch: dict, key, *, mesh, rules,
+def explicit_grads(grad_fn, params, batch: dict, key, *, mesh,
                    dtype: str = "float32", mode: str = "psum"):
   """grad_fn(params, batch, key) -> ((loss, metrics), grads), evaluated per
   data shard and averaged over `data` with explicit collectives (`mode`:
   psum or reduce_scatter) in `dtype`."""
   n = mesh.shape["data"]
   comm = jnp.dtype(dtype)
-  inner = _without_data(rules)
+  inner = _without_data(rules_lib.current())
   reduce = {"psum": _psum_mean, "reduce_scatter": _reduce_scatter_mean}[mode]
 
   def local(params, batch, key):

@@ -15,7 +15,8 @@ import dataclasses
 from typing import Any
 
 import jax
-from jax.sharding import PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -76,6 +77,11 @@ class Rules:
     return self(*logical)
 
 
+# The one way to reach the table: `current()`. A run installs its table once
+# with `use` (lm/run/loop.py); code that needs another one for a while (the
+# replicated batch of sampling, the manual `data` axis of an explicit
+# gradient reduction) installs it with `use` around that code. Without `use`
+# the default table applies.
 _RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
     "lm_rules", default=Rules())
 
@@ -86,7 +92,7 @@ def current() -> Rules:
 
 @contextlib.contextmanager
 def use(rules: Rules):
-  """Makes `rules` the table used by `constrain` (and by trainer helpers)."""
+  """Makes `rules` the table `current()` returns inside the block."""
   token = _RULES.set(rules)
   try:
     yield rules
@@ -106,8 +112,27 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, current()(*names))
 
 
-def tree_specs(logical_specs: Any, rules: Rules | None = None) -> Any:
+def tree_specs(logical_specs: Any) -> Any:
   """Maps a tree of logical PartitionSpecs to a tree of mesh PartitionSpecs."""
-  rules = rules or current()
+  rules = current()
   return jax.tree.map(rules.spec, logical_specs,
                       is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Replicates a dimension its mesh axes do not divide evenly (e.g. a
+  1-channel conv input, a 10-class head under tensor=4): jit shardings must
+  divide, and such small dimensions gain nothing from splitting."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = axis_names(axes)
+    ways = int(np.prod([mesh.shape[a] for a in names]))
+    fitted.append(axes if dim % ways == 0 else None)
+  return P(*fitted)
+
+
+def param_sharding(mesh: Mesh, logical: P | None,
+                   shape: tuple[int, ...]) -> NamedSharding:
+  """A parameter's sharding: its logical names through the current table,
+  fitted to its shape."""
+  return NamedSharding(mesh, fit_spec(current().spec(logical), shape, mesh))

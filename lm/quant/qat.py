@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from lm import checks
+
 # mode -> (weight dtype, activation dtype); None = float.
 MODES = {
     "none": (None, None),
@@ -42,20 +44,15 @@ ACTIVATIONS = {"int8": jnp.int8, "float": None}
 BACKWARD = {"none": None, "int8": jnp.int8, "fp8": jnp.float8_e5m2}
 
 
-class QuantError(ValueError):
+class QuantError(checks.ConfigError):
   """A config.quant problem; the message names the key and the fix."""
-
-
-def mode(config) -> str:
-  quant = config.get("quant", None)
-  return "none" if quant is None else quant.get("mode", "none")
 
 
 def dtypes(quant_cfg) -> tuple:
   """(weight dtype, activation dtype) of `quant_cfg`'s mode."""
   weights, acts = MODES[quant_cfg.mode]
   if quant_cfg.mode == "int4_weights":
-    acts = ACTIVATIONS[quant_cfg.get("activations", "int8")]
+    acts = ACTIVATIONS[quant_cfg.activations]
   return weights, acts
 
 
@@ -76,7 +73,7 @@ def calibration(dtype) -> str:
 def rules(quant_cfg) -> list[qwix.QtRule]:
   """One qwix rule per `layers` pattern, all with the mode's dtypes."""
   weights, acts = dtypes(quant_cfg)
-  bwd = BACKWARD[quant_cfg.get("backward", "none")]
+  bwd = BACKWARD[quant_cfg.backward]
   return [qwix.QtRule(module_path=pattern, weight_qtype=weights,
                       act_qtype=acts, bwd_qtype=bwd,
                       weight_calibration_method=calibration(weights),
@@ -122,30 +119,21 @@ def backend_compiles(weights, acts) -> bool:
   return True
 
 
-def check(config) -> None:
+def check(quant) -> None:
   """Validates config.quant's names (pattern checks need the model: see
   `quantize`). Raises QuantError."""
-  quant = config.get("quant", None)
-  if quant is None:
-    return
-  name = quant.get("mode", "none")
+  name = quant.mode
   if name not in MODES:
     raise QuantError(f"config.quant.mode={name!r} is unknown; use one of "
                      f"{list(MODES)}.")
   if name == "none":
     return
-  task = config.get("task", "lm")
-  if task not in ("lm", "classify"):
-    raise QuantError(
-        f"config.quant.mode={name!r}: quantization-aware training covers the "
-        f"LM and the classifiers, not config.task={task!r}; set "
-        "config.quant.mode='none'.")
   for key, allowed in (("activations", ACTIVATIONS), ("backward", BACKWARD)):
-    value = quant.get(key, next(iter(allowed)))
+    value = quant[key]
     if value not in allowed:
       raise QuantError(f"config.quant.{key}={value!r} is unknown; use one of "
                        f"{list(allowed)}.")
-  if not quant.get("layers", ()):
+  if not quant.layers:
     raise QuantError("config.quant.layers is empty: list the module-path "
                      "patterns to quantize, e.g. ['.*blocks/.*mlp/up'].")
   weights, acts = dtypes(quant)

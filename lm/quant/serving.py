@@ -1,4 +1,4 @@
-"""Real int8 serving models: conversion, saving and loading.
+"""Real int8 serving models: conversion and their sharded abstract form.
 
 `convert` turns float32 parameters (from a QAT run or a plain float run, the
 latter being post-training quantization) into int8 weights plus float32
@@ -10,30 +10,23 @@ quantized (dynamic per-token scales), as QAT's forward pass did.
 A serving directory (scripts/quantize.py --out=OUT) holds:
   OUT/config.json     the source run's config plus `serving` (what was done)
   OUT/checkpoints/    orbax checkpoint of {"step", "params"} (int8 + scales)
+lm/run/restore.py loads one back.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import qwix
 from flax import nnx, traverse_util
-from jax.sharding import NamedSharding
 
-from lm import models, paths
+from lm import models
+from lm.parallel import rules as rules_lib
 from lm.quant import qat
-from lm.train import state as state_lib
 
 ACTIVATIONS = ("auto", "int8", "float")
-
-
-def is_serving_dir(workdir: str | Path) -> bool:
-  path = paths.resolve(workdir) / "config.json"
-  return path.exists() and "serving" in json.loads(path.read_text())
 
 
 def serving_config(config, activations: str = "auto"
@@ -44,7 +37,7 @@ def serving_config(config, activations: str = "auto"
   if activations not in ACTIVATIONS:
     raise ValueError(f"--activations={activations!r}; use one of "
                      f"{ACTIVATIONS}.")
-  source_mode = qat.mode(config)
+  source_mode = config.quant.mode
   if activations == "auto":
     _, acts = (qat.dtypes(config.quant) if source_mode != "none"
                else (None, jnp.int8))
@@ -68,7 +61,7 @@ def abstract_model(config) -> nnx.Module:
   """The serving model, abstract: int8 kernels (as qwix WithAux) where the
   rules match."""
   provider = qwix.PtqProvider(_rules(config))
-  return state_lib.abstract_model(
+  return models.abstract_model(
       models.model_config(float_config(config)), config.model.name,
       lambda model, x: qat.quantize_with(provider, model, x))
 
@@ -80,19 +73,18 @@ def float_config(config) -> ml_collections.ConfigDict:
   return out
 
 
-def param_shardings(config, mesh, rules, abstract_params):
+def param_shardings(config, mesh, abstract_params):
   """Each int8 kernel and its scales follow the float kernel's logical axes
   (a dimension of size 1 in the scales is replicated)."""
-  _, logical = state_lib.logical_param_specs(
-      models.model_config(float_config(config)), config.model.name)
+  _, logical = models.logical_specs(models.abstract_model(
+      models.model_config(float_config(config)), config.model.name))
   flat_logical = traverse_util.flatten_dict(logical)
 
   def sharding(path, leaf):
     key = tuple(k.key for k in path)
     while key not in flat_logical:  # .../kernel/array/qvalue -> .../kernel
       key = key[:-1]
-    spec = rules.spec(flat_logical[key])
-    return NamedSharding(mesh, state_lib.fit_spec(spec, leaf.shape, mesh))
+    return rules_lib.param_sharding(mesh, flat_logical[key], leaf.shape)
 
   return jax.tree_util.tree_map_with_path(sharding, abstract_params)
 
@@ -122,10 +114,12 @@ class Serving:
   abstract_params: object  # ShapeDtypeStructs with shardings.
 
 
-def setup_for(config, mesh, rules) -> Serving:
+def setup_for(config, mesh) -> Serving:
+  """The serving model's graph and abstract parameters, sharded on `mesh`
+  through the current rules table."""
   graphdef, state = nnx.split(abstract_model(config))
   abstract = nnx.to_pure_dict(state)
-  shardings = param_shardings(config, mesh, rules, abstract)
+  shardings = param_shardings(config, mesh, abstract)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)

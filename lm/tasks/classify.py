@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import metrics, paths
+from lm import checks, metrics, paths
 from lm.data import genres, images, sources
 from lm.tasks.supervised import Supervised
 
@@ -40,10 +40,52 @@ def make_data(config, share_index: int = 0, share_count: int = 1):
 
 class Classification(Supervised):
   name = "classify"
+  MODELS = ("mlp", "transformer_classifier")
 
   def __init__(self, config):
     self.config = config
     self.key = inputs_key(config.data.dataset)
+
+  def check(self, model_cfg, mesh: dict[str, int]) -> None:
+    config = self.config
+    dataset = config.data.dataset
+    checks.one_of(dataset, DATASETS, "config.data.dataset")
+    text = dataset in TEXT_DATASETS
+    want = "transformer_classifier" if text else "mlp"
+    checks.require(config.model.name == want,
+                   f"config.data.dataset={dataset!r} is classified by "
+                   f"config.model.name={want!r}, not {config.model.name!r}.")
+    num_classes = len(genres.GENRES) if text else images.NUM_CLASSES
+    checks.require(
+        model_cfg.num_classes == num_classes,
+        f"config.model.num_classes={model_cfg.num_classes} differs from the "
+        f"{num_classes} labels of config.data.dataset={dataset!r}; set "
+        f"config.model.num_classes={num_classes}.")
+    if text:
+      genres.check(config, model_cfg)
+      checks.require(not model_cfg.moe.experts,
+                     "config.model.moe.experts > 0: mixture-of-experts layers "
+                     "are for the LM (config.task='lm').")
+      checks.require(mesh["expert"] == 1,
+                     f"config.mesh.expert={mesh['expert']}: only the LM has "
+                     "expert layers.")
+    else:
+      images.check(config, model_cfg)
+
+  def check_teacher(self, teacher_config, teacher_cfg, model_cfg,
+                    where: str) -> None:
+    checks.require(
+        teacher_config.data.dataset == self.config.data.dataset,
+        f"{where}: the teacher classified {teacher_config.data.dataset!r}, "
+        f"the student {self.config.data.dataset!r}; use a teacher of the "
+        "same dataset.")
+    checks.require(
+        teacher_cfg.num_classes == model_cfg.num_classes,
+        f"{where}: the teacher's model.num_classes={teacher_cfg.num_classes}"
+        f" differs from the student's {model_cfg.num_classes}.")
+
+  def model_flops_per_step(self, model_cfg) -> None:
+    return None  # XLA's cost analysis counts them (lm/run/perf.py).
 
   def make_data(self, share_index: int = 0, share_count: int = 1):
     return make_data(self.config, share_index, share_count)
@@ -72,7 +114,8 @@ class Classification(Supervised):
     accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B)
     return ce_B.mean(), {"accuracy": accuracy}
 
-  def eval_step(self, model, batch: dict) -> dict:
+  def eval_step(self, model, batch: dict, eval_inputs=None) -> dict:
+    del eval_inputs
     logits_BxC = model(batch[self.key])
     return {"probs": jax.nn.softmax(logits_BxC, axis=-1),
             "label": batch["label"], "mask": batch["mask"]}
@@ -85,13 +128,12 @@ class Classification(Supervised):
     result = metrics.classification(labels_N, probs_NxC)
     picked = probs_NxC[np.arange(len(labels_N)), labels_N].astype(np.float64)
     result["loss"] = float(-np.mean(np.log(np.maximum(picked, 1e-30))))
-    if hasattr(data, "train_class_counts"):  # Imbalanced classes: a baseline.
+    if data.train_class_counts is not None:  # Imbalanced: a baseline.
       baseline = genres.majority_baseline(labels_N, data.train_class_counts)
       result["majority_accuracy"] = baseline["accuracy"]
       result["majority_f1"] = baseline["macro_f1"]
     if workdir is not None and jax.process_index() == 0:
-      names = getattr(data, "class_names", None) or [
-          str(i) for i in range(probs_NxC.shape[1])]
+      names = list(data.class_names)
       cm = metrics.confusion_matrix(labels_N, probs_NxC.argmax(-1),
                                     probs_NxC.shape[1])
       path = paths.resolve(workdir) / "images" / f"confusion_{step:06d}.png"

@@ -20,8 +20,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from lm import config as config_lib
 from lm.data import images, pipeline
-from lm.parallel import make_mesh, rules as rules_lib
+from lm.parallel import make_mesh
 from lm.tasks import classify
 from lm.train import state as state_lib, step as step_lib
 
@@ -31,21 +32,18 @@ VERSION = 2  # Bump when the recipe or format changes (2: .npz, was orbax).
 def recipe(data_cfg) -> ml_collections.ConfigDict:
   """The training config of the feature classifier for data_cfg.dataset."""
   dataset = data_cfg.dataset
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.task = "classify"
-  c.model = dict(name="mlp", image_shape=images.IMAGE_SHAPES[dataset],
+  c = config_lib.base("mlp")
+  c.model.update(image_shape=images.IMAGE_SHAPES[dataset],
                  num_classes=images.NUM_CLASSES, depth=2, width=128,
                  activation="gelu", dropout=0.1, layer_norm=True)
-  c.mesh = dict(data=1, fsdp=1, tensor=1)
-  c.precision = dict(compute_dtype="float32", param_dtype="float32")
-  c.optimizer = dict(name="adamw", learning_rate=1e-3, schedule="cosine",
+  c.mesh.update(data=1)
+  c.optimizer.update(name="adamw", learning_rate=1e-3, schedule="cosine",
                      warmup_steps=50, end_learning_rate_fraction=0.01, b1=0.9,
-                     b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0)
-  c.train = dict(steps=1500, batch_size=128)
+                     b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0)
+  c.train.update(steps=1500, batch_size=128)
   # Augmentation helps on 28x28 MNIST and hurts on 8x8 digits (measured
   # with configs/mlp_*.py).
-  c.data = dict(dataset=dataset, data_dir=data_cfg.get("data_dir", ""),
+  c.data.update(dataset=dataset, data_dir=data_cfg.data_dir,
                 augment=dataset != "digits", max_shift=2, max_rotation=10.0)
   return c
 
@@ -72,7 +70,7 @@ def load_or_train(data_cfg) -> FeatureClassifier:
   directory = _directory(data_cfg)
   config = recipe(data_cfg)
   mesh = make_mesh(config.mesh, jax.local_devices()[:1])
-  with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+  with jax.set_mesh(mesh):
     setup = state_lib.make_setup(config, mesh)
     with pipeline.file_lock(directory.parent / f".{directory.name}.lock"):
       if not (directory / "info.json").exists():

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lm import metrics, paths
+from lm import checks, metrics, paths
 from lm.data import images
 from lm.parallel import constrain
 from lm.tasks import feature_classifier
@@ -45,17 +45,52 @@ def _d_loss(model, real_BxHxWxC, fake_BxHxWxC, r1_gamma: float):
 
 class Gan:
   name = "gan"
+  MODELS = ("gan",)
 
   def __init__(self, config):
     self.config = config
-    self.r1_gamma = float(config.gan.get("r1_gamma", 0.0))
-    self.classifier = None
+    self.r1_gamma = float(config.gan.r1_gamma)
+    self.classifier = None  # Set by prepare_eval.
 
-  @property
-  def eval_extras(self):
-    """The feature classifier's params (trained on first use, then stored)."""
-    if self.classifier is None:
-      self.classifier = feature_classifier.load_or_train(self.config.data)
+  def check(self, model_cfg, mesh: dict[str, int]) -> None:
+    """The image data, and what the two-network step does not support."""
+    del mesh
+    config = self.config
+    images.check(config, model_cfg)
+    accum = config.train.grad_accum_steps
+    checks.require(accum == 1, f"config.train.grad_accum_steps={accum}: the "
+                   "GAN step updates two networks in turn on the whole batch;"
+                   " set it to 1.")
+    mode = config.train.grad_reduce
+    checks.require(mode == "auto",
+                   f"config.train.grad_reduce={mode!r}: the GAN step updates "
+                   "two networks in turn; use 'auto'.")
+    checks.require(
+        config.quant.mode == "none",
+        f"config.quant.mode={config.quant.mode!r}: quantization-aware "
+        "training covers the LM and the classifiers, not config.task='gan';"
+        " set config.quant.mode='none'.")
+    checks.require(not config.prune.sparsity or not config.prune.layers,
+                   "config.prune.layers: the GAN prunes each network's "
+                   "matrices; leave it empty.")
+    self.check_teacher(None, None, model_cfg,
+                       "config.distill.teacher_workdir="
+                       f"{config.distill.teacher_workdir!r}")
+
+  def check_teacher(self, teacher_config, teacher_cfg, model_cfg,
+                    where: str) -> None:
+    del teacher_config, teacher_cfg, model_cfg
+    checks.require(not self.config.distill.teacher_workdir,
+                   f"{where}: distillation covers the LM and the classifiers,"
+                   " not config.task='gan'.")
+
+  def model_flops_per_step(self, model_cfg) -> None:
+    return None  # XLA's cost analysis counts them (lm/run/perf.py).
+
+  def prepare_eval(self):
+    """The fixed feature classifier behind cFID: loaded from next to the
+    prepared data, or trained once and stored there. Returns its params."""
+    self.classifier = feature_classifier.load_or_train(self.config.data)
     return self.classifier.params
 
   def make_data(self, share_index: int = 0, share_count: int = 1):
@@ -125,6 +160,7 @@ class Gan:
     return new_state, metrics_
 
   def eval_step(self, model, batch: dict, classifier_params) -> dict:
+    """Generated and real images through the feature classifier."""
     fake = model.generate(batch["z"])
     real_feats, real_probs = self.classifier.apply(classifier_params,
                                                    batch["image"])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lm import checks
 from lm.data import pipeline
 from lm.models import transformer
 from lm.parallel import axis_size, context
@@ -62,9 +63,34 @@ def lm_loss(model, tokens_BxL1):
 
 class LanguageModeling(Supervised):
   name = "lm"
+  MODELS = ("transformer",)
 
   def __init__(self, config):
     self.config = config
+
+  def check(self, model_cfg, mesh: dict[str, int]) -> None:
+    del mesh
+    pipeline.check(self.config, model_cfg)
+
+  def check_teacher(self, teacher_config, teacher_cfg, model_cfg,
+                    where: str) -> None:
+    checks.require(
+        teacher_cfg.vocab_size == model_cfg.vocab_size,
+        f"{where}: the teacher's model.vocab_size={teacher_cfg.vocab_size} "
+        f"differs from the student's {model_cfg.vocab_size}; their logits "
+        "must cover the same vocabulary. Use a teacher trained with the same "
+        "tokenizer and vocab_size.")
+    checks.require(
+        teacher_config.data.tokenizer == self.config.data.tokenizer,
+        f"{where}: the teacher's data.tokenizer="
+        f"{teacher_config.data.tokenizer!r} differs from the student's "
+        f"{self.config.data.tokenizer!r}.")
+    length = pipeline.seq_len(self.config)
+    checks.require(
+        teacher_cfg.max_len >= length,
+        f"{where}: the teacher's model.max_len={teacher_cfg.max_len} is "
+        f"shorter than the student's training windows ({length} tokens); "
+        "lower config.data.seq_len.")
 
   def make_data(self, share_index: int = 0, share_count: int = 1):
     return pipeline.make(self.config, share_index, share_count)
@@ -103,8 +129,9 @@ class LanguageModeling(Supervised):
     return loss, {}
 
   @staticmethod
-  def eval_step(model, batch: dict) -> dict:
+  def eval_step(model, batch: dict, eval_inputs=None) -> dict:
     """Sums (not means) so the host can aggregate over any number of batches."""
+    del eval_inputs
     loss, count, _ = lm_loss(model, batch["tokens"])
     return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
 

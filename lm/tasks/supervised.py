@@ -18,3 +18,6 @@ class Supervised:
     return step_lib.supervised_train_step(state, batch, setup=setup,
                                           loss_fn=loss_fn,
                                           accum_steps=accum_steps)
+
+  def prepare_eval(self) -> None:
+    return None  # The eval step needs only the parameters.

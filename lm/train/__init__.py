@@ -1,2 +1,3 @@
-"""Training: state, pure steps, optimizers, checkpoints and the loop."""
-from lm.train.loop import run
+"""The training engine: state, pure steps, optimizers, precision, pruning,
+distillation losses and checkpoints. It knows no task, model name or script:
+tasks and the run layer hand it what it needs."""

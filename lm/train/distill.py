@@ -21,14 +21,22 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm import paths
-from lm.train import checkpoint as ckpt_lib
-from lm.train import state as state_lib
+from lm import checks
 
 
 def enabled(config) -> bool:
-  distill = config.get("distill", None)
-  return bool(distill is not None and distill.get("teacher_workdir", ""))
+  return bool(config.distill.teacher_workdir)
+
+
+def check(distill_cfg) -> None:
+  """config.distill's own values (whether the teacher run fits the student
+  spans sections: lm/run/checks.py). Raises ConfigError."""
+  checks.require(0.0 <= distill_cfg.alpha <= 1.0,
+                 f"config.distill.alpha={distill_cfg.alpha} must be in "
+                 "[0, 1].")
+  checks.require(distill_cfg.temperature > 0,
+                 f"config.distill.temperature={distill_cfg.temperature} must "
+                 "be positive.")
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -49,8 +57,8 @@ Forward = Callable[..., tuple[jax.Array, jax.Array]]
 def loss_fn(forward: Forward, teacher_graphdef, teacher_params, distill_cfg):
   """A loss_fn(model, batch, key) for lm/train/step.py that mixes the hard
   labels with the teacher's softened predictions."""
-  alpha = float(distill_cfg.get("alpha", 0.5))
-  temperature = float(distill_cfg.get("temperature", 2.0))
+  alpha = float(distill_cfg.alpha)
+  temperature = float(distill_cfg.temperature)
 
   def fn(model, batch: dict, key):
     logits, labels = forward(model, batch, key)
@@ -67,25 +75,8 @@ def loss_fn(forward: Forward, teacher_graphdef, teacher_params, distill_cfg):
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
+  """A frozen teacher on the student's mesh (loaded by lm/run/restore.py)."""
   graphdef: nnx.GraphDef
   params: Any  # Sharded on the student's mesh.
   shardings: Any
   step: int
-
-
-def load_teacher(config, mesh, rules=None) -> Teacher:
-  """Restores the teacher's latest parameters onto `mesh` (the student's)."""
-  from lm import restore  # noqa: PLC0415  (restore imports the trainer.)
-  workdir = paths.resolve(config.distill.teacher_workdir)
-  teacher_config = restore.load_config(workdir)
-  with teacher_config.unlocked():
-    teacher_config.mesh = dict(config.mesh)
-  setup = state_lib.make_setup(teacher_config, mesh, rules)
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
-  try:
-    step = ckpt.latest_step()
-    state = ckpt.restore(setup.abstract_state)
-  finally:
-    ckpt.close()
-  return Teacher(graphdef=setup.graphdef, params=state.params,
-                 shardings=setup.param_shardings, step=step)

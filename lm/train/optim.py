@@ -17,26 +17,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import checks
 from lm.train import prune
 
 SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _adamw(c):
-  return optax.scale_by_adam(b1=c.get("b1", 0.9), b2=c.get("b2", 0.95),
-                             eps=c.get("eps", 1e-8))
+  return optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps)
 
 
 def _adafactor(c):
   # Factored second moments (memory ~ rows + cols) with update clipping, as in
   # optax.adafactor and T5X; momentum off by default.
   return optax.chain(
-      optax.scale_by_factored_rms(decay_rate=c.get("decay_rate", 0.8)),
-      optax.clip_by_block_rms(c.get("clipping_threshold", 1.0)))
+      optax.scale_by_factored_rms(decay_rate=c.decay_rate),
+      optax.clip_by_block_rms(c.clipping_threshold))
 
 
 def _lion(c):
-  return optax.scale_by_lion(b1=c.get("b1", 0.9), b2=c.get("b2", 0.99))
+  return optax.scale_by_lion(b1=c.b1, b2=c.b2)
 
 
 def _sgd(c):
@@ -45,14 +45,12 @@ def _sgd(c):
 
 
 def _momentum(c):
-  return optax.trace(decay=c.get("momentum", 0.9),
-                     nesterov=c.get("nesterov", False))
+  return optax.trace(decay=c.momentum, nesterov=c.nesterov)
 
 
 def _adagrad(c):
   return optax.scale_by_rss(
-      initial_accumulator_value=c.get("initial_accumulator_value", 0.1),
-      eps=c.get("eps", 1e-7))
+      initial_accumulator_value=c.initial_accumulator_value, eps=c.eps)
 
 
 UPDATE_RULES: dict[str, Callable] = {
@@ -68,9 +66,9 @@ UPDATE_RULES: dict[str, Callable] = {
 def schedule(c, total_steps: int) -> optax.Schedule:
   """`c` is config.optimizer; decay runs to `total_steps`."""
   peak = c.learning_rate
-  warmup = int(c.get("warmup_steps", 0))
-  name = c.get("schedule", "cosine")
-  end = peak * c.get("end_learning_rate_fraction", 0.0)
+  warmup = int(c.warmup_steps)
+  name = c.schedule
+  end = peak * c.end_learning_rate_fraction
   decay_steps = max(total_steps - warmup, 1)
   if name == "constant":
     after = optax.constant_schedule(peak)
@@ -113,7 +111,13 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make(c, total_steps: int, prune_cfg=None
+def check(c) -> None:
+  """config.optimizer's names. Raises ConfigError."""
+  checks.one_of(c.name, UPDATE_RULES, "config.optimizer.name")
+  checks.one_of(c.schedule, SCHEDULES, "config.optimizer.schedule")
+
+
+def make(c, total_steps: int, prune_cfg
          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule) for config.optimizer `c`;
   with `prune_cfg` (config.prune) asking for sparsity, magnitude pruning
@@ -124,10 +128,10 @@ def make(c, total_steps: int, prune_cfg=None
                      f"{sorted(UPDATE_RULES)}.")
   lr = schedule(c, total_steps)
   parts = []
-  if c.get("grad_clip_norm", 0.0):
+  if c.grad_clip_norm:
     parts.append(clip_by_global_norm(c.grad_clip_norm))
   parts.append(UPDATE_RULES[c.name](c))
-  if c.get("weight_decay", 0.0):
+  if c.weight_decay:
     parts.append(optax.add_decayed_weights(c.weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
   pruning = prune.from_config(prune_cfg, total_steps)

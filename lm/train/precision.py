@@ -27,7 +27,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lm import checks
+
 POLICIES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def check(precision_cfg) -> None:
+  """config.precision's dtypes. Raises ConfigError."""
+  checks.one_of(precision_cfg.compute_dtype, POLICIES,
+                "config.precision.compute_dtype")
+  checks.one_of(precision_cfg.param_dtype, PARAM_DTYPES,
+                "config.precision.param_dtype")
 
 
 @flax.struct.dataclass
@@ -56,14 +67,13 @@ def initial_loss_scale(precision_cfg) -> LossScale | None:
   """The starting state for the float16 policy; None for the others."""
   if precision_cfg.compute_dtype != "float16":
     return None
-  c = precision_cfg.get("loss_scale", None) or {}
+  c = precision_cfg.loss_scale
   return LossScale(
-      scale=jnp.asarray(c.get("initial", 2.0 ** 15), jnp.float32),
+      scale=jnp.asarray(c.initial, jnp.float32),
       good_steps=jnp.zeros((), jnp.int32),
       skipped_steps=jnp.zeros((), jnp.int32),
-      growth_interval=int(c.get("growth_interval", 2000)),
-      factor=float(c.get("factor", 2.0)),
-      min_scale=float(c.get("min_scale", 1.0)))
+      growth_interval=int(c.growth_interval), factor=float(c.factor),
+      min_scale=float(c.min_scale))
 
 
 def all_finite(tree) -> jax.Array:

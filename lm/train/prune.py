@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import checks
+
 
 class PruneState(NamedTuple):
   """`masks`: a bool array (True = kept) shaped like each parameter, unpruned
@@ -64,23 +66,26 @@ def check_patterns(layers: tuple[str, ...], params_or_shapes: Any) -> None:
     try:
       regex = re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"config.prune.layers: {pattern!r} is not a valid "
-                       f"regular expression ({e}).") from e
+      raise checks.ConfigError(f"config.prune.layers: {pattern!r} is not a "
+                               f"valid regular expression ({e}).") from e
     if not any(regex.fullmatch(p) for p in paths):
-      raise ValueError(
+      raise checks.ConfigError(
           f"config.prune.layers: pattern {pattern!r} matches no parameter; it "
           f"must match a whole '/'-joined path, e.g. one of {paths[:6]}.")
 
 
 def _check_args(final_sparsity, begin_step, end_step, update_every) -> None:
   if not 0.0 <= final_sparsity < 1.0:
-    raise ValueError(f"config.prune.sparsity={final_sparsity} must be in "
-                     "[0, 1): the fraction of each pruned parameter zeroed.")
+    raise checks.ConfigError(
+        f"config.prune.sparsity={final_sparsity} must be in [0, 1): the "
+        "fraction of each pruned parameter zeroed.")
   if update_every < 1:
-    raise ValueError(f"config.prune.update_every={update_every} must be >= 1.")
+    raise checks.ConfigError(
+        f"config.prune.update_every={update_every} must be >= 1.")
   if end_step < begin_step:
-    raise ValueError(f"config.prune.end_step={end_step} is before begin_step="
-                     f"{begin_step}; raise end_step or lower begin_step.")
+    raise checks.ConfigError(
+        f"config.prune.end_step={end_step} is before begin_step={begin_step};"
+        " raise end_step or lower begin_step.")
 
 
 def target_sparsity(step, *, final_sparsity: float, begin_step: int,
@@ -148,19 +153,30 @@ def magnitude_prune(final_sparsity: float, *, begin_step: int, end_step: int,
   return optax.GradientTransformation(init, update)
 
 
+def _end_step(prune_cfg, total_steps: int) -> int:
+  # 0: the last quarter of training fine-tunes at the final sparsity.
+  return int(prune_cfg.end_step) or int(0.75 * total_steps)
+
+
+def check(prune_cfg, total_steps: int) -> None:
+  """config.prune's values (its layer patterns need the model: see
+  `check_patterns`). Raises ConfigError."""
+  if prune_cfg.sparsity:
+    _check_args(float(prune_cfg.sparsity), int(prune_cfg.begin_step),
+                _end_step(prune_cfg, total_steps),
+                int(prune_cfg.update_every))
+
+
 def from_config(prune_cfg, total_steps: int
                 ) -> optax.GradientTransformation | None:
-  """`prune_cfg` is config.prune (or None); sparsity 0 turns pruning off."""
-  if prune_cfg is None or not prune_cfg.get("sparsity", 0.0):
+  """`prune_cfg` is config.prune; sparsity 0 turns pruning off."""
+  if not prune_cfg.sparsity:
     return None
-  end_step = int(prune_cfg.get("end_step", 0))
-  if end_step <= 0:
-    # The last quarter of training fine-tunes at the final sparsity.
-    end_step = int(0.75 * total_steps)
   return magnitude_prune(
-      float(prune_cfg.sparsity), begin_step=int(prune_cfg.get("begin_step", 0)),
-      end_step=end_step, update_every=int(prune_cfg.get("update_every", 10)),
-      layers=tuple(prune_cfg.get("layers", ())))
+      float(prune_cfg.sparsity), begin_step=int(prune_cfg.begin_step),
+      end_step=_end_step(prune_cfg, total_steps),
+      update_every=int(prune_cfg.update_every),
+      layers=tuple(prune_cfg.layers))
 
 
 def layer_sparsity(params, layers: tuple[str, ...] = ()) -> dict[str, float]:

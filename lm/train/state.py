@@ -12,14 +12,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import models, quant
 from lm.parallel import rules as rules_lib
-from lm.train import optim, precision
+from lm.train import optim, precision, prune
 
 
 @flax.struct.dataclass
@@ -33,9 +32,9 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """Everything static that the step functions and the loop need."""
+  """Everything static that the step functions and the loop need. (The
+  logical-axis rules table is `lm.parallel.rules.current()`.)"""
   mesh: Mesh
-  rules: rules_lib.Rules
   model_cfg: Any
   graphdef: nnx.GraphDef
   tx: Any  # optax transformation, or {group: transformation} (the GAN).
@@ -51,74 +50,44 @@ class Setup:
   def param_shardings(self):
     return self.state_shardings.params
 
-  def batch_sharding(self, ndim: int = 2, key: str = "tokens"
-                     ) -> NamedSharding:
+  def batch_sharding(self, ndim: int = 2) -> NamedSharding:
     """Rows over the batch axes (data, fsdp, expert); the other axes whole.
     Token windows are L + 1 long (inputs and shifted targets), which a
     `sequence` axis cannot split evenly, and integer tokens are cheap to
     replicate: the model splits its activations' length axis itself."""
-    del key
-    return NamedSharding(self.mesh, self.rules("batch", *[None] * (ndim - 1)))
+    return NamedSharding(self.mesh,
+                         rules_lib.current()("batch", *[None] * (ndim - 1)))
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
 
-def abstract_model(model_cfg, family_name: str, quantizer=None
-                   ) -> nnx.Module:
-  """The model without allocating. `quantizer(model, example_input)`, when
-  given, wraps it for quantized execution (lm/quant)."""
-  family = models.MODELS[family_name]
-
-  def make():
-    model = family.make(model_cfg, nnx.Rngs(0))
-    if quantizer is None:
-      return model
-    return quantizer(model, family.example_input(model_cfg))
-
-  # Under an active mesh nnx.eval_shape would read the logical names as mesh
-  # axes; the names are mapped by our rules table instead, so hide the mesh.
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-    return nnx.eval_shape(make)
-
-
 def logical_param_specs(model_cfg, family_name: str, quant_cfg=None):
   """Returns (graphdef, logical PartitionSpec tree) without allocating. The
-  graphdef is the quantized model's when `quant_cfg` asks for QAT; its
-  parameters are the float model's."""
+  graphdef is the quantized model's when `quant_cfg` asks for QAT (a
+  pattern that matches no layer raises QuantError here); its parameters are
+  the float model's."""
   quantizer = None
-  if quant_cfg is not None and quant_cfg.get("mode", "none") != "none":
+  if quant_cfg is not None and quant_cfg.mode != "none":
     quantizer = lambda m, x: quant.quantize(m, quant_cfg, x)  # noqa: E731
-  abstract_model_ = abstract_model(model_cfg, family_name, quantizer)
-  graphdef, abstract_params = nnx.split(abstract_model_)
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-  return graphdef, logical
+  return models.logical_specs(
+      models.abstract_model(model_cfg, family_name, quantizer))
 
 
-def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Replicates a dimension its mesh axes do not divide evenly (e.g. a
-  1-channel conv input, a 10-class head under tensor=4): jit shardings must
-  divide, and such small dimensions gain nothing from splitting."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = rules_lib.axis_names(axes)
-    ways = int(np.prod([mesh.shape[a] for a in names]))
-    fitted.append(axes if dim % ways == 0 else None)
-  return P(*fitted)
-
-
-def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
-               ) -> Setup:
-  rules = rules or rules_lib.Rules()
+def make_setup(config, mesh: Mesh) -> Setup:
+  """The model, optimizer and state shardings of a resolved config on
+  `mesh`, through the current rules table. Raises ConfigError when a
+  config.quant or config.prune pattern matches nothing (the patterns need
+  the model), before anything is compiled."""
   model_cfg = models.model_config(config)
   family = models.MODELS[config.model.name]
   graphdef, logical = logical_param_specs(model_cfg, config.model.name,
-                                          config.get("quant", None))
+                                          config.quant)
   tx, schedule = optim.make(config.optimizer, config.train.steps,
-                            config.get("prune", None))
+                            config.prune)
   # A family with several parameter groups (the GAN) gets one optimizer
   # state per group, updated separately by its train step.
-  groups = getattr(family, "OPTIMIZER_GROUPS", None)
+  groups = family.OPTIMIZER_GROUPS
   if groups:
     tx = {g: tx for g in groups}
 
@@ -134,9 +103,10 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
 
   key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, key)
+  if config.prune.sparsity:
+    prune.check_patterns(tuple(config.prune.layers), abstract.params)
   param_shardings = jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, fit_spec(rules.spec(spec), x.shape,
-                                                   mesh)),
+      lambda spec, x: rules_lib.param_sharding(mesh, spec, x.shape),
       logical, abstract.params, is_leaf=lambda x: isinstance(x, P))
   replicated = NamedSharding(mesh, P())
 
@@ -157,11 +127,11 @@ def make_setup(config, mesh: Mesh, rules: rules_lib.Rules | None = None
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)
   init_fn = jax.jit(init, out_shardings=shardings)
-  return Setup(mesh=mesh, rules=rules, model_cfg=model_cfg, graphdef=graphdef,
-               tx=tx, schedule=schedule, abstract_state=abstract,
+  return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
+               schedule=schedule, abstract_state=abstract,
                state_shardings=shardings, init_fn=init_fn, seed=config.seed,
-               grad_reduce=(config.train.get("grad_reduce", "auto"),
-                            config.train.get("grad_reduce_dtype", "float32")))
+               grad_reduce=(config.train.grad_reduce,
+                            config.train.grad_reduce_dtype))
 
 
 def count_params(params) -> int:

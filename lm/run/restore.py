@@ -1,0 +1,135 @@
+"""Loading a trained run back: its config, mesh and latest parameters (an
+int8 serving run's too), and a distillation teacher.
+
+Shared by the tools that read a workdir (generate, eval, quantize) and by the
+loop (the teacher); the mesh can differ from the one that trained, since
+checkpoints restore with resharding. Everything here uses the current
+logical-axis rules table (lm.parallel.rules.current()).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from lm import config as config_lib, paths
+from lm.parallel import AXES, make_mesh, resolve_shape
+from lm.quant import serving
+from lm.train import checkpoint as ckpt_lib, distill
+from lm.train import state as state_lib
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The run's config.json, resolved (a run written before a key existed
+  gets that key's default)."""
+  path = paths.resolve(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a run "
+                            "directory written by scripts/train.py.")
+  return config_lib.resolve(json.loads(path.read_text()))
+
+
+def is_serving_dir(workdir: str | Path) -> bool:
+  """Whether `workdir` holds an int8 serving model (scripts/quantize.py)."""
+  path = paths.resolve(workdir) / "config.json"
+  return path.exists() and "serving" in json.loads(path.read_text())
+
+
+def parse_mesh(mesh_arg: str) -> dict[str, int]:
+  """`--mesh`: "data,fsdp,tensor" sizes, or named axes such as
+  "data=2,sequence=4" (unnamed axes are 1)."""
+  parts = mesh_arg.split(",")
+  try:
+    if all("=" in p for p in parts):
+      sizes = {k.strip(): int(v) for k, v in (p.split("=") for p in parts)}
+    else:
+      sizes = dict(zip(("data", "fsdp", "tensor"),
+                       (int(p) for p in parts), strict=True))
+  except ValueError:
+    raise ValueError(f"--mesh={mesh_arg!r}: use three sizes "
+                     "'data,fsdp,tensor' or named axes like "
+                     "'data=2,sequence=4'.") from None
+  unknown = sorted(set(sizes) - set(AXES))
+  if unknown:
+    raise ValueError(f"--mesh={mesh_arg!r}: unknown axis {unknown[0]!r}; "
+                     f"mesh axes are {AXES}.")
+  return sizes
+
+
+def mesh_for(config, mesh_arg: str | None) -> dict[str, int]:
+  """`--mesh` if given (see parse_mesh); the training mesh if it fits the
+  devices here; otherwise FSDP over all devices."""
+  if mesh_arg:
+    return parse_mesh(mesh_arg)
+  try:
+    resolve_shape(config.mesh, jax.device_count())
+    return dict(config.mesh)
+  except ValueError:
+    return dict(data=1, fsdp=-1, tensor=1)
+
+
+@dataclasses.dataclass
+class Loaded:
+  config: ml_collections.ConfigDict
+  setup: state_lib.Setup
+  params: object
+  step: int
+
+
+def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
+  """Restores the latest checkpoint of `workdir` onto a mesh of this host's
+  devices. Call inside `jax.set_mesh(loaded.setup.mesh)` afterwards too."""
+  config = load_config(workdir)
+  with config.unlocked():
+    config.mesh = mesh_for(config, mesh_arg)
+  # An explicit mesh smaller than the host (e.g. --mesh=1,1,1 for an
+  # unsharded reference) takes the first devices.
+  sizes = list(config.mesh.values())
+  mesh = make_mesh(config.mesh, None if -1 in sizes
+                   else jax.devices()[:math.prod(sizes)])
+  serving_dir = is_serving_dir(workdir)
+  setup = state_lib.make_setup(
+      serving.float_config(config) if serving_dir else config, mesh)
+  ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {ckpt.directory}"
+                            ": train first (scripts/train.py).")
+  with jax.set_mesh(mesh):
+    if serving_dir:
+      # An int8 model from scripts/quantize.py: its own graph and parameter
+      # tree (int8 kernels + scales), sharded like the float kernels.
+      model = serving.setup_for(config, mesh)
+      params = ckpt.restore(serving.checkpoint_item(model.abstract_params))
+      params = params["params"]
+      setup = dataclasses.replace(
+          setup, graphdef=model.graphdef,
+          state_shardings=setup.state_shardings.replace(
+              params=jax.tree.map(lambda x: x.sharding,
+                                  model.abstract_params)))
+    else:
+      params = ckpt.restore(setup.abstract_state).params
+  ckpt.close()
+  return Loaded(config=config, setup=setup, params=params, step=step)
+
+
+def load_teacher(config, mesh) -> distill.Teacher:
+  """Restores the distillation teacher's latest parameters onto `mesh` (the
+  student's), sharded by the teacher's own logical names."""
+  workdir = paths.resolve(config.distill.teacher_workdir)
+  teacher_config = load_config(workdir)
+  with teacher_config.unlocked():
+    teacher_config.mesh = dict(config.mesh)
+  setup = state_lib.make_setup(teacher_config, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
+  try:
+    step = ckpt.latest_step()
+    state = ckpt.restore(setup.abstract_state)
+  finally:
+    ckpt.close()
+  return distill.Teacher(graphdef=setup.graphdef, params=state.params,
+                         shardings=setup.param_shardings, step=step)

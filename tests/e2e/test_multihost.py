@@ -1,0 +1,301 @@
+"""Multi-process jobs on this machine (scripts/launch_local.py: 2 processes x
+4 CPU devices, gloo collectives) against one process with 8 devices; joining
+a job; preemption; a dead process; bad input."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TRAIN, TRAIN_ARGS, tiny_config
+from lm import distributed
+from lm.run import checks, restore
+from lm.parallel import mesh as mesh_lib
+
+LAUNCH = os.path.join(REPO, "scripts", "launch_local.py")
+# data x fsdp x tensor: `data` splits the batch across the two processes,
+# fsdp and tensor work inside each.
+ARGS = [*TRAIN_ARGS, "--heartbeat_timeout=10"]
+TIMEOUT = 300  # Seconds any one launch may take before the test fails.
+
+
+def _env(data_dir, devices=8):
+  return dict(os.environ, LM_DATA_DIR=data_dir, PYTHONUNBUFFERED="1",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _one_process(workdir, data_dir):
+  """10 steps (or the rest of them) in one process with 8 devices."""
+  result = subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}",
+                           *ARGS], cwd=REPO, env=_env(data_dir),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+class Launch:
+  """scripts/launch_local.py in the background; its lines are collected as
+  they come, and the processes are always killed at the end."""
+
+  def __init__(self, workdir, data_dir, *extra):
+    self.proc = subprocess.Popen(
+        [sys.executable, LAUNCH, "--num_processes=2",
+         "--devices_per_process=4", "--grace_seconds=120", "--",
+         f"--workdir={workdir}", *ARGS, *extra],
+        cwd=REPO, env=_env(data_dir, devices=1), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+
+  def wait_for(self, pattern, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      line = self.proc.stdout.readline()
+      if not line:
+        break
+      self.lines.append(line)
+      if re.search(pattern, line):
+        return re.search(pattern, line)
+    raise AssertionError(f"no line matched {pattern!r}:\n" + self.output)
+
+  def finish(self, timeout=TIMEOUT):
+    try:
+      rest, _ = self.proc.communicate(timeout=timeout)
+      self.lines.append(rest)
+    finally:
+      self.kill()
+    return self.proc.returncode
+
+  def kill(self):
+    if self.proc.poll() is None:
+      for pid in self.pids().values():
+        _kill(pid)
+      self.proc.kill()
+      self.proc.communicate()
+
+  def pids(self):
+    return {int(m[1]): int(m[2]) for m in re.finditer(
+        r"\[launch\] process (\d+): pid (\d+)", self.output)}
+
+  @property
+  def output(self):
+    return "".join(self.lines)
+
+
+def _kill(pid, sig=signal.SIGKILL):
+  try:
+    os.kill(pid, sig)
+  except ProcessLookupError:
+    pass
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _by_step(records):
+  """{(split, step): record}; fails on a duplicate, i.e. a second writer."""
+  out = {}
+  for r in records:
+    key = (r["split"], r["step"])
+    assert key not in out, f"{key} written twice: only process 0 may write"
+    out[key] = r
+  return out
+
+
+def _assert_same_losses(reference, run):
+  a, b = _by_step(_records(reference)), _by_step(_records(run))
+  assert sorted(a) == sorted(b)
+  assert len([k for k in a if k[0] == "train"]) == 10
+  for key in a:
+    for metric in ("loss", "bits_per_byte"):
+      if metric in a[key]:
+        np.testing.assert_allclose(b[key][metric], a[key][metric], rtol=1e-5,
+                                   err_msg=f"{metric} at {key}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  """10 steps in one process with 8 devices."""
+  workdir = str(tmp_path_factory.mktemp("one_process"))
+  _one_process(workdir, data_dir)
+  return workdir
+
+
+def test_two_processes_equal_one_process_across_a_resume(reference, tmp_path,
+                                                         data_dir):
+  workdir = str(tmp_path / "two")
+  first = Launch(workdir, data_dir, "--stop_at_step=5")
+  assert first.finish() == 0, first.output[-5000:]
+  assert "stopped at step 5" in first.output
+  # Resumed onto the hybrid layout a multislice job uses (each process a
+  # "slice" here): data across them, fsdp x tensor inside.
+  second = Launch(workdir, data_dir, "--config.mesh_dcn.data=2")
+  assert second.finish() == 0, second.output[-5000:]
+  assert "resumed from step 5" in second.output
+  assert "on 8 cpu devices in 2 processes" in second.output
+  _assert_same_losses(reference, workdir)
+  # The parameters too, restored from both runs' last checkpoints.
+  ours = restore.load(workdir, "1,1,1").params
+  theirs = restore.load(reference, "1,1,1").params
+  for x, y in zip(_leaves(ours), _leaves(theirs)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  # Only process 0 wrote metrics and TensorBoard: one event file per launch,
+  # each named after a process-0 pid.
+  writers = {int(name.split(".")[-2])
+             for name in os.listdir(os.path.join(workdir, "tensorboard"))}
+  assert writers == {first.pids()[0], second.pids()[0]}
+
+
+def _leaves(tree):
+  import jax  # noqa: PLC0415
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_sigterm_on_one_process_saves_one_checkpoint_on_all(
+    reference, tmp_path, data_dir):
+  workdir = str(tmp_path / "preempted")
+  run = Launch(workdir, data_dir)
+  # Process 0 prints the mesh after every process has joined (and so has
+  # JAX's SIGTERM handler installed); the steps have not started.
+  run.wait_for(r"mesh data=2 x fsdp=2 x tensor=2")
+  _kill(run.pids()[1], signal.SIGTERM)
+  assert run.finish() == 0, run.output[-5000:]  # Both exited cleanly.
+  step = int(re.search(r"all 2 processes save step (\d+)", run.output)[1])
+  assert f"stopped at step {step}" in run.output
+  assert step < 10
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  # Resume in one process with 8 devices: the data position carries over
+  # (every process saved the same one).
+  _one_process(workdir, data_dir)
+  _assert_same_losses(reference, workdir)
+
+
+def test_a_killed_process_ends_the_job_and_nothing_is_lost(
+    reference, tmp_path, data_dir):
+  workdir = str(tmp_path / "killed")
+  first = Launch(workdir, data_dir, "--stop_at_step=4")
+  assert first.finish() == 0, first.output[-5000:]
+  run = Launch(workdir, data_dir)
+  run.wait_for(r"resumed from step 4")
+  _kill(run.pids()[1])
+  killed_at = time.monotonic()
+  status = run.finish(timeout=120)
+  # Process 0 ended by itself (the launcher's grace is 120 s), with the
+  # coordination service's error, within a bounded time of the heartbeat.
+  assert status != 0
+  assert time.monotonic() - killed_at < 90
+  assert "process 1 was killed by SIGKILL" in run.output
+  assert "JAX distributed service detected fatal errors" in run.output
+  assert "[launch] killing" not in run.output
+  again = Launch(workdir, data_dir)
+  assert again.finish() == 0, again.output[-5000:]
+  assert "resumed from step 4" in again.output
+  _assert_same_losses(reference, workdir)
+
+
+# Bad input.
+
+def test_job_flags_are_checked_before_anything_starts():
+  with pytest.raises(distributed.DistributedError, match="--process_id"):
+    distributed.job_spec("127.0.0.1:1234", 2, environ={})
+  with pytest.raises(distributed.DistributedError,
+                     match=r"--process_id=2 is outside \[0, 2\)"):
+    distributed.job_spec("127.0.0.1:1234", 2, 2, environ={})
+  with pytest.raises(distributed.DistributedError,
+                     match="--coordinator_address='h1234' is not HOST:PORT"):
+    distributed.job_spec("h1234", 2, 0, environ={})
+  with pytest.raises(distributed.DistributedError, match="--num_processes=0"):
+    distributed.job_spec("h:1234", 0, 0, environ={})
+  assert distributed.job_spec(environ={}) is None
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:99", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert distributed.job_spec(environ=env) == distributed.JobSpec(
+      "10.0.0.2:99", 4, 3)
+  assert distributed.job_spec(process_id=1, environ=env).process_id == 1
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_fails_after_the_timeout():
+  start = time.monotonic()
+  with pytest.raises(distributed.DistributedError,
+                     match="--coordinator_address=127.0.0.1:.*"
+                     "--initialization_timeout=2"):
+    distributed.initialize(f"127.0.0.1:{_free_port()}", 2, 1,
+                           initialization_timeout=2)
+  assert time.monotonic() - start < 10
+
+
+def test_a_second_process_zero_is_refused():
+  with socket.socket() as taken:
+    taken.bind(("", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(distributed.DistributedError,
+                       match="--process_id=0 .* port is taken"):
+      distributed.initialize(f"127.0.0.1:{port}", 2, 0)
+
+
+def test_processes_that_disagree_on_the_job_all_stop(tmp_path, data_dir):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, TRAIN, f"--workdir={tmp_path}", *ARGS,
+       f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+       f"--process_id={i}", "--initialization_timeout=60"],
+      cwd=REPO, env=_env(data_dir, devices=4), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i, n in ((0, 2), (1, 3))]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode != 0
+    assert "The processes disagree about the job" in out, out[-3000:]
+    assert "--num_processes [2, 3]" in out
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_mesh_and_batch_errors_name_the_key_and_the_processes():
+  c = tiny_config(**{"mesh": dict(data=16), "train.batch_size": 16})
+  with pytest.raises(checks.ConfigError,
+                     match=r"config.mesh.*2 processes: 8 devices in all, 4 "):
+    checks.validate(c, num_devices=8, process_count=2)
+  c = tiny_config(**{"mesh": dict(data=8), "train.batch_size": 12})
+  with pytest.raises(checks.ConfigError,
+                     match=r"config.train.batch_size=12 .* each of the 2 "
+                     "processes"):
+    checks.validate(c, num_devices=8, process_count=2)
+
+
+def test_dcn_axes_must_match_the_slices():
+  with pytest.raises(ValueError, match=r"config.mesh_dcn=\{'data': 2\} spans 2 "
+                     "processes, but the devices are in 1 processes"):
+    mesh_lib.make_mesh(dict(data=8), dcn=dict(data=2))
+  with pytest.raises(ValueError, match="config.mesh_dcn.dta: not a mesh axis"):
+    mesh_lib.make_mesh(dict(data=8), dcn=dict(dta=2))
+  # Every axis inside one slice: the plain layout.
+  assert mesh_lib.make_mesh(dict(data=8), dcn=dict(data=1)).shape["data"] == 8
+
+
+def test_batch_shares_follow_the_devices_of_each_process():
+  # data=2 across 2 processes: halves. 4 processes, 2 per data index: the
+  # two processes of a data index feed the same half.
+  assert mesh_lib.share_of({0: {0, 1}, 1: {2, 3}}, 1, 4) == (1, 2)
+  assert mesh_lib.share_of({0: {0}, 1: {0}, 2: {1}, 3: {1}}, 3, 2) == (1, 2)
+  assert mesh_lib.share_of({0: {0, 1}, 1: {0, 1}}, 1, 2) == (0, 1)
+  with pytest.raises(mesh_lib.ShareError, match="config.mesh"):
+    mesh_lib.share_of({0: {0, 2}, 1: {1, 3}}, 0, 4)
+  with pytest.raises(mesh_lib.ShareError, match="config.mesh"):
+    mesh_lib.share_of({0: {0}, 1: {1, 2, 3}}, 0, 4)
