@@ -9,8 +9,12 @@ How a process learns its place, first match wins:
    --num_processes=N --process_id=I`, else the environment variables
    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`;
 2. a cluster JAX detects by itself (SLURM `srun`, Open MPI, Cloud TPU VMs,
-   GKE TPU pods): `jax.distributed.initialize()` reads it from there;
-3. otherwise: a single process, no coordination service.
+   GKE TPU pods): `jax.distributed.initialize()` with no arguments reads it
+   from there;
+3. otherwise (JAX says it found no coordinator, or SLURM / Open MPI say the
+   job has one task): a single process, no coordination service. Any other
+   failure of JAX's detection stops the process with its message: a TPU
+   worker must never train alone because detection broke.
 
 Failures are made to end, and to say why:
 - the flags are checked before anything starts (all three or none;
@@ -102,19 +106,31 @@ def job_spec(coordinator_address: str | None = None,
   return JobSpec(address, n, i)
 
 
-def cluster_detected() -> bool:
-  """Whether JAX's own cluster detection (SLURM, Open MPI, Cloud TPU, GKE)
-  recognizes this environment as one process of a job."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    return True
-  try:  # Cloud TPU VMs and GKE: JAX asks the metadata server.
-    from jax._src import clusters  # noqa: PLC0415
-    return any(c.is_env_present() for c in clusters.ClusterEnv._cluster_types
-               if c.__name__ not in ("SlurmCluster", "OmpiCluster"))
-  except Exception:  # noqa: BLE001  (a private API: never fail on it)
-    return False
+def single_task_scheduler(environ=os.environ) -> bool:
+  """SLURM or Open MPI says this job has one task: nothing to join (JAX
+  would otherwise start a coordination service for a job of one)."""
+  return any(environ.get(var, "") == "1"
+             for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+# What jax.distributed.initialize() raises when it was given no coordinator
+# and recognized no cluster (jax/_src/distributed.py): the one failure that
+# means "a single process". Anything else it raises is a real failure.
+NO_CLUSTER = "coordinator_address should be defined"
+
+
+def _initialize_detected(**timeouts) -> bool:
+  """Joins the job of a cluster JAX detects by itself (SLURM, Open MPI,
+  Cloud TPU, GKE), through its public `jax.distributed.initialize()`.
+  False when JAX recognized none; any other failure propagates."""
+  try:
+    jax.distributed.initialize(**timeouts)
+  except ValueError as e:
+    if NO_CLUSTER in str(e):
+      return False
+    raise DistributedError(
+        f"JAX detected a cluster but could not join it: {e}") from e
+  return True
 
 
 def _check_port_free(spec: JobSpec) -> None:
@@ -166,6 +182,13 @@ def _check_agreement(spec: JobSpec) -> None:
         "every process the same --num_processes and a distinct --process_id.")
 
 
+def _cpu_collectives() -> None:
+  """CPU devices of different processes talk through gloo (GPU uses NCCL
+  and TPU its ICI/DCN whatever this says). Read when the backend starts,
+  which is after joining."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
                process_id: int | None = None, *,
@@ -177,18 +200,18 @@ def initialize(coordinator_address: str | None = None,
   description for the log.
   """
   spec = job_spec(coordinator_address, num_processes, process_id)
-  if spec is None and not cluster_detected():
+  if spec is None and single_task_scheduler():
     return "single process"
-  # CPU devices of different processes talk through gloo (GPU uses NCCL and
-  # TPU its ICI/DCN whatever this says).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeouts = dict(initialization_timeout=initialization_timeout,
                   heartbeat_timeout_seconds=heartbeat_timeout,
                   shutdown_timeout_seconds=heartbeat_timeout)
   if spec is None:
-    jax.distributed.initialize(**timeouts)
+    if not _initialize_detected(**timeouts):
+      return "single process"
+    _cpu_collectives()
     return (f"process {jax.process_index()} of {jax.process_count()} "
             "(cluster detected by JAX)")
+  _cpu_collectives()
   if spec.num_processes == 1:
     return "single process"
   if spec.process_id == 0:

@@ -1,5 +1,6 @@
 """Every test runs on 8 simulated CPU devices (set before jax is imported)."""
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
@@ -57,7 +58,32 @@ def tiny_config(data_dir: str = "", **overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def train_script(workdir, data_dir, *extra, check=True, **popen):
+  """scripts/train.py with TRAIN_ARGS (+ `extra`) in a subprocess on 8
+  simulated devices; with `popen` kwargs, the started Popen instead."""
+  import subprocess  # noqa: PLC0415
+  env = dict(os.environ, LM_DATA_DIR=data_dir,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, TRAIN, f"--workdir={workdir}", *TRAIN_ARGS, *extra]
+  if popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  if check:
+    assert result.returncode == 0, (result.stdout[-3000:]
+                                    + result.stderr[-3000:])
+  return result
+
+
 assert jax.device_count() == 8, "tests expect 8 simulated devices"
+
+
+def pytest_collection_modifyitems(items):
+  """Everything under tests/e2e (subprocess runs of the scripts) is slow;
+  `pytest -m "not slow"` is the quick loop, `make test` runs all."""
+  for item in items:
+    if "e2e" in item.path.parts:
+      item.add_marker(pytest.mark.slow)
 
 
 def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
@@ -95,6 +121,29 @@ def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
       ckpt.save(int(state.step), state)
       ckpt.close()
   return history, jax.device_get(state), setup
+
+
+def assert_reordered(actual, desired, *, reduction: int, dtype="float32",
+                     k: float = 2.0) -> None:
+  """Two evaluations of the same float math whose sums run in another order
+  (another sharding, fusion or implementation) agree within the rounding of
+  those sums: per tensor (every leaf of a tree),
+
+    |actual - desired| <= k * eps(dtype) * sqrt(reduction) * max|desired|.
+
+  A reordered sum of n terms moves by about eps * sqrt(n) times the size of
+  its terms (rounding errors of random sign); max|desired| bounds that size.
+  `reduction` is the longest sum behind the compared values (the tokens of a
+  batch for a weight gradient, the keys of attention, the hidden width);
+  `dtype` the precision the values were rounded to. A tolerance derived this
+  way holds on any CPU; one tuned on a single machine did not."""
+  import numpy as np  # noqa: PLC0415
+  eps = float(np.finfo(np.dtype(dtype)).eps) if dtype != "bfloat16" else 2.0 ** -7
+  def check(a, d):
+    a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+    atol = k * eps * np.sqrt(reduction) * float(np.max(np.abs(d), initial=0.0))
+    np.testing.assert_allclose(a, d, rtol=0, atol=atol)
+  jax.tree.map(check, actual, desired)
 
 
 def assert_same_run(history, state, ref_history, ref_state,

@@ -13,10 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TRAIN, TRAIN_ARGS, tiny_config
-from lm import distributed
-from lm.run import checks, restore
-from lm.parallel import mesh as mesh_lib
+from conftest import REPO, TRAIN, TRAIN_ARGS
+from lm.run import restore
 
 LAUNCH = os.path.join(REPO, "scripts", "launch_local.py")
 # data x fsdp x tensor: `data` splits the batch across the two processes,
@@ -201,49 +199,10 @@ def test_a_killed_process_ends_the_job_and_nothing_is_lost(
 
 # Bad input.
 
-def test_job_flags_are_checked_before_anything_starts():
-  with pytest.raises(distributed.DistributedError, match="--process_id"):
-    distributed.job_spec("127.0.0.1:1234", 2, environ={})
-  with pytest.raises(distributed.DistributedError,
-                     match=r"--process_id=2 is outside \[0, 2\)"):
-    distributed.job_spec("127.0.0.1:1234", 2, 2, environ={})
-  with pytest.raises(distributed.DistributedError,
-                     match="--coordinator_address='h1234' is not HOST:PORT"):
-    distributed.job_spec("h1234", 2, 0, environ={})
-  with pytest.raises(distributed.DistributedError, match="--num_processes=0"):
-    distributed.job_spec("h:1234", 0, 0, environ={})
-  assert distributed.job_spec(environ={}) is None
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:99", "JAX_NUM_PROCESSES": "4",
-         "JAX_PROCESS_ID": "3"}
-  assert distributed.job_spec(environ=env) == distributed.JobSpec(
-      "10.0.0.2:99", 4, 3)
-  assert distributed.job_spec(process_id=1, environ=env).process_id == 1
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def test_unreachable_coordinator_fails_after_the_timeout():
-  start = time.monotonic()
-  with pytest.raises(distributed.DistributedError,
-                     match="--coordinator_address=127.0.0.1:.*"
-                     "--initialization_timeout=2"):
-    distributed.initialize(f"127.0.0.1:{_free_port()}", 2, 1,
-                           initialization_timeout=2)
-  assert time.monotonic() - start < 10
-
-
-def test_a_second_process_zero_is_refused():
-  with socket.socket() as taken:
-    taken.bind(("", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    with pytest.raises(distributed.DistributedError,
-                       match="--process_id=0 .* port is taken"):
-      distributed.initialize(f"127.0.0.1:{port}", 2, 0)
 
 
 def test_processes_that_disagree_on_the_job_all_stop(tmp_path, data_dir):
@@ -265,37 +224,3 @@ def test_processes_that_disagree_on_the_job_all_stop(tmp_path, data_dir):
     assert "The processes disagree about the job" in out, out[-3000:]
     assert "--num_processes [2, 3]" in out
   assert not os.path.exists(tmp_path / "checkpoints")
-
-
-def test_mesh_and_batch_errors_name_the_key_and_the_processes():
-  c = tiny_config(**{"mesh": dict(data=16), "train.batch_size": 16})
-  with pytest.raises(checks.ConfigError,
-                     match=r"config.mesh.*2 processes: 8 devices in all, 4 "):
-    checks.validate(c, num_devices=8, process_count=2)
-  c = tiny_config(**{"mesh": dict(data=8), "train.batch_size": 12})
-  with pytest.raises(checks.ConfigError,
-                     match=r"config.train.batch_size=12 .* each of the 2 "
-                     "processes"):
-    checks.validate(c, num_devices=8, process_count=2)
-
-
-def test_dcn_axes_must_match_the_slices():
-  with pytest.raises(ValueError, match=r"config.mesh_dcn=\{'data': 2\} spans 2 "
-                     "processes, but the devices are in 1 processes"):
-    mesh_lib.make_mesh(dict(data=8), dcn=dict(data=2))
-  with pytest.raises(ValueError, match="config.mesh_dcn.dta: not a mesh axis"):
-    mesh_lib.make_mesh(dict(data=8), dcn=dict(dta=2))
-  # Every axis inside one slice: the plain layout.
-  assert mesh_lib.make_mesh(dict(data=8), dcn=dict(data=1)).shape["data"] == 8
-
-
-def test_batch_shares_follow_the_devices_of_each_process():
-  # data=2 across 2 processes: halves. 4 processes, 2 per data index: the
-  # two processes of a data index feed the same half.
-  assert mesh_lib.share_of({0: {0, 1}, 1: {2, 3}}, 1, 4) == (1, 2)
-  assert mesh_lib.share_of({0: {0}, 1: {0}, 2: {1}, 3: {1}}, 3, 2) == (1, 2)
-  assert mesh_lib.share_of({0: {0, 1}, 1: {0, 1}}, 1, 2) == (0, 1)
-  with pytest.raises(mesh_lib.ShareError, match="config.mesh"):
-    mesh_lib.share_of({0: {0, 2}, 1: {1, 3}}, 0, 4)
-  with pytest.raises(mesh_lib.ShareError, match="config.mesh"):
-    mesh_lib.share_of({0: {0}, 1: {1, 2, 3}}, 0, 4)

@@ -9,21 +9,8 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO, TRAIN, TRAIN_ARGS
+from conftest import REPO, train_script as _train
 from lm.run import restore
-
-
-def _train(workdir, data_dir, *extra, check=True, **popen):
-  env = dict(os.environ, LM_DATA_DIR=data_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  cmd = [sys.executable, TRAIN, f"--workdir={workdir}", *TRAIN_ARGS, *extra]
-  if popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-  if check:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return result
 
 
 def _metrics(workdir):

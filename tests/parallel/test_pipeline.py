@@ -12,7 +12,6 @@ from lm.models import transformer
 from lm.parallel import mesh as mesh_lib
 from lm.parallel import pipeline
 from lm.parallel import rules as rules_lib
-from lm.train import state as state_lib
 
 N_LAYERS, B, L, D = 4, 8, 8, 32
 

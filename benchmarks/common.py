@@ -1,0 +1,107 @@
+"""What every benchmark shares: where results go, and what each records.
+
+A benchmark is a script `benchmarks/NAME.py` that
+- measures, then writes `benchmarks/results/NAME.json` with `write` (which
+  adds the command that ran, the date, the machine and the versions); a run
+  that fails raises, and writes nothing;
+- defines `tables(results) -> {table name: markdown}`: the tables the docs
+  show, rendered from that JSON alone (benchmarks/render_docs.py puts them
+  between `<!-- table: NAME:TABLE -->` and `<!-- end table -->` markers).
+Importing a benchmark must be cheap (no jax at module level): the renderer
+and its test import every one.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def cpu() -> dict:
+  """The CPU the figures come from: model, cores, and whether it has the
+  AVX512-BF16 instructions (bfloat16 speed differs about 2x without)."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return {"model": model, "cores": os.cpu_count(),
+          "avx512_bf16": "avx512_bf16" in flags}
+
+
+def machine() -> dict:
+  import importlib.metadata as md  # noqa: PLC0415
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+    try:
+      versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return {"cpu": cpu(), "python": platform.python_version(), **versions}
+
+
+def command(argv: list[str] | None = None) -> str:
+  """The command line that ran, relative to the repository."""
+  argv = list(sys.argv if argv is None else argv)
+  script = Path(argv[0]).resolve()
+  try:
+    argv[0] = str(script.relative_to(REPO))
+  except ValueError:
+    pass
+  return shlex.join(["python", *argv])
+
+
+def write(name: str, data: dict, argv: list[str] | None = None) -> Path:
+  """Writes benchmarks/results/NAME.json: `data` plus the command, date,
+  machine and commit. Returns the path."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+  except OSError:
+    commit = ""
+  record = {"command": command(argv),
+            "date": datetime.date.today().isoformat(), "commit": commit,
+            "machine": machine(), **data}
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / f"{name}.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
+  return path
+
+
+def read(name: str) -> dict:
+  return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+  """A subprocess that must succeed: on failure, raises with its output's
+  tail (a benchmark never hides a failed run)."""
+  kwargs.setdefault("cwd", REPO)
+  out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+  if out.returncode:
+    raise RuntimeError(f"{shlex.join(cmd)} exited {out.returncode}:\n"
+                       + (out.stdout + out.stderr)[-4000:])
+  return out
+
+
+def markdown(header: list[str], rows: list[list], align: str = "") -> str:
+  """A markdown table; `align` holds one of l/r per column (default l)."""
+  align = align or "l" * len(header)
+  rule = ["---:" if a == "r" else "---" for a in align]
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)

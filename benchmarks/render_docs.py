@@ -1,0 +1,61 @@
+r"""Renders every results table of README.md and docs/*.md from
+benchmarks/results/*.json, in place.
+
+    python benchmarks/render_docs.py          # rewrite the tables
+    python benchmarks/render_docs.py --check  # exit 1 if any is out of date
+
+A table lives between `<!-- table: NAME:TABLE -->` and `<!-- end table -->`:
+benchmarks/NAME.py's `tables(results)["TABLE"]`, from
+benchmarks/results/NAME.json, under a line naming the command that measured
+it, its date and the CPU. Nothing between the markers is written by hand.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+
+from benchmarks import common
+
+DOCS = [common.REPO / "README.md", *sorted((common.REPO / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+):(?P<table>[\w.-]+) -->\n)"
+                   r"(?P<body>.*?)(<!-- end table -->)", re.S)
+
+
+def source_line(results: dict) -> str:
+  cpu = results["machine"]["cpu"]
+  bf16 = "with" if cpu["avx512_bf16"] else "without"
+  return (f"Measured by `{results['command']}` on {results['date']} "
+          f"(commit {results['commit']}; {cpu['model']}, {cpu['cores']} "
+          f"cores, {bf16} AVX512-BF16; jax {results['machine'].get('jax')}).")
+
+
+def render_block(name: str, table: str) -> str:
+  module = importlib.import_module(f"benchmarks.{name}")
+  results = common.read(name)
+  return f"{source_line(results)}\n\n{module.tables(results)[table]}\n"
+
+
+def render(text: str) -> str:
+  return BLOCK.sub(lambda m: m.group(1) + render_block(m["name"], m["table"])
+                   + m.group(5), text)
+
+
+def main(argv: list[str]) -> int:
+  stale = []
+  for path in DOCS:
+    text = path.read_text()
+    new = render(text)
+    if new != text:
+      stale.append(path)
+      if "--check" not in argv:
+        path.write_text(new)
+  if "--check" in argv and stale:
+    print("out of date (run python benchmarks/render_docs.py): "
+          + ", ".join(str(p.relative_to(common.REPO)) for p in stale))
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
