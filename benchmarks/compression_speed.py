@@ -1,18 +1,30 @@
-r"""Step time of each compression mode on a quiet machine: the tiny LM, 40
-steps per mode, one mode at a time, median of the log lines after the first
-(which includes compilation). Not the accuracy runs: those also trained
-while other work shared the CPU.
+r"""Step time of each compression mode, on a quiet machine.
 
-python benchmarks/compression_speed.py [--steps=40]
+    python benchmarks/compression_speed.py [--steps=40]
+
+The tiny LM (configs/lm.py:tiny: batch 32 x 256 tokens, 8 simulated CPU
+devices, mesh data=8) trains `--steps` steps per mode with
+`scripts/train.py`, one mode at a time, without evals and with one
+checkpoint at the end. Recorded: the step time of each train log line
+(every 5 steps) after the first, which includes the compilation; the table
+shows their median. Not the accuracy runs of benchmarks/compression.py:
+those may share the CPU with other work. Run this with nothing else busy.
 """
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+from pathlib import Path
+from unittest import mock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common
+
+NAME = "compression_speed"
+LOG_EVERY = 5
 MODES = {
     "float32": [],
     "bfloat16": ["--config.precision.compute_dtype=bfloat16"],
@@ -26,25 +38,64 @@ MODES = {
 }
 
 
-def main(steps: int = 40) -> None:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  print("| mode | step ms (median) | vs float32 |\n|---|---|---|")
-  base = None
-  for name, flags in MODES.items():
-    with tempfile.TemporaryDirectory() as workdir:
-      subprocess.run(
-          [sys.executable, "scripts/train.py", "--config=configs/lm.py:tiny",
-           f"--workdir={workdir}", f"--config.train.steps={steps}",
-           "--config.train.log_every=5", "--config.train.eval_every=0",
-           "--config.train.checkpoint_every=0", *flags],
-          cwd=ROOT, env=env, check=True, capture_output=True)
-      lines = [json.loads(s) for s in open(f"{workdir}/metrics.jsonl")]
-    tokens = 32 * 256  # Global batch x sequence length of the preset.
-    rates = [x["tokens_per_sec"] for x in lines if x["split"] == "train"]
-    ms = statistics.median(1000 * tokens / r for r in rates[1:])
-    base = base or ms
-    print(f"| {name} | {ms:.0f} | {ms / base:.2f}x |", flush=True)
+def step_times(args: list[str]) -> list[float]:
+  """Seconds per step of each train log line after the first."""
+  flag = "--xla_force_host_platform_device_count=8"
+  env = dict(os.environ,
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+  with tempfile.TemporaryDirectory() as workdir:
+    common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
+                *args], env=env)
+    lines = [json.loads(s) for s in
+             (Path(workdir) / "metrics.jsonl").read_text().splitlines() if s]
+  times = [x["step_time_s"] for x in lines if x["split"] == "train"][1:]
+  if not times:
+    raise RuntimeError(f"{args}: no train log line after the first; raise "
+                       "--steps.")
+  return times
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=40,
+                      help="Steps per mode (a log line every 5).")
+  parser.add_argument("--only", default=",".join(MODES),
+                      help="Validation only: comma-separated modes to run "
+                      "(float32 is the baseline of the table).")
+  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
+                      help="Where the JSON goes.")
+  args = parser.parse_args()
+  only = args.only.split(",")
+  if set(only) - set(MODES) or "float32" not in only:
+    parser.error(f"--only={args.only}: float32 and any of {list(MODES)}.")
+  modes = []
+  for mode, overrides in MODES.items():
+    if mode not in only:
+      continue
+    train_args = ["--config=configs/lm.py:tiny",
+                  f"--config.train.steps={args.steps}",
+                  f"--config.train.log_every={LOG_EVERY}",
+                  "--config.train.eval_every=0",
+                  "--config.train.checkpoint_every=0", *overrides]
+    modes.append(dict(mode=mode, args=train_args,
+                      step_s=step_times(train_args)))
+    print(f"{mode}: {1000 * statistics.median(modes[-1]['step_s']):.0f} "
+          "ms/step", flush=True)
+  out = Path(args.out)
+  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
+  with mock.patch.object(common, "RESULTS", out.parent):
+    print(f"wrote {common.write(out.stem, dict(modes=modes))}")
+
+
+def tables(results: dict) -> dict[str, str]:
+  medians = {m["mode"]: 1000 * statistics.median(m["step_s"])
+             for m in results["modes"]}
+  base = medians["float32"]
+  rows = [[mode, f"{ms:.0f}", f"{ms / base:.2f}x"]
+          for mode, ms in medians.items()]
+  return {"table": common.markdown(["mode", "step ms (median)", "vs float32"],
+                                   rows, "lrr")}
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1].split("=")[1]) if len(sys.argv) > 1 else 40)
+  main()

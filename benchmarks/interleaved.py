@@ -11,21 +11,16 @@ config as it is). Every variant is compiled first; then each round runs
 drift of a shared machine hits all variants alike. Prints each variant's
 median step time, its speed against the first variant, and its compile time.
 Differences under ~3% are within this machine's run-to-run noise.
+
+An exploration tool: it prints its table and writes no JSON, so nothing it
+measures is published in the docs (benchmarks/common.py); what the docs
+show comes from benchmarks/perf_options.py and the others.
 """
 import argparse
 import copy
 import statistics
 import sys
 import time
-
-import jax
-import numpy as np
-
-from configs import lm as lm_config
-import lm.parallel
-import lm.tasks
-import lm.train.state
-import lm.train.step
 
 
 def _override(config, overrides: str):
@@ -36,7 +31,8 @@ def _override(config, overrides: str):
     for p in parents:
       node = node[p]
     old = node[leaf]
-    node[leaf] = (value == "True") if isinstance(old, bool) else type(old)(value)
+    node[leaf] = ((value == "True") if isinstance(old, bool)
+                  else type(old)(value))
   return config
 
 
@@ -52,17 +48,30 @@ def main():
   variants = argv[split + 1:] or [""]
   common = ";".join(args.common)
 
+  # Here, not at module level: importing a benchmark must stay cheap.
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from configs import lm as lm_config  # noqa: PLC0415
+  import lm.config  # noqa: PLC0415
+  import lm.parallel  # noqa: PLC0415
+  import lm.tasks  # noqa: PLC0415
+  import lm.train.state  # noqa: PLC0415
+  import lm.train.step  # noqa: PLC0415
+  from lm.data import pipeline  # noqa: PLC0415
+
   base_config = _override(lm_config.get_config(args.size), common)
   mesh = lm.parallel.make_mesh(base_config.mesh, jax.devices()[:1])
   rng = np.random.default_rng(0)
   runs = []
   with jax.set_mesh(mesh):
     for variant in variants:
-      config = _override(copy.deepcopy(base_config), variant)
+      # The engine reads resolved configs (lm/config.py).
+      config = lm.config.resolve(
+          _override(copy.deepcopy(base_config), variant))
       setup = lm.train.state.make_setup(config, mesh)
-      tokens = rng.integers(1, config.model.vocab_size,
-                            (config.train.batch_size, config.model.max_len + 1),
-                            np.int32)
+      tokens = rng.integers(
+          1, config.model.vocab_size,
+          (config.train.batch_size, pipeline.seq_len(config) + 1), np.int32)
       batch = {"tokens": jax.device_put(tokens, setup.batch_sharding())}
       state = setup.init_fn(jax.random.key(config.seed))
       fn = lm.train.step.jit_train_step(setup, lm.tasks.get(config),

@@ -1,11 +1,24 @@
 r"""Multi-process runs on this machine against one process: equality,
-throughput, preemption and a killed process, timed. Prints a markdown table.
+throughput, preemption and a killed process, timed.
 
-    python benchmarks/multihost.py [--steps=60] [--out=runs/multihost]
+    python benchmarks/multihost.py [--steps=60]
 
 2 processes x 4 simulated CPU devices (scripts/launch_local.py, gloo) against
-1 process x 8, the tiny LM on mesh data=2 x fsdp=2 x tensor=2.
+1 process x 8, the tiny LM on mesh data=2 x fsdp=2 x tensor=2, logging every
+step, scratch runs under --workdir (emptied first):
+  equality:   10 steps in one process; 10 steps in two, stopped at 5 and
+              resumed; the largest relative difference of the train losses;
+  throughput: --steps steps each way, the median tokens/s of the steps after
+              the first 5 (compile, warm-up);
+  SIGTERM:    to process 1 once step --signal_step is logged: seconds until
+              both processes have saved and the launcher has exited (it must
+              exit 0: a failed preemption raises);
+  SIGKILL:    to process 1 once step --signal_step is logged: seconds until
+              process 0 has ended by itself (the coordination service's
+              heartbeat timeout, --heartbeat_timeout).
 """
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -14,15 +27,22 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common
+
+NAME = "multihost"
 _STEPS = flags.DEFINE_integer("steps", 60, "Steps of the throughput runs.")
-_OUT = flags.DEFINE_string("out", os.path.join(REPO, "runs", "multihost"),
-                           "Scratch directory (emptied first).")
+_SIGNAL_STEP = flags.DEFINE_integer(
+    "signal_step", 20, "The logged step after which a process is signalled.")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 10,
                                   "--heartbeat_timeout of the killed run.")
+_WORKDIR = flags.DEFINE_string("workdir", str(common.REPO / "runs" / NAME),
+                               "Scratch directory (emptied first).")
+_OUT = flags.DEFINE_string("out", str(common.RESULTS / f"{NAME}.json"),
+                           "Where the results go.")
 
 ARGS = ["--config=configs/lm.py:tiny", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
@@ -30,100 +50,146 @@ ARGS = ["--config=configs/lm.py:tiny", "--config.train.log_every=1",
         "--config.mesh.tensor=2"]
 
 
-def one_process(workdir, *extra):
+def one_process(workdir: Path, *extra) -> None:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"),
-                  f"--workdir={workdir}", *ARGS, *extra], cwd=REPO, env=env,
-                 check=True, capture_output=True)
+  common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
+              *ARGS, *extra], env=env)
 
 
-def launch(workdir, *extra, background=False):
-  cmd = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"),
-         "--num_processes=2", "--devices_per_process=4", "--grace_seconds=300",
-         "--", f"--workdir={workdir}", *ARGS, *extra]
-  if background:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        check=True).stdout
+def _launch_cmd(workdir: Path, *extra) -> list[str]:
+  return [sys.executable, "scripts/launch_local.py", "--num_processes=2",
+          "--devices_per_process=4", "--grace_seconds=300", "--",
+          f"--workdir={workdir}", *ARGS, *extra]
 
 
-def train_records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def launch(workdir: Path, *extra) -> str:
+  return common.run(_launch_cmd(workdir, *extra)).stdout
+
+
+def train_records(workdir: Path) -> dict[int, dict]:
+  with open(workdir / "metrics.jsonl") as f:
     return {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
 
 
-def tokens_per_sec(workdir):
+def tokens_per_sec(workdir: Path, steps: int) -> float:
   """Median over the steps after the first 5 (compile, warm-up)."""
-  rates = sorted(r["tokens_per_sec"] for s, r in train_records(workdir).items()
-                 if s > 5)
+  records = train_records(workdir)
+  if max(records, default=0) != steps:
+    raise RuntimeError(f"{workdir}: no train record at step {steps}")
+  rates = sorted(r["tokens_per_sec"] for s, r in records.items() if s > 5)
   return rates[len(rates) // 2]
 
 
-def wait_for(proc, pattern, lines):
+def _wait_for(proc: subprocess.Popen, pattern: str, lines: list[str]) -> None:
   for line in proc.stdout:
     lines.append(line)
     if re.search(pattern, line):
       return
-  raise RuntimeError("".join(lines[-50:]))
+  raise RuntimeError("the launcher ended before printing "
+                     f"{pattern!r}:\n" + "".join(lines[-50:]))
+
+
+def signal_process_1(workdir: Path, signum: int, *extra,
+                     timeout: float) -> tuple[float, int, str]:
+  """Launches 2 processes, sends `signum` to process 1 once step
+  --signal_step is logged; (seconds until the launcher has exited, its
+  status, its output after the signal)."""
+  proc = subprocess.Popen(
+      _launch_cmd(workdir, "--config.train.steps=100000", *extra),
+      cwd=common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  try:
+    lines = []
+    _wait_for(proc, rf"step +{_SIGNAL_STEP.value}/", lines)
+    pid = int(re.search(r"process 1: pid (\d+)", "".join(lines))[1])
+    start = time.monotonic()
+    os.kill(pid, signum)
+    rest, _ = proc.communicate(timeout=timeout)
+    return time.monotonic() - start, proc.returncode, rest
+  finally:
+    if proc.poll() is None:  # Failed: the launcher forwards SIGTERM.
+      proc.terminate()
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main(argv):
   del argv
-  shutil.rmtree(_OUT.value, ignore_errors=True)
-  d = lambda name: os.path.join(_OUT.value, name)  # noqa: E731
-  rows = []
-  steps = f"--config.train.steps={_STEPS.value}"
+  out = Path(_OUT.value).resolve()
+  if out.name != f"{NAME}.json":
+    raise app.UsageError(f"--out must name a file {NAME}.json")
+  if _STEPS.value <= 6:
+    raise app.UsageError("--steps must be > 6 (the first 5 are not timed)")
+  root = Path(_WORKDIR.value).resolve()
+  shutil.rmtree(root, ignore_errors=True)
+  data = {}
 
   # Equality over 10 steps with a stop/resume at 5.
-  one_process(d("one"), "--config.train.steps=10")
-  launch(d("two"), "--config.train.steps=10", "--stop_at_step=5")
-  launch(d("two"), "--config.train.steps=10")
-  a, b = train_records(d("one")), train_records(d("two"))
-  diff = max(abs(a[s]["loss"] - b[s]["loss"]) / abs(a[s]["loss"]) for s in a)
-  rows.append(("10 steps, stop + resume at 5: max relative loss difference",
-               f"{diff:.1e}"))
+  one_process(root / "one", "--config.train.steps=10")
+  launch(root / "two", "--config.train.steps=10", "--stop_at_step=5")
+  launch(root / "two", "--config.train.steps=10")
+  a, b = train_records(root / "one"), train_records(root / "two")
+  if max(a, default=0) != 10 or not set(a) <= set(b):
+    raise RuntimeError(f"steps logged: one process {sorted(a)}, two {sorted(b)}")
+  data["equality"] = dict(steps=10, stop_at_step=5, max_relative_loss_diff=max(
+      abs(a[s]["loss"] - b[s]["loss"]) / abs(a[s]["loss"]) for s in a))
+  print(data, flush=True)
 
   # Throughput.
-  one_process(d("one_tp"), steps)
-  launch(d("two_tp"), steps)
-  t1, t2 = tokens_per_sec(d("one_tp")), tokens_per_sec(d("two_tp"))
-  rows.append((f"tokens/s, 1 process x 8 devices ({_STEPS.value} steps, "
-               "median)", f"{t1:,.0f}"))
-  rows.append(("tokens/s, 2 processes x 4 devices (gloo between them)",
-               f"{t2:,.0f} ({t2 / t1:.2f}x)"))
+  steps = f"--config.train.steps={_STEPS.value}"
+  one_process(root / "one_tp", steps)
+  launch(root / "two_tp", steps)
+  data["throughput"] = dict(
+      steps=_STEPS.value,
+      one_process=tokens_per_sec(root / "one_tp", _STEPS.value),
+      two_processes=tokens_per_sec(root / "two_tp", _STEPS.value))
+  print(data, flush=True)
 
   # SIGTERM on process 1: seconds until both have saved and exited.
-  lines = []
-  proc = launch(d("term"), "--config.train.steps=100000", background=True)
-  wait_for(proc, r"step +20/", lines)
-  pid = int(re.search(r"process 1: pid (\d+)", "".join(lines))[1])
-  start = time.monotonic()
-  os.kill(pid, signal.SIGTERM)
-  rest, _ = proc.communicate(timeout=300)
-  took = time.monotonic() - start
-  saved = re.search(r"save step (\d+)", rest)[1]
-  rows.append(("SIGTERM to process 1 -> both saved step "
-               f"{saved} and exited (status {proc.returncode})",
-               f"{took:.1f} s"))
+  took, status, rest = signal_process_1(root / "term", signal.SIGTERM,
+                                        timeout=300)
+  saved = re.search(r"save step (\d+)", rest)
+  if status != 0 or not saved:
+    raise RuntimeError(f"SIGTERM: launcher status {status}, saved step "
+                       f"{saved and saved[1]}:\n{rest[-3000:]}")
+  data["sigterm"] = dict(signal_step=_SIGNAL_STEP.value,
+                         saved_step=int(saved[1]), status=status, seconds=took)
+  print(data, flush=True)
 
   # SIGKILL on process 1: seconds until process 0 has ended by itself.
-  lines = []
-  proc = launch(d("kill"), "--config.train.steps=100000",
-                f"--heartbeat_timeout={_HEARTBEAT.value}", background=True)
-  wait_for(proc, r"step +20/", lines)
-  pid = int(re.search(r"process 1: pid (\d+)", "".join(lines))[1])
-  start = time.monotonic()
-  os.kill(pid, signal.SIGKILL)
-  proc.communicate(timeout=600)
-  took = time.monotonic() - start
-  rows.append((f"SIGKILL to process 1 -> process 0 ended (heartbeat_timeout "
-               f"{_HEARTBEAT.value} s, launcher status {proc.returncode})",
-               f"{took:.1f} s"))
+  took, status, rest = signal_process_1(
+      root / "kill", signal.SIGKILL,
+      f"--heartbeat_timeout={_HEARTBEAT.value}", timeout=600)
+  if status == 0:
+    raise RuntimeError(f"SIGKILL: the launcher exited 0:\n{rest[-3000:]}")
+  data["sigkill"] = dict(signal_step=_SIGNAL_STEP.value,
+                         heartbeat_timeout=_HEARTBEAT.value, status=status,
+                         seconds=took)
+  print(data, flush=True)
 
-  print("| measurement | value |\n|---|---|")
-  for name, value in rows:
-    print(f"| {name} | {value} |")
+  common.RESULTS = out.parent  # common.write names the file; --out its place.
+  print(f"wrote {common.write(NAME, data)}")
+
+
+def tables(results: dict) -> dict[str, str]:
+  eq, tp = results["equality"], results["throughput"]
+  term, kill = results["sigterm"], results["sigkill"]
+  ratio = tp["two_processes"] / tp["one_process"]
+  rows = [
+      [f"{eq['steps']} steps, stop + resume at {eq['stop_at_step']}: max "
+       "relative loss difference", f"{eq['max_relative_loss_diff']:.1e}"],
+      [f"tokens/s, 1 process x 8 devices ({tp['steps']} steps, median)",
+       f"{tp['one_process']:,.0f}"],
+      ["tokens/s, 2 processes x 4 devices (gloo between them)",
+       f"{tp['two_processes']:,.0f} ({ratio:.2f}x)"],
+      [f"SIGTERM to process 1 -> both saved step {term['saved_step']} and "
+       f"exited (status {term['status']})", f"{term['seconds']:.1f} s"],
+      [f"SIGKILL to process 1 -> process 0 ended (heartbeat_timeout "
+       f"{kill['heartbeat_timeout']} s, launcher status {kill['status']})",
+       f"{kill['seconds']:.1f} s"]]
+  return {"table": common.markdown(["measurement", "value"], rows, "lr")}
 
 
 if __name__ == "__main__":

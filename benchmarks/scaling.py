@@ -1,90 +1,133 @@
 r"""Scaling study: step time and MFU of the bench model as d_model and the
-sequence length grow, on this machine. Writes a JSON, a markdown table and a
-PNG plot.
+sequence length grow, on this machine (one device, float32).
 
-    python benchmarks/scaling.py [--out=runs/scaling] [--steps=8]
+    python benchmarks/scaling.py [--steps=8] [--points=d128,L256]
 
 Width: d_model 128 -> 1024 (heads of 64, d_ff = 4 d_model), seq 256, batch
 16. Length: seq 256 -> 4096 at d_model 256 with 4,096 tokens per step (batch
 16 -> 1), so the projections' work stays fixed and only attention grows.
-Each point is one `scripts/benchmark.py` run (its own process; medians of
-the timed steps, compile excluded).
+Each point is one `scripts/benchmark.py` run (its own process, one after the
+other; 1 round, 2 warm-up steps, then the median of `steps` + 1 timed ones;
+compile excluded). Writes benchmarks/results/scaling.json and, from it, the
+plot benchmarks/results/scaling.png (next to --out). A failed point fails
+the whole run and writes nothing.
 """
+from __future__ import annotations
+
+import argparse
 import json
-import os
-import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-from absl import app, flags
+from benchmarks import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OUT = flags.DEFINE_string("out", os.path.join(REPO, "runs", "scaling"),
-                           "Output directory.")
-_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps + 2 warm-up.")
-
+NAME = "scaling"
 WIDTHS = (128, 256, 512, 1024)
 LENGTHS = (256, 512, 1024, 2048, 4096)
-TOKENS = 4096
+TOKENS = 4096  # Per step in the length sweep.
+WARMUP = 2  # scripts/benchmark.py's warm-up steps per round.
 
 
-def point(name: str, d_model: int, seq: int, batch: int) -> dict:
-  path = os.path.join(_OUT.value, f"{name}.json")
-  if not os.path.exists(path):
-    subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"),
-         "--config=configs/lm.py:bench", f"--steps={_STEPS.value + 2}",
-         "--rounds=1", "--input_batches=0", f"--out={path}",
-         f"--config.model.d_model={d_model}",
-         f"--config.model.n_heads={d_model // 64}",
-         f"--config.model.n_kv_heads={d_model // 64}",
-         f"--config.model.d_ff={4 * d_model}",
-         f"--config.model.max_len={seq}", f"--config.train.batch_size={batch}"],
-        cwd=REPO, check=True, capture_output=True)
-  with open(path) as f:
-    r = json.load(f)["rows"]["ours"]
-  return dict(name=name, d_model=d_model, seq=seq, batch=batch,
-              step_ms=r["step_ms_median"], mfu=r["mfu"],
-              gflops_per_step=r["analytic_flops_per_step"] / 1e9)
+def points() -> list[dict]:
+  """Every point of both sweeps: name, sweep, d_model, seq, batch."""
+  width = [dict(name=f"d{d}", sweep="width", d_model=d, seq=256, batch=16)
+           for d in WIDTHS]
+  length = [dict(name=f"L{n}", sweep="length", d_model=256, seq=n,
+                 batch=TOKENS // n) for n in LENGTHS]
+  return width + length
 
 
-def main(argv):
-  del argv
-  os.makedirs(_OUT.value, exist_ok=True)
-  width = [point(f"d{d}", d, 256, 16) for d in WIDTHS]
-  length = [point(f"L{n}", 256, n, TOKENS // n) for n in LENGTHS]
-  with open(os.path.join(_OUT.value, "scaling.json"), "w") as f:
-    json.dump(dict(width=width, length=length), f, indent=1)
+def measure(p: dict, steps: int, tmp: Path) -> dict:
+  """One scripts/benchmark.py run (its own process) at point `p`."""
+  out, d = tmp / f"{p['name']}.json", p["d_model"]
+  common.run([sys.executable, "scripts/benchmark.py",
+              "--config=configs/lm.py:bench", f"--steps={steps + WARMUP}",
+              "--rounds=1", "--input_batches=0", f"--out={out}",
+              f"--config.model.d_model={d}",
+              f"--config.model.n_heads={d // 64}",
+              f"--config.model.n_kv_heads={d // 64}",
+              f"--config.model.d_ff={4 * d}",
+              f"--config.model.max_len={p['seq']}",
+              f"--config.train.batch_size={p['batch']}"])
+  run = json.loads(out.read_text())
+  r = run["rows"]["ours"]
+  return dict(p, step_ms=r["step_ms_median"], step_ms_all=run["ours_step_ms"],
+              mfu=r["mfu"], flops_per_step=r["analytic_flops_per_step"],
+              compile_s=r["compile_s"],
+              matmul_peak_gflops=run["matmul_peak_gflops"])
 
-  print("| sweep | d_model | seq x batch | GFLOP/step | step (ms) | "
-        "MFU (%) |\n|---|---:|---:|---:|---:|---:|")
-  for sweep, rows in (("width", width), ("length", length)):
-    for r in rows:
-      print(f"| {sweep} | {r['d_model']} | {r['seq']} x {r['batch']} | "
-            f"{r['gflops_per_step']:.1f} | {r['step_ms']:.0f} | "
-            f"{100 * r['mfu']:.1f} |")
 
-  import matplotlib  # noqa: PLC0415
+def tables(results: dict) -> dict[str, str]:
+  rows = [[p["sweep"], p["d_model"], f"{p['seq']} x {p['batch']}",
+           f"{p['flops_per_step'] / 1e9:.1f}", f"{p['step_ms']:.0f}",
+           f"{100 * p['mfu']:.1f}"] for p in results["points"]]
+  return {"table": common.markdown(
+      ["sweep", "d_model", "seq x batch", "GFLOP/step", "step (ms)",
+       "MFU (%)"], rows, "lrrrrr")}
+
+
+def plot(results: dict, path: Path) -> None:
+  """Step time (log) and MFU against d_model and against the sequence
+  length, from the results alone."""
+  import matplotlib  # noqa: PLC0415  (slow: not at import)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, rows, key, label in ((axes[0], width, "d_model",
-                                "d_model (seq 256, batch 16)"),
-                               (axes[1], length, "seq",
-                                "sequence length (4,096 tokens/step)")):
-    xs = [r[key] for r in rows]
-    ax.plot(xs, [r["step_ms"] for r in rows], "o-", color="tab:blue")
+  for ax, sweep, key, label in (
+      (axes[0], "width", "d_model", "d_model (seq 256, batch 16)"),
+      (axes[1], "length", "seq", "sequence length (4,096 tokens/step)")):
+    rows = [p for p in results["points"] if p["sweep"] == sweep]
+    xs = [p[key] for p in rows]
+    ax.plot(xs, [p["step_ms"] for p in rows], "o-", color="tab:blue")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("step time (ms)", color="tab:blue")
     twin = ax.twinx()
-    twin.plot(xs, [100 * r["mfu"] for r in rows], "s--", color="tab:red")
+    twin.plot(xs, [100 * p["mfu"] for p in rows], "s--", color="tab:red")
     twin.set_ylabel("MFU (%)", color="tab:red")
     twin.set_ylim(0, 100)
   fig.suptitle("bench LM train step on this CPU (4 layers, float32)")
   fig.tight_layout()
-  fig.savefig(os.path.join(_OUT.value, "scaling.png"), dpi=100)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=8,
+                      help="Timed steps per point (+ 1), after 2 warm-up "
+                      "steps.")
+  parser.add_argument("--points", default="",
+                      help="Comma-separated points to run, e.g. d128,L256 "
+                      "(default: all).")
+  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
+                      help="Results file; the plot goes next to it as "
+                      f"{NAME}.png (elsewhere only to try the script).")
+  args = parser.parse_args()
+  out = Path(args.out).resolve()
+  if out.name != f"{NAME}.json":
+    parser.error(f"--out must name a file {NAME}.json")
+  known = [p["name"] for p in points()]
+  names = [n for n in args.points.split(",") if n] or known
+  if set(names) - set(known):
+    parser.error(f"unknown points {sorted(set(names) - set(known))}; "
+                 f"known: {known}")
+  with tempfile.TemporaryDirectory() as tmp:
+    measured = []
+    for p in points():
+      if p["name"] in names:
+        measured.append(measure(p, args.steps, Path(tmp)))
+        print(f"{p['name']}: {measured[-1]['step_ms']:.0f} ms", flush=True)
+  data = {"steps": args.steps, "points": measured}
+  common.RESULTS = out.parent  # common.write names the file; --out its place.
+  path = common.write(NAME, data)
+  results = common.read(NAME)
+  plot(results, out.with_suffix(".png"))
+  print(tables(results)["table"])
+  print(f"\nwrote {path} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

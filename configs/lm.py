@@ -3,9 +3,10 @@ r"""Byte-level decoder-only Transformer LM on Shakespeare.
 python scripts/train.py --config=configs/lm.py:tiny --workdir=runs/tiny
 
 Presets (the part after the colon):
-  tiny   ~1.0M params: the CPU demo and tests (8 simulated devices).
-  small  ~26M params: a single accelerator.
-  1b     ~1.1B params: TPU pod slices / GPU nodes (FSDP over all devices).
+  tiny   the CPU demo and tests (8 simulated devices).
+  small  a single accelerator.
+  1b     TinyLlama's shapes (about 1B parameters with the byte vocabulary):
+         TPU pod slices / GPU nodes (FSDP over all devices).
   bench  the reference shapes of ../shared/bench/ref_lm.py (GELU MLP, tied
          embeddings, seq 256, batch 16) for scripts/benchmark.py.
   long   tiny's width with 4096-token windows, ring attention over
@@ -14,7 +15,8 @@ Presets (the part after the colon):
 Pipeline parallelism is a mesh shape (layers must be scanned):
   --config.mesh.stage=2 --config.model.scan_layers=True
   --config.train.microbatches=4
-Every key and its default: lm/config.py (the model's: lm/models/transformer.py).
+Parameter counts: README "Presets". Every key and its default: lm/config.py
+(the model's: lm/models/transformer.py).
 Override anything: --config.mesh.fsdp=4 --config.train.steps=100 ...
 """
 import ml_collections

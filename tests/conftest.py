@@ -149,7 +149,7 @@ def assert_reordered(actual, desired, *, reduction: int, dtype="float32",
 def assert_same_run(history, state, ref_history, ref_state,
                     atol: float = 1e-5) -> None:
   """Every logged metric (rtol 1e-5) and parameter (rtol 1e-5, `atol`: Adam
-  moves ~0-gradient weights by ~lr, see tests/test_parallel.py) equal."""
+  moves ~0-gradient weights by ~lr, see tests/parallel/test_parallel.py) equal."""
   import numpy as np  # noqa: PLC0415
   for key in ref_history[0]:
     np.testing.assert_allclose([h[key] for h in history],

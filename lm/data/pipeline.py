@@ -1,8 +1,8 @@
 """From a prepared tfds corpus to batches: the grain pipeline.
 
 tfds.data_source (random access over documents) -> byte tokens, documents
-joined with an end-of-document token -> non-overlapping windows of
-max_len + 1 tokens -> shuffle (a new order every epoch, fixed by the seed)
+joined with an end-of-document token -> windows of seq_len + 1 tokens (each
+starts where the previous one's inputs end) -> shuffle (a new order every epoch, fixed by the seed)
 -> global batches -> this process's rows of each. Windows, not documents,
 are shuffled: a corpus of 42 plays would give a very coarse shuffle
 otherwise.
@@ -151,7 +151,9 @@ def load_tokens(b: tfds.core.DatasetBuilder, split: str,
 
 
 class Windows(grain.sources.RandomAccessDataSource):
-  """Non-overlapping windows of `length` + 1 tokens (inputs + shifted targets)."""
+  """Windows of `length` + 1 tokens (inputs + shifted targets), each
+  starting where the previous one's inputs end: every token is predicted
+  once."""
 
   def __init__(self, tokens: np.ndarray, length: int):
     self.tokens = tokens

@@ -10,14 +10,14 @@
            probabilities from the saved log-sum-exp, as FlashAttention does,
            instead of keeping the B x H x L x S probabilities alive from the
            forward pass; the softmax backward needs only rowsum(dO * O).
-           Measured on XLA:CPU at the reference shapes: see README
-           "Performance log".
+           Measured on XLA:CPU at the reference shapes: docs/performance.md.
   xla      jax.nn.dot_product_attention's XLA lowering.
   cudnn    jax.nn.dot_product_attention's cuDNN flash attention (GPU only).
 
 Every implementation takes scores and softmax in float32 and gives the same
-outputs and gradients in float32 (tests/test_perf_options.py). Decoding with
-a KV cache passes an explicit mask; that path is jax.nn's for every choice.
+outputs and gradients in float32 (tests/models/test_perf_options.py).
+Decoding with a KV cache passes an explicit mask; that path is jax.nn's for
+every choice.
 
 Shapes: B batch, L queries, S keys, H query heads, N kv heads (H = N x G:
 query head h reads kv head h // G, as jax.nn does), K head dim.

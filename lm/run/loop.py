@@ -201,7 +201,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   if config.train.eval_every:
     eval_step = step_lib.jit_eval_step(setup, task, task.prepare_eval())
   unit, units_per_step = task.throughput()
-  meter = None  # lm/train/perf.py; made at the first step, from its batch.
+  meter = None  # lm/run/perf.py; made at the first step, from its batch.
   pending = collections.deque()  # (step, metrics) not yet read on the host.
   window = []  # Train metrics since the last log line.
   last_log_time, last_log_step = time.time(), step

@@ -112,8 +112,9 @@ class Gan:
   def throughput(self) -> tuple[str, int]:
     return "examples", self.config.train.batch_size
 
-  def train_step(self, state, batch, *, setup, accum_steps: int = 1):
-    del accum_steps  # Validated to be 1.
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
+                 teacher=None):
+    del accum_steps, teacher  # Checked: 1 and None (see `check`).
     key_d, key_g = jax.random.split(step_lib.step_key(setup.seed, state.step))
     real = batch["image"]
     shape = (real.shape[0], setup.model_cfg.latent_dim)
@@ -159,8 +160,10 @@ class Gan:
                               opt_state=opt_state, loss_scale=scale)
     return new_state, metrics_
 
-  def eval_step(self, model, batch: dict, classifier_params) -> dict:
-    """Generated and real images through the feature classifier."""
+  def eval_step(self, model, batch: dict, eval_inputs) -> dict:
+    """Generated and real images through the feature classifier, whose
+    parameters `prepare_eval` returned."""
+    classifier_params = eval_inputs
     fake = model.generate(batch["z"])
     real_feats, real_probs = self.classifier.apply(classifier_params,
                                                    batch["image"])

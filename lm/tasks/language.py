@@ -106,7 +106,7 @@ class LanguageModeling(Supervised):
         self.config)
 
   def model_flops_per_step(self, model_cfg) -> float:
-    """Analytic training FLOPs of one step (lm/train/perf.py's MFU)."""
+    """Analytic training FLOPs of one step (lm/run/perf.py's MFU)."""
     _, tokens = self.throughput()
     return transformer.flops_per_token(model_cfg,
                                        pipeline.seq_len(self.config)) * tokens
@@ -136,7 +136,9 @@ class LanguageModeling(Supervised):
     return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
 
   @staticmethod
-  def summarize(outputs: list[dict], data, **unused) -> dict[str, float]:
+  def summarize(outputs: list[dict], data, *, workdir=None,
+                step: int = 0) -> dict[str, float]:
+    del workdir, step  # Writes no images.
     loss = (sum(float(o["loss_sum"]) for o in outputs)
             / sum(float(o["count"]) for o in outputs))
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),

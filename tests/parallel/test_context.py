@@ -1,5 +1,5 @@
 """Context-parallel attention equals plain attention, and the ring's memory
-per device falls with the number of `sequence` devices."""
+per device halves with each doubling of the `sequence` devices."""
 import functools
 
 import jax
@@ -181,15 +181,19 @@ def test_ring_skips_masked_blocks_at_run_time():
   assert count(causal=False) == 0
 
 
-def test_ring_memory_falls_with_devices():
-  """Fails O(L) (and O(L^2)) memory per device, which does not fall."""
-  # Measured: 537 MB (n=1, plain attention), 22 MB, 11 MB, 2.9 MB. The
-  # all_gather baseline (O(L^2 / n)) also passes here: 269, 202, 101 MB; the
-  # next test tells the two apart.
-  temp = {n: _train_temp_bytes("ring", 4096, n) for n in (1, 2, 4, 8)}
-  assert temp[1] > temp[2] > temp[4] > temp[8], temp
-  for n in (2, 4, 8):
-    assert temp[n] <= 2.5 * temp[1] / n, (n, temp)
+def test_ring_memory_halves_with_each_doubling_of_devices():
+  """The ring's temporaries per device at least halve (within 20%) each
+  time the sequence axis doubles, and already at n = 2 are below half of
+  plain attention's; the all-gather baseline, which gathers every key and
+  value, does not halve (so the test tells them apart)."""
+  # Measured: 537 MB (n=1, plain attention); ring 22, 11, 2.9 MB;
+  # all_gather 269, 202, 101 MB.
+  ring = {n: _train_temp_bytes("ring", 4096, n) for n in (1, 2, 4, 8)}
+  assert ring[2] <= 0.5 * ring[1], ring
+  for n in (2, 4):
+    assert ring[2 * n] <= 0.6 * ring[n], (n, ring)
+  gather = {n: _train_temp_bytes("all_gather", 4096, n) for n in (2, 4)}
+  assert gather[4] > 0.6 * gather[2], gather
 
 
 def test_ring_memory_is_linear_in_length():

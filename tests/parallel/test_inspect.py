@@ -2,6 +2,7 @@
 collectives XLA inserts, against the counts the theory predicts."""
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -115,25 +116,46 @@ def test_fsdp_forward_gathers_each_weight_once():
 
 
 def _train_step(mesh_shape, **overrides):
+  setup, hlo = _train_step_hlo(mesh_shape, **overrides)
+  return setup, inspect.count_collectives(hlo)
+
+
+def _train_step_hlo(mesh_shape, **overrides):
   config, mesh = _setup(mesh_shape, **overrides)
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
     setup = state_lib.make_setup(config, mesh)
     compiled = step_lib.compile_train_step(setup, tasks.get(config))
-  return setup, inspect.count_collectives(compiled.as_text())
+  return setup, compiled.as_text()
 
 
-def test_data_parallel_step_only_reduces_gradients():
-  _, counts = _train_step(dict(data=8, fsdp=1, tensor=1))
-  assert "all-gather" not in counts and counts.get("all-reduce", 0) >= 1
+def _result_types(hlo: str, kind: str) -> list[str]:
+  """The result type of each `kind` collective, e.g. "f32[]" or a tuple
+  "(f32[64,128]{1,0}, f32[64]{0}, ...)"."""
+  return re.findall(rf"^\s*(?:ROOT )?%\S+ = (.*?) {kind}(?:-start)?\(", hlo,
+                    re.M)
 
 
-def test_explicit_reduce_scatter_step():
+GRADIENTS = 20  # Parameter leaves of tiny_config's LM: one gradient each.
+
+
+def test_data_parallel_step_reduces_all_gradients_in_one_all_reduce():
+  setup, hlo = _train_step_hlo(dict(data=8, fsdp=1, tensor=1))
+  assert len(jax.tree.leaves(setup.abstract_state.params)) == GRADIENTS
+  assert inspect.count_collectives(hlo) == {"all-reduce": 1}
+  # The one all-reduce carries every gradient (and the loss's sum).
+  (types,) = _result_types(hlo, "all-reduce")
+  assert types.count("f32[") >= GRADIENTS, types
+
+
+def test_explicit_reduce_scatter_step_has_no_gradient_all_reduce():
   # grad_reduce=reduce_scatter: one reduce-scatter + all-gather pair per
-  # gradient (XLA may combine several into one op, never into all-reduces).
-  _, counts = _train_step(dict(data=8), **{"train.grad_reduce":
-                                           "reduce_scatter"})
-  assert counts.get("reduce-scatter", 0) >= 1, counts
-  assert counts.get("all-gather", 0) >= 1, counts
+  # gradient; the only all-reduce left is the loss's mean, a scalar.
+  _, hlo = _train_step_hlo(dict(data=8), **{"train.grad_reduce":
+                                            "reduce_scatter"})
+  counts = inspect.count_collectives(hlo)
+  assert counts == {"reduce-scatter": GRADIENTS, "all-gather": GRADIENTS,
+                    "all-reduce": 1}, counts
+  assert _result_types(hlo, "all-reduce") == ["f32[]"]
   _, auto = _train_step(dict(data=8))
   assert "reduce-scatter" not in auto, auto
 

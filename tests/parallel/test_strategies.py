@@ -13,7 +13,7 @@ STEPS = 3
 MOE = {"model.moe.experts": 8, "model.moe.capacity_factor": 4.0}
 # Experts that see few tokens have many weights with gradients at rounding
 # level, which Adam moves by up to +-lr whatever the summation order (see
-# tests/test_parallel.py). Measured: one weight of 65,536 in expert 7 off by
+# tests/parallel/test_parallel.py). Measured: one weight of 65,536 in expert 7 off by
 # 1.3e-5 on data2 x expert2 x tensor2 (the chunked attention's float
 # rounding); so MoE parameters get 5e-3 of one step (lr 1e-2) as atol.
 MOE_ATOL = 5e-5

@@ -16,7 +16,7 @@ from lm.tasks.language import lm_loss
 from lm.run import loop
 from lm.train import state as state_lib
 
-ATOL = 1e-5  # See tests/test_parallel.py: Adam moves ~0-gradient weights.
+ATOL = 1e-5  # See tests/parallel/test_parallel.py: Adam moves ~0-gradient weights.
 
 
 def _single_device_setup(config):
@@ -160,6 +160,21 @@ def test_int8_conversion_gives_integer_weights_and_the_qat_outputs():
   assert kernel["array"]["qvalue"].dtype == jnp.int8
   assert kernel["array"]["scale"].shape == (1, 128)  # Per output channel.
   assert params["transformer"]["embedding"].dtype == jnp.float32  # Kept.
+  # Bytes, counted independently: a quantized projection keeps 1 byte per
+  # weight plus a float32 scale per output channel (its size over its
+  # contracted inputs); everything else stays 4 bytes per value.
+  cfg = setup.model_cfg
+  fan_in = {"q": cfg.d_model, "k": cfg.d_model, "v": cfg.d_model,
+            "o": cfg.n_heads * cfg.k, "gate": cfg.d_model, "up": cfg.d_model,
+            "down": cfg.d_ff}
+  want = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(state.params):
+    names = [p.key for p in path]
+    if names[-1] == "kernel" and names[-2] in fan_in:
+      want += x.size + 4 * x.size // fan_in[names[-2]]
+    else:
+      want += 4 * x.size
+  assert serving.params_bytes(params) == want
   dtypes = serving.dtype_bytes(params)
   assert dtypes["int8"] > dtypes["float32"]
   # The int8 weights and activation scales of QAT's forward pass: only the

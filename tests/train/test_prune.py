@@ -1,5 +1,7 @@
 """Magnitude pruning: schedule, exact layer-wise sparsity, masks that only
 grow, parameter selection, sharded == unsharded, and an orbax round trip."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,7 +268,7 @@ def test_pruned_run_resumes_exactly_and_stays_sparse(tmp_path, data_dir):
     c = tiny_config(data_dir, mesh=dict(data=2, fsdp=2, tensor=2),
                     **{"prune.sparsity": 0.5, "prune.update_every": 1,
                        "prune.end_step": 3})
-    c.train.update(steps=6, checkpoint_every=2)
+    c.train.update(steps=6, checkpoint_every=2, eval_every=6)
     return c
 
   whole = loop.train(config(), tmp_path / "whole")
@@ -277,6 +279,12 @@ def test_pruned_run_resumes_exactly_and_stays_sparse(tmp_path, data_dir):
   layers = tuple(config().prune.layers)
   by_layer = prune.layer_sparsity(whole["params"], layers)
   assert by_layer and all(v == 0.5 for v in by_layer.values()), by_layer
+  # Each eval logs the sparsity read from the parameters: a "sparsity" line
+  # with the overall fraction and each pruned parameter's.
+  with open(tmp_path / "whole" / "metrics.jsonl") as f:
+    (line,) = [x for x in map(json.loads, f) if x["split"] == "sparsity"]
+  assert line["step"] == 6 and line["overall"] == 0.5
+  assert {k: line[k] for k in by_layer} == by_layer
   # The update with count == end_step (the 4th) applies the final masks.
   at_end = loop.train(config(), tmp_path / "at_end", stop_at_step=4)["params"]
   zeros_at_end = {k: np.asarray(v) == 0 for k, v in _flat(at_end).items()

@@ -1,0 +1,108 @@
+r"""What `make demo` trains: the tiny LM on Shakespeare, its validation curve
+and throughput.
+
+    python benchmarks/demo.py [--workdir=runs/demo_benchmark]
+
+The Makefile's training command: configs/lm.py:tiny (400 steps, batch 32 x
+256 bytes, an eval of 8 fixed validation batches every 100 steps) on 8
+simulated CPU devices as data=2 x fsdp=2 x tensor=2, in a fresh --workdir.
+Recorded: every eval line of metrics.jsonl (validation loss, perplexity,
+bits per byte), the tokens/s of the train log lines (every 20 steps) after
+the first, which includes the compilation (the table shows their median),
+the parameter count, and the wall time of the training process (with the
+data already prepared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+from benchmarks import common
+
+NAME = "demo"
+# As the Makefile's demo target runs scripts/train.py.
+ARGS = ["--config=configs/lm.py:tiny", "--config.mesh.data=2",
+        "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+
+
+def num_params(workdir: Path) -> int:
+  """The model's parameter count, from the run's config."""
+  import jax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from lm import config as config_lib, models  # noqa: PLC0415
+  config = config_lib.resolve(json.loads((workdir / "config.json")
+                                         .read_text()))
+  model = models.abstract_model(models.model_config(config),
+                                config.model.name)
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="runs/demo_benchmark",
+                      help="Scratch run directory (deleted first).")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="Validation only: train this many steps (evals "
+                      "every steps/2, logs every steps/4); 0 = the "
+                      "preset's.")
+  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
+                      help="Where the JSON goes.")
+  args = parser.parse_args()
+  workdir = Path(args.workdir).absolute()
+  if workdir.exists():
+    shutil.rmtree(workdir)
+  train_args = list(ARGS)
+  if args.steps:
+    n = args.steps
+    train_args += [f"--config.train.steps={n}",
+                   f"--config.train.eval_every={max(n // 2, 1)}",
+                   f"--config.train.log_every={max(n // 4, 1)}"]
+  flag = "--xla_force_host_platform_device_count=8"
+  env = dict(os.environ,
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+  start = time.perf_counter()
+  common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
+              *train_args], env=env)
+  wall = time.perf_counter() - start
+
+  lines = [json.loads(s) for s in
+           (workdir / "metrics.jsonl").read_text().splitlines() if s]
+  evals = [{k: x[k] for k in ("step", "loss", "perplexity", "bits_per_byte")}
+           for x in lines if x["split"] == "eval"]
+  total = json.loads((workdir / "config.json").read_text())["train"]["steps"]
+  rates = [x["tokens_per_sec"] for x in lines if x["split"] == "train"][1:]
+  if not evals or evals[-1]["step"] != total or not rates:
+    raise RuntimeError(f"{workdir}/metrics.jsonl lacks the eval at step "
+                       f"{total} or train lines after the first.")
+  data = dict(args=train_args, wall_s=wall, params=num_params(workdir),
+              evals=evals, tokens_per_sec=rates)
+  out = Path(args.out)
+  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
+  with mock.patch.object(common, "RESULTS", out.parent):
+    print(f"wrote {common.write(out.stem, data)}")
+
+
+def tables(results: dict) -> dict[str, str]:
+  curve = common.markdown(
+      ["step", "validation loss", "perplexity", "bits per byte"],
+      [[e["step"], f"{e['loss']:.3f}", f"{e['perplexity']:.2f}",
+        f"{e['bits_per_byte']:.3f}"] for e in results["evals"]], "rrrr")
+  minutes, seconds = divmod(round(results["wall_s"]), 60)
+  throughput = common.markdown(
+      ["parameters", "tokens/s (median)", "wall time (training process)"],
+      [[f"{results['params']:,}",
+        f"{statistics.median(results['tokens_per_sec']):,.0f}",
+        f"{minutes}m{seconds:02d}s"]], "rrr")
+  return {"curve": curve, "throughput": throughput}
+
+
+if __name__ == "__main__":
+  main()
