@@ -18,14 +18,13 @@ which collectives come once per layer and which once per program.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
-from pathlib import Path
-
-from absl import app, flags
 
 from benchmarks import common
 
+NAME = "collectives"
 DEVICES = 8
 # (name, label, mesh axes, config overrides, the two layer counts).
 CASES = [
@@ -50,11 +49,6 @@ CASES = [
      {"model.scan_layers": True, "train.microbatches": 4}, (4, 8)),
 ]
 PROGRAMS = ("forward", "loss", "train_step")
-
-_ONLY = flags.DEFINE_list("only", [], "Case names to measure (default all): "
-                          + ", ".join(c[0] for c in CASES))
-_OUT = flags.DEFINE_string("out", str(common.RESULTS / "collectives.json"),
-                           "Where the results go.")
 
 
 def tiny_config(mesh: dict, n_layers: int, overrides: dict):
@@ -114,28 +108,30 @@ def count(mesh_shape: dict, n_layers: int, overrides: dict) -> dict:
           for name, c in compiled.items()}
 
 
-def main(argv):
-  del argv
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="",
+                      help="comma-separated cases to measure (default all): "
+                      + ", ".join(c[0] for c in CASES))
+  common.add_out_flag(parser, NAME)
+  args = parser.parse_args()
+  only = [x for x in args.only.split(",") if x]
+  unknown = set(only) - {c[0] for c in CASES}
+  if unknown:
+    parser.error(f"--only: unknown cases {sorted(unknown)}")
   # Before jax is imported: the strategies need up to 8 devices.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count="
                              f"{DEVICES}")
-  out = Path(_OUT.value).resolve()
-  if out.name != "collectives.json":
-    raise app.UsageError("--out must name a file collectives.json")
-  unknown = set(_ONLY.value) - {c[0] for c in CASES}
-  if unknown:
-    raise app.UsageError(f"--only: unknown cases {sorted(unknown)}")
   cases = {}
   for name, label, mesh_shape, overrides, layer_counts in CASES:
-    if _ONLY.value and name not in _ONLY.value:
+    if only and name not in only:
       continue
     counts = {str(n): count(mesh_shape, n, overrides) for n in layer_counts}
     cases[name] = dict(label=label, mesh=mesh_shape, overrides=overrides,
                        counts=counts)
     print(name, counts, flush=True)
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  path = common.write("collectives", {"cases": cases, "devices": DEVICES})
+  path = common.write(NAME, {"cases": cases, "devices": DEVICES}, args.out)
   print(f"wrote {path}")
 
 
@@ -172,4 +168,4 @@ def tables(results: dict) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

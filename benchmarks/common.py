@@ -64,9 +64,17 @@ def command(argv: list[str] | None = None) -> str:
   return shlex.join(["python", *argv])
 
 
-def write(name: str, data: dict, argv: list[str] | None = None) -> Path:
-  """Writes benchmarks/results/NAME.json: `data` plus the command, date,
-  machine and commit. Returns the path."""
+def add_out_flag(parser, name: str) -> None:
+  """--out: where the results go; benchmarks/results/NAME.json (what the
+  docs render) unless a script is being tried out."""
+  parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json",
+                      help="Results file (default: what the docs render).")
+
+
+def write(name: str, data: dict, out: Path | None = None,
+          argv: list[str] | None = None) -> Path:
+  """Writes `data` plus the command, date, machine and commit to `out`
+  (default benchmarks/results/NAME.json). Returns the path."""
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
@@ -75,8 +83,8 @@ def write(name: str, data: dict, argv: list[str] | None = None) -> Path:
   record = {"command": command(argv),
             "date": datetime.date.today().isoformat(), "commit": commit,
             "machine": machine(), **data}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / f"{name}.json"
+  path = Path(out or RESULTS / f"{name}.json")
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
   tmp.replace(path)
@@ -85,6 +93,14 @@ def write(name: str, data: dict, argv: list[str] | None = None) -> Path:
 
 def read(name: str) -> dict:
   return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def simulated_devices(n: int = 8) -> dict:
+  """os.environ plus XLA_FLAGS for `n` simulated CPU devices: the
+  environment of a child process that trains on a simulated mesh."""
+  flags = (f"{os.environ.get('XLA_FLAGS', '')} "
+           f"--xla_force_host_platform_device_count={n}")
+  return dict(os.environ, XLA_FLAGS=flags.strip())
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -7,19 +7,17 @@ devices, mesh data=8) trains `--steps` steps per mode with
 `scripts/train.py`, one mode at a time, without evals and with one
 checkpoint at the end. Recorded: the step time of each train log line
 (every 5 steps) after the first, which includes the compilation; the table
-shows their median. Not the accuracy runs of benchmarks/compression.py:
+shows their median. Not the accuracy runs of benchmarks/compression_modes.py:
 those may share the CPU with other work. Run this with nothing else busy.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 from benchmarks import common
 
@@ -40,9 +38,7 @@ MODES = {
 
 def step_times(args: list[str]) -> list[float]:
   """Seconds per step of each train log line after the first."""
-  flag = "--xla_force_host_platform_device_count=8"
-  env = dict(os.environ,
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+  env = common.simulated_devices()
   with tempfile.TemporaryDirectory() as workdir:
     common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
                 *args], env=env)
@@ -62,8 +58,7 @@ def main() -> None:
   parser.add_argument("--only", default=",".join(MODES),
                       help="Validation only: comma-separated modes to run "
                       "(float32 is the baseline of the table).")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Where the JSON goes.")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   only = args.only.split(",")
   if set(only) - set(MODES) or "float32" not in only:
@@ -81,10 +76,7 @@ def main() -> None:
                       step_s=step_times(train_args)))
     print(f"{mode}: {1000 * statistics.median(modes[-1]['step_s']):.0f} "
           "ms/step", flush=True)
-  out = Path(args.out)
-  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
-  with mock.patch.object(common, "RESULTS", out.parent):
-    print(f"wrote {common.write(out.stem, dict(modes=modes))}")
+  print(f"wrote {common.write(NAME, dict(modes=modes), args.out)}")
 
 
 def tables(results: dict) -> dict[str, str]:

@@ -22,39 +22,21 @@ long_step: the whole configs/lm.py:long train step (4096-token windows,
   scripts/inspect_sharding.py --config=configs/lm.py:long
   --config.mesh.sequence=$n --config.mesh.data=1 --noparams` does.
 
-The flags below the defaults (--length, --growth, --long_length, --sequence,
---tables) only shrink the work to check the script itself.
+The defaults are the settings above; --length, --growth, --long_length,
+--sequence and --tables exist to shrink the work when checking the script.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-from pathlib import Path
-
-from absl import app, flags
 
 from benchmarks import common
 
 NAME = "context_memory"
 IMPLS = ("ring", "all_gather")
-
-_TABLES = flags.DEFINE_list("tables", ["attention", "long_step"],
-                            "Which measurements to make.")
-_SEQUENCE = flags.DEFINE_list("sequence", ["1", "2", "4", "8"],
-                              "Sequence-axis sizes n (1: plain attention).")
-_LENGTH = flags.DEFINE_integer("length", 4096, "attention: L at every n.")
-_GROWTH = flags.DEFINE_list("growth", ["8192", "16384", "32768"],
-                            "attention: further L at the largest n.")
-_LONG_LENGTH = flags.DEFINE_integer(
-    "long_length", 4096, "long_step: the window (config.model.max_len).")
-_OUT = flags.DEFINE_string("out", str(common.RESULTS / f"{NAME}.json"),
-                           "Where the results go.")
-# The child process of one long_step measurement (prints it as JSON).
-_CHILD = flags.DEFINE_integer("child_long_step", 0,
-                              "Internal: measure the long step at this n.")
-_SCAN = flags.DEFINE_boolean("scan_layers", False,
-                             "Internal: the child's config.model.scan_layers.")
+TABLES = ("attention", "long_step")
 
 
 def _simulate(devices: int, base_flags: str) -> None:
@@ -78,7 +60,8 @@ def attention_temp_bytes(impl: str, length: int, n: int) -> int:
             ((1, length, 2, 8), jnp.float32)]
   args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
   attend = functools.partial(context.attention, causal=True, impl=impl)
-  loss = lambda q, k, v, pos, ct: jnp.sum(attend(q, k, v, pos) * ct)  # noqa: E731
+  loss = lambda q, k, v, pos, ct: jnp.sum(  # noqa: E731
+      attend(q, k, v, pos) * ct)
   with jax.set_mesh(make_mesh(dict(sequence=n), jax.devices()[:n])):
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
         *args).compile()
@@ -139,8 +122,8 @@ def measure_long_step(sequence: list[int], length: int,
           # -m: a script's own folder first on sys.path would let
           # benchmarks/*.py shadow modules jax imports (`compression`).
           [sys.executable, "-m", "benchmarks.context_memory",
-           f"--child_long_step={n}", f"--scan_layers={scan}",
-           f"--long_length={length}"],
+           f"--child_long_step={n}", f"--long_length={length}",
+           *(["--scan_layers"] if scan else [])],
           env=dict(os.environ, XLA_FLAGS=base_flags))
       rows.append(dict(n=n, scan_layers=scan, length=length,
                        **json.loads(out.stdout.splitlines()[-1])))
@@ -148,31 +131,48 @@ def measure_long_step(sequence: list[int], length: int,
   return rows
 
 
-def main(argv):
-  del argv
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tables", default=",".join(TABLES),
+                      help="which measurements to make, comma-separated")
+  parser.add_argument("--sequence", type=_ints, default=[1, 2, 4, 8],
+                      help="sequence-axis sizes n (1: plain attention)")
+  parser.add_argument("--length", type=int, default=4096,
+                      help="attention: L at every n")
+  parser.add_argument("--growth", type=_ints, default=[8192, 16384, 32768],
+                      help="attention: further L at the largest n")
+  parser.add_argument("--long_length", type=int, default=4096,
+                      help="long_step: the window (config.model.max_len)")
+  common.add_out_flag(parser, NAME)
+  # The child process of one long_step measurement (prints it as JSON).
+  parser.add_argument("--child_long_step", type=int, default=0,
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--scan_layers", action="store_true",
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args()
   base_flags = os.environ.get("XLA_FLAGS", "")
-  if _CHILD.value:
-    _simulate(_CHILD.value, base_flags)
-    print(json.dumps(long_step_memory(_CHILD.value, _SCAN.value,
-                                      _LONG_LENGTH.value)))
+  if args.child_long_step:
+    _simulate(args.child_long_step, base_flags)
+    print(json.dumps(long_step_memory(args.child_long_step, args.scan_layers,
+                                      args.long_length)))
     return
-  out = Path(_OUT.value).resolve()
-  if out.name != f"{NAME}.json":
-    raise app.UsageError(f"--out must name a file {NAME}.json")
-  unknown = set(_TABLES.value) - {"attention", "long_step"}
+  tables_ = [t for t in args.tables.split(",") if t]
+  unknown = set(tables_) - set(TABLES)
   if unknown:
-    raise app.UsageError(f"--tables: unknown {sorted(unknown)}")
-  sequence = sorted(int(n) for n in _SEQUENCE.value)
+    parser.error(f"--tables: unknown {sorted(unknown)}")
+  sequence = sorted(args.sequence)
   data = {}
-  if "attention" in _TABLES.value:
+  if "attention" in tables_:
     _simulate(max(sequence), base_flags)
-    data["attention"] = measure_attention(
-        sequence, _LENGTH.value, [int(x) for x in _GROWTH.value])
-  if "long_step" in _TABLES.value:
-    data["long_step"] = measure_long_step(sequence, _LONG_LENGTH.value,
+    data["attention"] = measure_attention(sequence, args.length, args.growth)
+  if "long_step" in tables_:
+    data["long_step"] = measure_long_step(sequence, args.long_length,
                                           base_flags)
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  print(f"wrote {common.write(NAME, data)}")
+  print(f"wrote {common.write(NAME, data, args.out)}")
 
 
 def _attention_table(rows: list[dict]) -> str:
@@ -218,4 +218,4 @@ def tables(results: dict) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

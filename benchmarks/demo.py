@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 from benchmarks import common
 
@@ -53,8 +51,7 @@ def main() -> None:
                       help="Validation only: train this many steps (evals "
                       "every steps/2, logs every steps/4); 0 = the "
                       "preset's.")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Where the JSON goes.")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   workdir = Path(args.workdir).absolute()
   if workdir.exists():
@@ -65,9 +62,7 @@ def main() -> None:
     train_args += [f"--config.train.steps={n}",
                    f"--config.train.eval_every={max(n // 2, 1)}",
                    f"--config.train.log_every={max(n // 4, 1)}"]
-  flag = "--xla_force_host_platform_device_count=8"
-  env = dict(os.environ,
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+  env = common.simulated_devices()
   start = time.perf_counter()
   common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
               *train_args], env=env)
@@ -84,10 +79,7 @@ def main() -> None:
                        f"{total} or train lines after the first.")
   data = dict(args=train_args, wall_s=wall, params=num_params(workdir),
               evals=evals, tokens_per_sec=rates)
-  out = Path(args.out)
-  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
-  with mock.patch.object(common, "RESULTS", out.parent):
-    print(f"wrote {common.write(out.stem, data)}")
+  print(f"wrote {common.write(NAME, data, args.out)}")
 
 
 def tables(results: dict) -> dict[str, str]:

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 from benchmarks import common
 
@@ -49,9 +47,7 @@ def train(config: str, workdir: Path, steps: int) -> dict:
     args += [f"--config.train.steps={steps}",
              f"--config.train.eval_every={steps}",
              f"--config.train.checkpoint_every={steps}"]
-  flag = "--xla_force_host_platform_device_count=8"
-  env = dict(os.environ,
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+  env = common.simulated_devices()
   start = time.perf_counter()
   out = common.run([sys.executable, "scripts/train.py",
                     f"--workdir={workdir}", *args], env=env)
@@ -116,8 +112,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=0,
                       help="Validation only: train every run this many "
                       "steps; 0 = the configs' steps.")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Where the JSON goes.")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   only = args.only.split(",")
   if set(only) - set(CONFIGS):
@@ -129,10 +124,7 @@ def main() -> None:
     runs.append(train(config, root / Path(config).stem, args.steps))
     print(f"{runs[-1]['wall_s']:.0f} s: {runs[-1]['eval']}", flush=True)
   scale = [cfid_scale(c) for c in CONFIGS if c in only and "gan_" in c]
-  out = Path(args.out)
-  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
-  with mock.patch.object(common, "RESULTS", out.parent):
-    path = common.write(out.stem, dict(runs=runs, cfid_scale=scale))
+  path = common.write(NAME, dict(runs=runs, cfid_scale=scale), args.out)
   print(f"wrote {path}")
 
 

@@ -19,6 +19,7 @@ step, scratch runs under --workdir (emptied first):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -29,20 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
-
 from benchmarks import common
 
 NAME = "multihost"
-_STEPS = flags.DEFINE_integer("steps", 60, "Steps of the throughput runs.")
-_SIGNAL_STEP = flags.DEFINE_integer(
-    "signal_step", 20, "The logged step after which a process is signalled.")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 10,
-                                  "--heartbeat_timeout of the killed run.")
-_WORKDIR = flags.DEFINE_string("workdir", str(common.REPO / "runs" / NAME),
-                               "Scratch directory (emptied first).")
-_OUT = flags.DEFINE_string("out", str(common.RESULTS / f"{NAME}.json"),
-                           "Where the results go.")
 
 ARGS = ["--config=configs/lm.py:tiny", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
@@ -51,7 +41,7 @@ ARGS = ["--config=configs/lm.py:tiny", "--config.train.log_every=1",
 
 
 def one_process(workdir: Path, *extra) -> None:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = common.simulated_devices()
   common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
               *ARGS, *extra], env=env)
 
@@ -89,18 +79,18 @@ def _wait_for(proc: subprocess.Popen, pattern: str, lines: list[str]) -> None:
                      f"{pattern!r}:\n" + "".join(lines[-50:]))
 
 
-def signal_process_1(workdir: Path, signum: int, *extra,
+def signal_process_1(workdir: Path, signum: int, at_step: int, *extra,
                      timeout: float) -> tuple[float, int, str]:
-  """Launches 2 processes, sends `signum` to process 1 once step
-  --signal_step is logged; (seconds until the launcher has exited, its
-  status, its output after the signal)."""
+  """Launches 2 processes, sends `signum` to process 1 once step `at_step`
+  is logged; (seconds until the launcher has exited, its status, its output
+  after the signal)."""
   proc = subprocess.Popen(
       _launch_cmd(workdir, "--config.train.steps=100000", *extra),
       cwd=common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
   try:
     lines = []
-    _wait_for(proc, rf"step +{_SIGNAL_STEP.value}/", lines)
+    _wait_for(proc, rf"step +{at_step}/", lines)
     pid = int(re.search(r"process 1: pid (\d+)", "".join(lines))[1])
     start = time.monotonic()
     os.kill(pid, signum)
@@ -115,14 +105,22 @@ def signal_process_1(workdir: Path, signum: int, *extra,
         proc.kill()
 
 
-def main(argv):
-  del argv
-  out = Path(_OUT.value).resolve()
-  if out.name != f"{NAME}.json":
-    raise app.UsageError(f"--out must name a file {NAME}.json")
-  if _STEPS.value <= 6:
-    raise app.UsageError("--steps must be > 6 (the first 5 are not timed)")
-  root = Path(_WORKDIR.value).resolve()
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=60,
+                      help="steps of the throughput runs")
+  parser.add_argument("--signal_step", type=int, default=20,
+                      help="the logged step after which process 1 is "
+                      "signalled")
+  parser.add_argument("--heartbeat_timeout", type=int, default=10,
+                      help="--heartbeat_timeout of the killed run")
+  parser.add_argument("--workdir", default=str(common.REPO / "runs" / NAME),
+                      help="scratch directory (emptied first)")
+  common.add_out_flag(parser, NAME)
+  args = parser.parse_args()
+  if args.steps <= 6:
+    parser.error("--steps must be > 6 (the first 5 are not timed)")
+  root = Path(args.workdir).resolve()
   shutil.rmtree(root, ignore_errors=True)
   data = {}
 
@@ -132,45 +130,46 @@ def main(argv):
   launch(root / "two", "--config.train.steps=10")
   a, b = train_records(root / "one"), train_records(root / "two")
   if max(a, default=0) != 10 or not set(a) <= set(b):
-    raise RuntimeError(f"steps logged: one process {sorted(a)}, two {sorted(b)}")
+    raise RuntimeError(f"steps logged: one process {sorted(a)}, two "
+                       f"{sorted(b)}")
   data["equality"] = dict(steps=10, stop_at_step=5, max_relative_loss_diff=max(
       abs(a[s]["loss"] - b[s]["loss"]) / abs(a[s]["loss"]) for s in a))
   print(data, flush=True)
 
   # Throughput.
-  steps = f"--config.train.steps={_STEPS.value}"
+  steps = f"--config.train.steps={args.steps}"
   one_process(root / "one_tp", steps)
   launch(root / "two_tp", steps)
   data["throughput"] = dict(
-      steps=_STEPS.value,
-      one_process=tokens_per_sec(root / "one_tp", _STEPS.value),
-      two_processes=tokens_per_sec(root / "two_tp", _STEPS.value))
+      steps=args.steps,
+      one_process=tokens_per_sec(root / "one_tp", args.steps),
+      two_processes=tokens_per_sec(root / "two_tp", args.steps))
   print(data, flush=True)
 
   # SIGTERM on process 1: seconds until both have saved and exited.
   took, status, rest = signal_process_1(root / "term", signal.SIGTERM,
-                                        timeout=300)
+                                        args.signal_step, timeout=300)
   saved = re.search(r"save step (\d+)", rest)
   if status != 0 or not saved:
     raise RuntimeError(f"SIGTERM: launcher status {status}, saved step "
                        f"{saved and saved[1]}:\n{rest[-3000:]}")
-  data["sigterm"] = dict(signal_step=_SIGNAL_STEP.value,
+  data["sigterm"] = dict(signal_step=args.signal_step,
                          saved_step=int(saved[1]), status=status, seconds=took)
   print(data, flush=True)
 
   # SIGKILL on process 1: seconds until process 0 has ended by itself.
   took, status, rest = signal_process_1(
-      root / "kill", signal.SIGKILL,
-      f"--heartbeat_timeout={_HEARTBEAT.value}", timeout=600)
+      root / "kill", signal.SIGKILL, args.signal_step,
+      f"--heartbeat_timeout={args.heartbeat_timeout}", timeout=600)
   if status == 0:
     raise RuntimeError(f"SIGKILL: the launcher exited 0:\n{rest[-3000:]}")
-  data["sigkill"] = dict(signal_step=_SIGNAL_STEP.value,
-                         heartbeat_timeout=_HEARTBEAT.value, status=status,
+  data["sigkill"] = dict(signal_step=args.signal_step,
+                         heartbeat_timeout=args.heartbeat_timeout,
+                         status=status,
                          seconds=took)
   print(data, flush=True)
 
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  print(f"wrote {common.write(NAME, data)}")
+  print(f"wrote {common.write(NAME, data, args.out)}")
 
 
 def tables(results: dict) -> dict[str, str]:
@@ -193,4 +192,4 @@ def tables(results: dict) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -17,15 +17,13 @@ A run that fails or does not reach its last step and eval raises.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
 from pathlib import Path
-
-from absl import app, flags
 
 from benchmarks import common
 
@@ -50,16 +48,6 @@ RUNS = [
     ("long_ring_sequence8", "long", ["--config.train.log_every=5"]),
 ]
 
-_STEPS = flags.DEFINE_integer("steps", 100, "Steps of the tiny and moe runs.")
-_LONG_STEPS = flags.DEFINE_integer("long_steps", 20, "Steps of the long run.")
-_ONLY = flags.DEFINE_list("only", [], "Runs to make (default all): "
-                          + ", ".join(r[0] for r in RUNS))
-_WORKDIR = flags.DEFINE_string("workdir", str(common.REPO / "runs" / NAME),
-                               "Scratch directory of the runs.")
-_OUT = flags.DEFINE_string("out", str(common.RESULTS / f"{NAME}.json"),
-                           "Where the results go.")
-
-
 def _mesh(config: dict) -> list[list]:
   """[axis, size] of the mesh axes larger than 1, in mesh order, with a -1
   axis filled in (a list: the JSON's dicts are written with sorted keys)."""
@@ -79,9 +67,7 @@ def train(name: str, preset: str, extra: list[str], steps: int,
           "--config.train.checkpoint_every=0", *extra]
   common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",
               *args],
-             env=dict(os.environ, XLA_FLAGS=(
-                 f"{os.environ.get('XLA_FLAGS', '')} "
-                 f"--xla_force_host_platform_device_count={DEVICES}")))
+             env=common.simulated_devices(DEVICES))
   config = json.loads((workdir / "config.json").read_text())
   records = [json.loads(line)
              for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -104,24 +90,33 @@ def train(name: str, preset: str, extra: list[str], steps: int,
       moe_dropped_fraction=train_rows[-1].get("moe_dropped_fraction"))
 
 
-def main(argv):
-  del argv
-  out = Path(_OUT.value).resolve()
-  if out.name != f"{NAME}.json":
-    raise app.UsageError(f"--out must name a file {NAME}.json")
-  unknown = set(_ONLY.value) - {r[0] for r in RUNS}
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=100,
+                      help="steps of the tiny and moe runs")
+  parser.add_argument("--long_steps", type=int, default=20,
+                      help="steps of the long run")
+  parser.add_argument("--only", default="",
+                      help="comma-separated runs to make (default all): "
+                      + ", ".join(r[0] for r in RUNS))
+  parser.add_argument("--workdir", default=str(common.REPO / "runs" / NAME),
+                      help="scratch directory of the runs")
+  common.add_out_flag(parser, NAME)
+  args = parser.parse_args()
+  only = [x for x in args.only.split(",") if x]
+  unknown = set(only) - {r[0] for r in RUNS}
   if unknown:
-    raise app.UsageError(f"--only: unknown runs {sorted(unknown)}")
+    parser.error(f"--only: unknown runs {sorted(unknown)}")
   runs = {}
   for name, preset, extra in RUNS:
-    if _ONLY.value and name not in _ONLY.value:
+    if only and name not in only:
       continue
-    steps = _LONG_STEPS.value if preset == "long" else _STEPS.value
-    runs[name] = train(name, preset, extra, steps, Path(_WORKDIR.value))
+    steps = args.long_steps if preset == "long" else args.steps
+    runs[name] = train(name, preset, extra, steps, Path(args.workdir))
     print(name, {k: v for k, v in runs[name].items()
                  if k not in ("args", "tokens_per_sec")}, flush=True)
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  print(f"wrote {common.write(NAME, dict(runs=runs, devices=DEVICES))}")
+  path = common.write(NAME, dict(runs=runs, devices=DEVICES), args.out)
+  print(f"wrote {path}")
 
 
 def tables(results: dict) -> dict[str, str]:
@@ -138,4 +133,4 @@ def tables(results: dict) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -87,12 +87,8 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--only", default="",
                       help="Comma-separated options to run (default: all).")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Results file (elsewhere only to try the script).")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
-  out = Path(args.out).resolve()
-  if out.name != f"{NAME}.json":
-    parser.error(f"--out must name a file {NAME}.json")
   names = [n for n in args.only.split(",") if n] or list(OPTIONS)
   unknown = sorted(set(names) - set(OPTIONS))
   if unknown:
@@ -106,9 +102,8 @@ def main() -> None:
                                        Path(tmp))})
         print(f"{name} done", flush=True)
   data = {"steps": args.steps, "rounds": args.rounds, "options": options}
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  path = common.write(NAME, data)
-  print(tables(common.read(NAME))["table"])
+  path = common.write(NAME, data, args.out)
+  print(tables(json.loads(path.read_text()))["table"])
   print(f"\nwrote {path}")
 
 

@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from benchmarks import common
 
@@ -153,8 +152,7 @@ def main() -> None:
   parser.add_argument("--microbatches",
                       default=",".join(map(str, MICROBATCHES)),
                       help="the values of M, comma-separated")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="where the results go")
+  common.add_out_flag(parser, NAME)
   parser.add_argument("--reference", action="store_true",
                       help="print T_mb for each M as JSON (the child process)")
   args = parser.parse_args()
@@ -169,16 +167,12 @@ def main() -> None:
   if args.reference:
     print(json.dumps(reference_times(args.runs, microbatches)))
     return
-  out = Path(args.out).resolve()
-  if out.name != f"{NAME}.json":
-    parser.error(f"--out must name a file {NAME}.json")
   rows = measure(args.runs, microbatches)
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
   path = common.write(NAME, dict(
       rows=rows, runs=args.runs, stages=STAGES, model=MODEL, batch=BATCH,
       length=LENGTH, dtype="float32",
       # Other processes skew the timings: the load they put on the machine.
-      load_average_1min=os.getloadavg()[0]))
+      load_average_1min=os.getloadavg()[0]), args.out)
   print(f"wrote {path}")
 
 

@@ -12,6 +12,7 @@ devices). Writes benchmarks/results/presets.json.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from benchmarks import common
@@ -74,16 +75,11 @@ def tables(results: dict) -> dict[str, str]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Results file (elsewhere only to try the script).")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
-  out = Path(args.out).resolve()
-  if out.name != f"{NAME}.json":
-    parser.error(f"--out must name a file {NAME}.json")
   data = {"presets": [describe(spec) for spec in specs()]}
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  path = common.write(NAME, data)
-  print(tables(common.read(NAME))["table"])
+  path = common.write(NAME, data, args.out)
+  print(tables(json.loads(path.read_text()))["table"])
   print(f"\nwrote {path}")
 
 

@@ -102,13 +102,8 @@ def main() -> None:
   parser.add_argument("--points", default="",
                       help="Comma-separated points to run, e.g. d128,L256 "
                       "(default: all).")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Results file; the plot goes next to it as "
-                      f"{NAME}.png (elsewhere only to try the script).")
+  common.add_out_flag(parser, NAME)  # The plot goes next to it (.png).
   args = parser.parse_args()
-  out = Path(args.out).resolve()
-  if out.name != f"{NAME}.json":
-    parser.error(f"--out must name a file {NAME}.json")
   known = [p["name"] for p in points()]
   names = [n for n in args.points.split(",") if n] or known
   if set(names) - set(known):
@@ -121,12 +116,11 @@ def main() -> None:
         measured.append(measure(p, args.steps, Path(tmp)))
         print(f"{p['name']}: {measured[-1]['step_ms']:.0f} ms", flush=True)
   data = {"steps": args.steps, "points": measured}
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  path = common.write(NAME, data)
-  results = common.read(NAME)
-  plot(results, out.with_suffix(".png"))
+  path = common.write(NAME, data, args.out)
+  results = json.loads(path.read_text())
+  plot(results, path.with_suffix(".png"))
   print(tables(results)["table"])
-  print(f"\nwrote {path} and {out.with_suffix('.png')}")
+  print(f"\nwrote {path} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

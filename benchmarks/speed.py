@@ -103,21 +103,16 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--input_batches", type=int, default=300,
                       help="Batches to time the input pipeline (0: skip).")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Results file (elsewhere only to try the script).")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
-  out = Path(args.out).resolve()
-  if out.name != f"{NAME}.json":
-    parser.error(f"--out must name a file {NAME}.json")
   with tempfile.TemporaryDirectory() as tmp:
     # Sequential, never concurrent: each run needs the whole machine.
     runs = {dtype: measure(dtype, args.steps, args.rounds,
                            args.input_batches, Path(tmp)) for dtype in DTYPES}
   data = {"steps": args.steps, "rounds": args.rounds,
           "input_batches": args.input_batches, "runs": runs}
-  common.RESULTS = out.parent  # common.write names the file; --out its place.
-  path = common.write(NAME, data)
-  print(tables(common.read(NAME))["table"])
+  path = common.write(NAME, data, args.out)
+  print(tables(json.loads(path.read_text()))["table"])
   print(f"\nwrote {path}")
 
 

@@ -4,6 +4,15 @@ import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
+# One persistent XLA compilation cache for the test processes and every
+# script they start (JAX reads these variables): a program that many tests
+# compile (the tiny LM's step, in a dozen subprocess runs) compiles once.
+# Executables are keyed by their HLO, compile options and jax version, so a
+# stale entry is never used; the oldest are evicted past 2 GiB.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ".test_data", "jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 # Training runs in tests report MFU against this instead of measuring the
 # CPU's matmul peak under the suite's load (and caching that for later runs).
 os.environ.setdefault("LM_PEAK_TFLOPS", "1")

@@ -1,8 +1,10 @@
 r"""Every compression mode against its float32 baseline, on the same data and
 steps, then the int8 serving models and the checks against the targets.
 
-    python benchmarks/compression.py [--workdir_root=runs/compression] \
-        [--resume] [--only=lm,mlp]
+    python benchmarks/compression_modes.py [--workdir_root=runs/compression] \
+        [--resume]
+
+(--only=mlp, --steps=5 and --out=/tmp/x.json are for validating the script.)
 
 Training runs (`scripts/train.py`, one at a time, 8 simulated CPU devices,
 the configs' mesh data=8): the tiny LM on Shakespeare (configs/lm.py:tiny,
@@ -22,23 +24,22 @@ other work (benchmarks/compression_speed.py measures speed on a quiet one).
 
 Each run starts fresh in --workdir_root (an existing run directory of the
 same name is deleted); with --resume a finished run started with the same
-arguments is reused and an unfinished one continues from its checkpoint.
+arguments (DIR/benchmark_args.json) is reused and an unfinished one
+continues from its checkpoint.
 A run that fails stops the script; nothing is written then.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
 from pathlib import Path
-from unittest import mock
 
 from benchmarks import common
 
-NAME = "compression"
+NAME = "compression_modes"
 CONFIGS = {"lm": "--config=configs/lm.py:tiny",
            "mlp": "--config=configs/mlp_digits.py"}
 STUDENTS = {"lm": ["--config.model.d_model=64", "--config.model.n_layers=2",
@@ -85,19 +86,12 @@ def runs(family: str) -> list[tuple[str, str, list[str]]]:
           for name, mode, overrides in modes]
 
 
-# -- Measuring ---------------------------------------------------------------
-
-def _env() -> dict:
-  flag = "--xla_force_host_platform_device_count=8"
-  return dict(os.environ,
-              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
-
 
 def _script(name: str, *args: str) -> str:
   """scripts/NAME.py on 8 simulated CPU devices, which must succeed; its
   stdout."""
   return common.run([sys.executable, f"scripts/{name}.py", *args],
-                    env=_env()).stdout
+                    env=common.simulated_devices()).stdout
 
 
 def _lines(workdir: Path) -> list[dict]:
@@ -211,9 +205,6 @@ def measure(family: str, root: Path, steps: int, resume: bool) -> dict:
 
 
 def main() -> None:
-  # argparse, not absl flags: run as a script, this file is also importable
-  # as the top-level module `compression`, which jax tries to import (Python
-  # 3.14's compression.zstd); that import must define nothing twice.
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -229,8 +220,7 @@ def main() -> None:
                       help="Validation only: train every run this many "
                       "steps (eval and checkpoint at the end); 0 = the "
                       "configs' steps.")
-  parser.add_argument("--out", default=str(common.RESULTS / f"{NAME}.json"),
-                      help="Where the JSON goes.")
+  common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   only = args.only.split(",")
   if set(only) - set(CONFIGS):
@@ -242,14 +232,9 @@ def main() -> None:
   for family in families:
     for key, rows in measure(family, root, args.steps, args.resume).items():
       data[key] += rows
-  out = Path(args.out)
-  # common.write puts NAME.json in common.RESULTS; --out may point elsewhere.
-  with mock.patch.object(common, "RESULTS", out.parent):
-    path = common.write(out.stem, data)
+  path = common.write(NAME, data, args.out)
   print(f"wrote {path}")
 
-
-# -- Tables ------------------------------------------------------------------
 
 # Targets: the most a mode may cost against float32 (LM: relative eval loss;
 # MLP: accuracy points), the least int8 serving must shrink the parameters,
