@@ -36,16 +36,22 @@ def render_block(name: str, table: str) -> str:
   return f"{source_line(results)}\n\n{module.tables(results)[table]}\n"
 
 
-def render(text: str) -> str:
-  return BLOCK.sub(lambda m: m.group(1) + render_block(m["name"], m["table"])
-                   + m.group(5), text)
+def render(text: str, missing: set[str]) -> str:
+  """`text` with every table whose results exist re-rendered; the names of
+  those whose results do not are added to `missing` (their tables stay)."""
+  def one(m: re.Match) -> str:
+    if not (common.RESULTS / f"{m['name']}.json").exists():
+      missing.add(m["name"])
+      return m.group(0)
+    return m.group(1) + render_block(m["name"], m["table"]) + m.group(5)
+  return BLOCK.sub(one, text)
 
 
 def main(argv: list[str]) -> int:
-  stale = []
+  stale, missing = [], set()
   for path in DOCS:
     text = path.read_text()
-    new = render(text)
+    new = render(text, missing)
     if new != text:
       stale.append(path)
       if "--check" not in argv:
@@ -53,6 +59,11 @@ def main(argv: list[str]) -> int:
   if "--check" in argv and stale:
     print("out of date (run python benchmarks/render_docs.py): "
           + ", ".join(str(p.relative_to(common.REPO)) for p in stale))
+    return 1
+  if missing:
+    print("no results for " + ", ".join(sorted(missing)) + " (run "
+          + " and ".join(f"python benchmarks/{n}.py" for n in sorted(missing))
+          + "); their tables are unchanged")
     return 1
   return 0
 

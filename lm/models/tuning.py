@@ -122,9 +122,9 @@ def remat(run_block, policy: str):
   `0 * (one element of the block's output gradient)` to what the forward
   kept. XLA does not fold a float multiply by zero (NaN semantics), so the
   recomputation depends on the gradient and waits for the backward pass to
-  reach the block. What the forward keeps is what jax.checkpoint's policy
-  saves (jax.vjp's residuals): the block's inputs only under "full", also
-  the matmul outputs under "dots" and "dots_no_batch". A non-finite gradient
+  reach the block. Under "full" the forward keeps the block's inputs; under
+  "dots" and "dots_no_batch" what jax.checkpoint's policy saves (jax.vjp's
+  residuals: the inputs and the matmul outputs). A non-finite gradient
   element makes the recomputed block NaN; the step's gradients are non-finite
   then anyway. "offload", decoding (a KV cache, no backward) and blocks with
   state besides their parameters use nnx.remat.
@@ -149,14 +149,21 @@ def remat(run_block, policy: str):
       return forward(params, x_BxLxD, positions_BxL)
 
     def rematted_fwd(params, x_BxLxD, positions_BxL):
+      if policy == "full":
+        # The inputs themselves, not jax.vjp's residuals: inside nnx.scan
+        # those held more (the `long` step at sequence=8 kept 753 MiB of
+        # temporaries instead of 97; tests/models/test_model.py).
+        return (forward(params, x_BxLxD, positions_BxL),
+                (params, x_BxLxD, positions_BxL))
       return jax.vjp(checkpointed, params, x_BxLxD, positions_BxL)
 
-    def rematted_bwd(vjp_fn, cotangent):
+    def rematted_bwd(kept, cotangent):
       dx_BxLxD = cotangent[0]
       zero = dx_BxLxD[(0,) * dx_BxLxD.ndim] * 0
-      vjp_fn = jax.tree.map(
+      kept = jax.tree.map(
           lambda r: r + zero.astype(r.dtype)
-          if jnp.issubdtype(r.dtype, jnp.floating) else r, vjp_fn)
+          if jnp.issubdtype(r.dtype, jnp.floating) else r, kept)
+      vjp_fn = jax.vjp(forward, *kept)[1] if policy == "full" else kept
       return vjp_fn(cotangent)
 
     rematted.defvjp(rematted_fwd, rematted_bwd)

@@ -184,3 +184,21 @@ def test_inspect_sharding_script():
   assert "transformer/blocks/0/mlp/up/kernel" in out.stdout
   assert "(fsdp, tensor)" in out.stdout
   assert "collectives in the compiled train step: all-gather" in out.stdout
+
+
+def test_full_remat_holds_less_with_scanned_layers_and_ring_attention():
+  """remat=full keeps only each block's inputs under nnx.scan with ring
+  attention too: XLA's temporaries of the train step fall well below no
+  remat's (when the forward kept jax.vjp's residuals they were 0.74x of
+  them; now about 0.3x. The `long` step at sequence=8 kept 753 MiB, not
+  97.)"""
+  def temporaries(remat):
+    config, mesh = _setup(dict(data=1, fsdp=1, tensor=1, sequence=8),
+                          **{"model.max_len": 512, "model.scan_layers": True,
+                             "model.remat": remat, "train.batch_size": 2})
+    with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
+      state = state_lib.make_setup(config, mesh)
+      compiled = step_lib.compile_train_step(state, tasks.get(config))
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temporaries("full") < 0.5 * temporaries("none")
