@@ -178,6 +178,7 @@ def measure(family: str, root: Path, steps: int, resume: bool) -> dict:
   shorter = []  # --steps: validation of this script only.
   if steps:
     shorter = [f"--config.train.steps={steps}",
+               "--config.optimizer.warmup_steps=0",
                f"--config.train.eval_every={steps}",
                f"--config.train.checkpoint_every={steps}"]
   trained, reused = [], set()

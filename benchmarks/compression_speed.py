@@ -71,7 +71,9 @@ def main() -> None:
                   f"--config.train.steps={args.steps}",
                   f"--config.train.log_every={LOG_EVERY}",
                   "--config.train.eval_every=0",
-                  "--config.train.checkpoint_every=0", *overrides]
+                  "--config.train.checkpoint_every=0",
+                  # Timing only: no warmup, so any --steps is a valid run.
+                  "--config.optimizer.warmup_steps=0", *overrides]
     modes.append(dict(mode=mode, args=train_args,
                       step_s=step_times(train_args)))
     print(f"{mode}: {1000 * statistics.median(modes[-1]['step_s']):.0f} "

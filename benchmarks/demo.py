@@ -60,6 +60,7 @@ def main() -> None:
   if args.steps:
     n = args.steps
     train_args += [f"--config.train.steps={n}",
+                   "--config.optimizer.warmup_steps=0",
                    f"--config.train.eval_every={max(n // 2, 1)}",
                    f"--config.train.log_every={max(n // 4, 1)}"]
   env = common.simulated_devices()

@@ -45,6 +45,7 @@ def train(config: str, workdir: Path, steps: int) -> dict:
   args = [f"--config={config}"]
   if steps:  # Validation of this script only.
     args += [f"--config.train.steps={steps}",
+             "--config.optimizer.warmup_steps=0",
              f"--config.train.eval_every={steps}",
              f"--config.train.checkpoint_every={steps}"]
   env = common.simulated_devices()

@@ -125,9 +125,10 @@ def main() -> None:
   data = {}
 
   # Equality over 10 steps with a stop/resume at 5.
-  one_process(root / "one", "--config.train.steps=10")
-  launch(root / "two", "--config.train.steps=10", "--stop_at_step=5")
-  launch(root / "two", "--config.train.steps=10")
+  ten = ["--config.train.steps=10", "--config.optimizer.warmup_steps=5"]
+  one_process(root / "one", *ten)
+  launch(root / "two", *ten, "--stop_at_step=5")
+  launch(root / "two", *ten)
   a, b = train_records(root / "one"), train_records(root / "two")
   if max(a, default=0) != 10 or not set(a) <= set(b):
     raise RuntimeError(f"steps logged: one process {sorted(a)}, two "
@@ -137,9 +138,10 @@ def main() -> None:
   print(data, flush=True)
 
   # Throughput.
-  steps = f"--config.train.steps={args.steps}"
-  one_process(root / "one_tp", steps)
-  launch(root / "two_tp", steps)
+  steps = [f"--config.train.steps={args.steps}",
+           "--config.optimizer.warmup_steps=0"]  # Timing only: any --steps.
+  one_process(root / "one_tp", *steps)
+  launch(root / "two_tp", *steps)
   data["throughput"] = dict(
       steps=args.steps,
       one_process=tokens_per_sec(root / "one_tp", args.steps),

@@ -62,7 +62,9 @@ def train(name: str, preset: str, extra: list[str], steps: int,
   """One run of scripts/train.py; its figures from metrics.jsonl."""
   workdir = root / name
   shutil.rmtree(workdir, ignore_errors=True)
+  # The presets warm up over 50 steps; a shorter run over half of its steps.
   args = [f"--config=configs/lm.py:{preset}", f"--config.train.steps={steps}",
+          f"--config.optimizer.warmup_steps={min(50, steps // 2)}",
           f"--config.train.eval_every={steps}",
           "--config.train.checkpoint_every=0", *extra]
   common.run([sys.executable, "scripts/train.py", f"--workdir={workdir}",

@@ -11,8 +11,18 @@ import difflib
 from typing import Iterable
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """Something the user fixes (a config value, a flag, a file, the run
+  directory): the message names it and the fix. Scripts print it as one
+  line, without a traceback (lm/run/cli.py)."""
+
+
+class ConfigError(UserError, ValueError):
   """A bad config value; the message names the key and how to fix it."""
+
+
+class UsageError(UserError, ValueError):
+  """A bad command-line flag of a script; the message names the flag."""
 
 
 def require(ok: bool, message: str) -> None:

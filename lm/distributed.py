@@ -39,12 +39,14 @@ import time
 
 import jax
 
+from lm import checks
+
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
        "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
 
-class DistributedError(RuntimeError):
+class DistributedError(checks.UserError, RuntimeError):
   pass
 
 

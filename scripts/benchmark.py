@@ -20,8 +20,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lm.checks import UsageError
+from lm.run import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round, each side.")
@@ -105,7 +108,7 @@ def main(argv):
   config = config_lib.resolve(_CONFIG.value)
   steps, ref = _STEPS.value, _ref_path(_REF.value)
   if steps <= WARMUP_STEPS:
-    raise app.UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
+    raise UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
   # Measured once in a subprocess and cached: no big matrices in this
   # process's memory (its peak RSS is one of the measured numbers).
   peak, peak_source = perf.peak_flops(config.precision.compute_dtype,
@@ -230,4 +233,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

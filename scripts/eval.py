@@ -5,7 +5,9 @@ Prints the metrics of the run's eval lines: for an LM loss, perplexity and
 bits per byte on --split; for a classifier or a GAN the whole test split
 (--split and --batches apply to LMs only).
 """
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lm.run import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["validation", "test"], "Split.")
@@ -62,4 +64,4 @@ def main(argv):
         f" | params {serving.params_bytes(loaded.params):,} bytes ({kind})")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

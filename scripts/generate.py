@@ -4,7 +4,10 @@ python scripts/generate.py --workdir=runs/tiny --prompt="ROMEO." \
     --max_new_tokens=200 [--temperature=0.8 --top_k=40 --top_p=0.95]
 --temperature=0 is greedy decoding.
 """
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lm.checks import UsageError
+from lm.run import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Prompt text.")
@@ -37,7 +40,7 @@ def main(argv):
 
   config = restore.load_config(_WORKDIR.value)
   if config.task != "lm":
-    raise app.UsageError(
+    raise UsageError(
         f"{_WORKDIR.value} holds a config.task={config.task!r} run; "
         "generate.py samples language models only (scripts/eval.py "
         "evaluates any run).")
@@ -45,9 +48,9 @@ def main(argv):
   prompt = tok.encode(_PROMPT.value).astype(np.int32)
   total = len(prompt) + _N.value
   if not prompt.size:
-    raise app.UsageError("--prompt must not be empty.")
+    raise UsageError("--prompt must not be empty.")
   if total > config.model.max_len:
-    raise app.UsageError(
+    raise UsageError(
         f"--prompt ({len(prompt)} tokens) + --max_new_tokens ({_N.value}) = "
         f"{total} is over the model's positional limit config.model.max_len="
         f"{config.model.max_len}; shorten one of them.")
@@ -71,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 \
 Nothing is allocated and no data is read: simulate as many CPU devices as
 the target mesh has to inspect a pod config here.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lm.run import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _PARAMS = flags.DEFINE_boolean("params", True, "Print the parameter table.")
@@ -67,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,7 +24,10 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
+
+from lm.checks import UsageError
+from lm.run import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,10 +121,11 @@ def launch(n: int, devices: int, args: list[str], *, script: str,
 
 def main(argv):
   if _N.value < 1 or _DEVICES.value < 1:
-    sys.exit("error: --num_processes and --devices_per_process must be >= 1.")
+    raise UsageError("--num_processes and --devices_per_process must be "
+                     ">= 1.")
   sys.exit(launch(_N.value, _DEVICES.value, argv[1:], script=_SCRIPT.value,
                   port=_PORT.value, grace=_GRACE.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,8 +3,10 @@ r"""Prepares a config's corpus offline (tfds array_record files), once.
 python scripts/prepare_data.py --config=configs/lm.py:tiny
 Training does this on its own when needed; this script only does it ahead.
 """
-from absl import app, logging
+from absl import logging
 from ml_collections import config_flags
+
+from lm.run import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 
@@ -21,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,10 @@ baseline QAT should beat. The layers converted are config.quant.layers;
 everything else stays float32. --activations=auto keeps the source run's
 activation quantization (int8 for a float run).
 """
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lm.checks import UsageError
+from lm.run import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to convert.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the serving model.")
@@ -34,13 +37,13 @@ def main(argv):
 
   out = paths.resolve(_OUT.value)
   if restore.is_serving_dir(_WORKDIR.value):
-    raise app.UsageError(f"--workdir={_WORKDIR.value} is already a serving "
+    raise UsageError(f"--workdir={_WORKDIR.value} is already a serving "
                          "model; pass the training run it came from.")
   if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-    raise app.UsageError(f"--out={out} already holds a model; choose a new "
+    raise UsageError(f"--out={out} already holds a model; choose a new "
                          "directory (nothing was overwritten).")
   if not restore.load_config(_WORKDIR.value).quant.layers:
-    raise app.UsageError(
+    raise UsageError(
         f"{_WORKDIR.value}/config.json names no layers to quantize "
         "(config.quant.layers is empty): the LM and classifier presets name "
         "theirs; a GAN is not quantized.")
@@ -65,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,10 +9,10 @@ Multi-process (every host runs the same command; see WORKSPACE.md):
 Open MPI and Cloud TPU are detected without flags). On one machine,
 scripts/launch_local.py starts the N processes for you.
 """
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lm.run import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -40,13 +40,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
   # After flags: jax reads XLA_FLAGS on import.
   from lm import distributed  # noqa: PLC0415
-  try:  # Before anything starts a backend.
-    distributed.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        initialization_timeout=_INIT_TIMEOUT.value,
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
-  except distributed.DistributedError as e:
-    sys.exit(f"error: {e}")
+  distributed.initialize(  # Before anything starts a backend.
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      initialization_timeout=_INIT_TIMEOUT.value,
+      heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   import jax  # noqa: PLC0415
 
   from lm.run import loop  # noqa: PLC0415
@@ -58,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

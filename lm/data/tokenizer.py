@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lm.checks import ConfigError
+
 
 class ByteTokenizer:
   """UTF-8 bytes as tokens. Byte 0 (NUL, absent from text) ends a document."""
@@ -26,6 +28,6 @@ TOKENIZERS = {"byte": ByteTokenizer}
 
 def get(name: str):
   if name not in TOKENIZERS:
-    raise ValueError(f"config.data.tokenizer={name!r} is unknown; use one of "
+    raise ConfigError(f"config.data.tokenizer={name!r} is unknown; use one of "
                      f"{sorted(TOKENIZERS)}.")
   return TOKENIZERS[name]()

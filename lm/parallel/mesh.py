@@ -31,15 +31,15 @@ def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
   unknown = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]
   if bad:
-    raise ValueError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: mesh axis sizes "
+    raise checks.ConfigError(f"config.mesh.{bad[0]}={sizes[bad[0]]}: mesh axis sizes "
                      "must be positive, or -1 for 'all remaining devices'.")
   if len(unknown) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {unknown}; "
+    raise checks.ConfigError(f"config.mesh: only one axis may be -1, got {unknown}; "
                      "set all but one to explicit sizes.")
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(
+      raise checks.ConfigError(
           f"config.mesh: the fixed axes multiply to {known}, which does not "
           f"divide the {num_devices} devices, so config.mesh.{unknown[0]}=-1 "
           "cannot be filled in; pick sizes whose product divides "
@@ -47,7 +47,7 @@ def resolve_shape(mesh_config: Mapping[str, int], num_devices: int,
     sizes[unknown[0]] = num_devices // known
   elif known != num_devices:
     shape = ", ".join(f"{a}={s}" for a, s in sizes.items())
-    raise ValueError(
+    raise checks.ConfigError(
         f"config.mesh: {shape} multiplies to {known} but there are "
         f"{num_devices} devices; make the product {num_devices}, or set one "
         "axis to -1 to use all remaining devices.")
@@ -91,7 +91,7 @@ def make_mesh(mesh_config: Mapping[str, int],
   types = (AxisType.Auto,) * len(AXES)
   unknown = set(dcn or {}) - set(AXES)
   if unknown:
-    raise ValueError(f"config.mesh_dcn.{sorted(unknown)[0]}: not a mesh axis; "
+    raise checks.ConfigError(f"config.mesh_dcn.{sorted(unknown)[0]}: not a mesh axis; "
                      f"use one of {AXES}.")
   dcn = {a: int(s) for a, s in (dcn or {}).items() if int(s) != 1}
   if not dcn:
@@ -103,12 +103,12 @@ def make_mesh(mesh_config: Mapping[str, int],
   dcn_shape = tuple(dcn.get(a, 1) for a in AXES)
   unit = "slices" if by_slice else "processes"
   if math.prod(dcn_shape) != slices:
-    raise ValueError(
+    raise checks.ConfigError(
         f"config.mesh_dcn={dcn} spans {math.prod(dcn_shape)} {unit}, but the "
         f"devices are in {slices} {unit}: make the product {slices}.")
   for axis, n in dcn.items():
     if sizes[axis] % n:
-      raise ValueError(
+      raise checks.ConfigError(
           f"config.mesh_dcn.{axis}={n} does not divide config.mesh.{axis}="
           f"{sizes[axis]}: each of the {n} {unit} needs an equal part.")
   ici_shape = tuple(s // d for s, d in zip(shape, dcn_shape))
@@ -142,7 +142,7 @@ def batch_divisor(mesh: Mesh | Mapping[str, int]) -> int:
   return int(np.prod([shape.get(a, 1) for a in batch]))
 
 
-class ShareError(ValueError):
+class ShareError(checks.UserError, ValueError):
   pass
 
 

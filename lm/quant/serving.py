@@ -23,6 +23,7 @@ import qwix
 from flax import nnx, traverse_util
 
 from lm import models
+from lm.checks import UsageError
 from lm.parallel import rules as rules_lib
 from lm.quant import qat
 
@@ -35,7 +36,7 @@ def serving_config(config, activations: str = "auto"
   unless the source trained float activations (QAT int4_weights with
   activations=float) or `activations` says otherwise."""
   if activations not in ACTIVATIONS:
-    raise ValueError(f"--activations={activations!r}; use one of "
+    raise UsageError(f"--activations={activations!r}; use one of "
                      f"{ACTIVATIONS}.")
   source_mode = config.quant.mode
   if activations == "auto":

@@ -45,7 +45,7 @@ def validate(config, num_devices: int | None = None,
   task = TASKS[config.task](config)
   task.check(model_cfg, mesh)
   precision.check(config.precision)
-  optim.check(config.optimizer)
+  optim.check(config.optimizer, config.train.steps)
   qat.check(config.quant)
   prune.check(config.prune, config.train.steps)
   distill.check(config.distill)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import paths, tasks
+from lm.checks import UserError
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
@@ -34,7 +35,7 @@ from lm.train import step as step_lib
 MAX_IN_FLIGHT = 2
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   pass
 
 
@@ -145,6 +146,9 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
   """
   config, _ = checks.validate(config)
   workdir = paths.resolve(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"the run directory {workdir} is a file; give --workdir "
+                    "a directory (new or a run's).")
   total = config.train.steps
   mesh = make_mesh(config.mesh, dcn=config.mesh_dcn)
   task = tasks.get(config)

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from lm import config as config_lib, paths
+from lm.checks import UsageError
 from lm.parallel import AXES, make_mesh, resolve_shape
 from lm.quant import serving
 from lm.train import checkpoint as ckpt_lib, distill
@@ -50,12 +51,12 @@ def parse_mesh(mesh_arg: str) -> dict[str, int]:
       sizes = dict(zip(("data", "fsdp", "tensor"),
                        (int(p) for p in parts), strict=True))
   except ValueError:
-    raise ValueError(f"--mesh={mesh_arg!r}: use three sizes "
+    raise UsageError(f"--mesh={mesh_arg!r}: use three sizes "
                      "'data,fsdp,tensor' or named axes like "
                      "'data=2,sequence=4'.") from None
   unknown = sorted(set(sizes) - set(AXES))
   if unknown:
-    raise ValueError(f"--mesh={mesh_arg!r}: unknown axis {unknown[0]!r}; "
+    raise UsageError(f"--mesh={mesh_arg!r}: unknown axis {unknown[0]!r}; "
                      f"mesh axes are {AXES}.")
   return sizes
 

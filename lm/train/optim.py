@@ -11,6 +11,7 @@ two or more dimensions decay, as in MaxText and big_vision.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -111,10 +112,39 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def check(c) -> None:
-  """config.optimizer's names. Raises ConfigError."""
+def check(c, total_steps: int) -> None:
+  """config.optimizer against a run of `total_steps` steps (its names and
+  its numbers, before anything compiles). Raises ConfigError."""
   checks.one_of(c.name, UPDATE_RULES, "config.optimizer.name")
   checks.one_of(c.schedule, SCHEDULES, "config.optimizer.schedule")
+  key = "config.optimizer."
+  lr = c.learning_rate
+  checks.require(math.isfinite(lr) and lr > 0,
+                 f"{key}learning_rate={lr} must be a positive finite number "
+                 "(the peak, after warmup), e.g. 1e-3.")
+  checks.require(0 <= c.warmup_steps <= total_steps,
+                 f"{key}warmup_steps={c.warmup_steps} must be >= 0 and at "
+                 f"most config.train.steps={total_steps}; lower it too when "
+                 "shortening a run.")
+  checks.require(0 <= c.end_learning_rate_fraction <= 1,
+                 f"{key}end_learning_rate_fraction="
+                 f"{c.end_learning_rate_fraction} must be in [0, 1] (of the "
+                 "peak learning rate).")
+  for name, what in (("weight_decay", "0 = off"),
+                     ("grad_clip_norm", "0 = no clipping")):
+    value = c[name]
+    checks.require(math.isfinite(value) and value >= 0,
+                   f"{key}{name}={value} must be a finite number >= 0 "
+                   f"({what}).")
+  if c.name in ("adamw", "lion"):
+    for name in ("b1", "b2"):
+      checks.require(0 <= c[name] < 1, f"{key}{name}={c[name]} must be in "
+                     f"[0, 1) for config.optimizer.name={c.name!r}.")
+  if c.name in ("adamw", "adagrad"):
+    checks.require(c.eps > 0, f"{key}eps={c.eps} must be > 0.")
+  if c.name == "momentum":
+    checks.require(0 <= c.momentum < 1, f"{key}momentum={c.momentum} must "
+                   "be in [0, 1).")
 
 
 def make(c, total_steps: int, prune_cfg

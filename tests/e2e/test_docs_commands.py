@@ -27,7 +27,7 @@ PAGES = ["README.md", *sorted(f"docs/{p}" for p in os.listdir(
 # evaluate); the run still ends with a checkpoint the next command can load.
 FEW_STEPS = ["--config.train.steps=2", "--config.train.log_every=1",
              "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
-             "--config.train.batch_size=8"]
+             "--config.train.batch_size=8", "--config.optimizer.warmup_steps=0"]
 # And for an LM config (train.py, launch_local.py, inspect_sharding.py):
 # 64-token windows, which every preset's mesh divides (2 x sequence=8 = 16).
 SHORT_WINDOWS = ["--config.data.seq_len=64"]
