@@ -97,9 +97,26 @@ def unknown_override_line(error: Exception, argv: list[str]) -> str:
           + (f"; {' '.join(hint)}" if hint else ""))
 
 
+def _closed_event_loop(value) -> bool:
+  """tensorstore's error for each write still queued when a failed
+  checkpoint save ends orbax's event loop: hundreds of tracebacks around
+  the one line that says what failed. Shown only with --verbose."""
+  return (isinstance(value, RuntimeError)
+          and str(value) == "Event loop is closed" and not verbose())
+
+
+def _quiet_hooks() -> None:
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, value, tb: (
+      None if _closed_event_loop(value) else excepthook(kind, value, tb))
+  sys.unraisablehook = lambda u: (
+      None if _closed_event_loop(u.exc_value) else unraisablehook(u))
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) with the error handling above."""
   def guarded(argv):
+    _quiet_hooks()  # Here: absl has installed its own excepthook by now.
     try:
       return main(argv)
     except (UserError, OSError) as e:

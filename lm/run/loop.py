@@ -10,6 +10,7 @@ simulated devices can trip XLA:CPU's collective rendezvous timeout.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from lm.checks import UserError
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
-from lm.run import checks, perf, restore
+from lm.run import checks, lock as lock_lib, perf, restore
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
 from lm.train import distill, prune
@@ -159,17 +160,22 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
     # before the workdir is made or any data is read.
     setup = state_lib.make_setup(config, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
-    data = task.make_data(*batch_share(mesh))
-    write_config(config, workdir)
-    ckpt = ckpt_lib.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
-    metrics_log = MetricsLog(workdir, total)
-    try:
-      return _train(config, task, setup, data, ckpt, metrics_log, signals,
-                    stop_at_step, workdir)
-    finally:
-      ckpt.close()
-      metrics_log.close()
+    with contextlib.ExitStack() as held:
+      if jax.process_index() == 0:  # One writer: the job, through process 0.
+        held.enter_context(lock_lib.RunLock(workdir, log))
+      data = task.make_data(*batch_share(mesh))
+      write_config(config, workdir)
+      ckpt = ckpt_lib.Checkpointer(
+          workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
+      metrics_log = MetricsLog(workdir, total)
+      try:
+        return _train(config, task, setup, data, ckpt, metrics_log, signals,
+                      stop_at_step, workdir)
+      finally:
+        try:
+          ckpt.close()
+        finally:
+          metrics_log.close()
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
@@ -187,7 +193,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     log(f"pipeline: {stages} stages x {micro} microbatches, bubble "
         f"(S-1)/(M+S-1) = {pipeline.bubble_fraction(stages, micro):.3f}")
   if latest is not None:
-    state = ckpt.restore(setup.abstract_state, data.train)
+    latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
+                                        quarantine=True, warn=log)
     log(f"resumed from step {latest} in {ckpt.directory}")
   else:
     state = setup.init_fn(jax.random.key(config.seed))
@@ -253,9 +260,9 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
       meter = _meter(config, task, setup, train_step, state, batch)
     state, metrics = train_step(state, batch)
     step += 1
+    ckpt.check_saved()  # A failed async save stops the run here.
     pending.append((step, metrics))
     drain(keep=MAX_IN_FLIGHT)
-    stopping = signals.stop(step) or step == stop_at_step
     if config.train.eval_every and (step % config.train.eval_every == 0
                                     or step == total):
       drain(keep=0)
@@ -270,6 +277,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             "overall": result["eval"]["sparsity"], **by_layer})
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
+    # After the eval: a signal during a long eval saves this step.
+    stopping = signals.stop(step) or step == stop_at_step
     every = config.train.checkpoint_every
     if (every and step % every == 0) or step == total or stopping:
       drain(keep=0)  # Never checkpoint a state whose loss was not checked.

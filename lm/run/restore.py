@@ -9,6 +9,7 @@ logical-axis rules table (lm.parallel.rules.current()).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from lm import config as config_lib, paths
 from lm.checks import UsageError
 from lm.parallel import AXES, make_mesh, resolve_shape
 from lm.quant import serving
+from lm.run.metrics_log import log
 from lm.train import checkpoint as ckpt_lib, distill
 from lm.train import state as state_lib
 
@@ -96,16 +98,14 @@ def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
   setup = state_lib.make_setup(
       serving.float_config(config) if serving_dir else config, mesh)
   ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {ckpt.directory}"
-                            ": train first (scripts/train.py).")
+  # A reader: falls back past an unreadable checkpoint, but moves nothing.
+  latest = functools.partial(ckpt.restore_latest, quarantine=False, warn=log)
   with jax.set_mesh(mesh):
     if serving_dir:
       # An int8 model from scripts/quantize.py: its own graph and parameter
       # tree (int8 kernels + scales), sharded like the float kernels.
       model = serving.setup_for(config, mesh)
-      params = ckpt.restore(serving.checkpoint_item(model.abstract_params))
+      step, params = latest(serving.checkpoint_item(model.abstract_params))
       params = params["params"]
       setup = dataclasses.replace(
           setup, graphdef=model.graphdef,
@@ -113,7 +113,8 @@ def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
               params=jax.tree.map(lambda x: x.sharding,
                                   model.abstract_params)))
     else:
-      params = ckpt.restore(setup.abstract_state).params
+      step, state = latest(setup.abstract_state)
+      params = state.params
   ckpt.close()
   return Loaded(config=config, setup=setup, params=params, step=step)
 
@@ -128,8 +129,8 @@ def load_teacher(config, mesh) -> distill.Teacher:
   setup = state_lib.make_setup(teacher_config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
   try:
-    step = ckpt.latest_step()
-    state = ckpt.restore(setup.abstract_state)
+    step, state = ckpt.restore_latest(setup.abstract_state,
+                                      quarantine=False, warn=log)
   finally:
     ckpt.close()
   return distill.Teacher(graphdef=setup.graphdef, params=state.params,
