@@ -15,7 +15,7 @@ import sys
 import sysconfig
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lm import checks
 
@@ -104,11 +104,48 @@ def text_dir_files(text_dir: str) -> list[Path]:
   return files
 
 
-def text_dir_docs(text_dir: str) -> Iterator[tuple[str, str]]:
+# A file with more undecodable bytes than this (Latin-1 French has a few
+# percent; random bytes about half), or any NUL byte (the byte
+# tokenizer's end of document), is not text: it is skipped.
+MAX_UNDECODABLE = 0.25
+
+
+def read_text_file(path: Path, warn: Callable[[str], None]) -> str | None:
+  """A text_dir file as UTF-8. Not valid UTF-8 but mostly text (Latin-1,
+  a few stray bytes): decoded with U+FFFD for each undecodable byte, and
+  said once. Binary (a NUL byte or over 1% undecodable): None, said once.
+  A byte-level model learns what it is fed, so nothing is fed silently."""
+  raw = path.read_bytes()
+  try:
+    if b"\0" not in raw:
+      return raw.decode("utf-8")
+    first = raw.index(b"\0")
+  except UnicodeDecodeError as e:
+    first = e.start
+  text = raw.decode("utf-8", errors="replace")
+  bad = text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+  if b"\0" in raw or bad > MAX_UNDECODABLE * len(raw):
+    warn(f"config.data.text_dir: skipped {path}: not text ({bad:,} of "
+         f"{len(raw):,} bytes are not UTF-8"
+         + (", and it holds NUL bytes" if b"\0" in raw else "") + ").")
+    return None
+  warn(f"config.data.text_dir: {path} is not valid UTF-8 ({bad:,} bytes, "
+       f"the first at byte {first:,}); read with U+FFFD in their place. "
+       "Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) to keep them.")
+  return text
+
+
+def _stderr(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def text_dir_docs(text_dir: str, warn: Callable[[str], None] = _stderr
+                  ) -> Iterator[tuple[str, str]]:
   root = Path(os.path.expanduser(text_dir))
   for path in text_dir_files(text_dir):
-    yield str(path.relative_to(root)), path.read_text(encoding="utf-8",
-                                                      errors="replace")
+    text = read_text_file(path, warn)
+    if text is not None:
+      yield str(path.relative_to(root)), text
 
 
 def text_dir_fingerprint(text_dir: str) -> str:

@@ -153,3 +153,26 @@ def test_byte_tokenizer_round_trip():
   text = "Thou art — ‘more lovely’ and more temperate"
   assert tok.decode(tok.encode(text)) == text
   assert tok.num_bytes(text) == len(tok.encode(text))
+
+
+def test_text_dir_files_that_are_not_utf8_are_said_once(tmp_path):
+  """UTF-8 is read as is; Latin-1 text is decoded with U+FFFD for each
+  undecodable byte and named; random bytes and NULs are skipped, named."""
+  files = {"utf8.txt": "naïve café ".encode() * 40,
+           "latin1.txt": "naïve café ".encode("latin-1") * 40,
+           "random.txt": np.random.default_rng(0).bytes(4000),
+           "nul.txt": b"text\0" * 100}
+  said = []
+  texts = {}
+  for name, raw in files.items():
+    (tmp_path / name).write_bytes(raw)
+    texts[name] = sources.read_text_file(tmp_path / name, said.append)
+  assert texts["utf8.txt"] == "naïve café " * 40
+  assert texts["latin1.txt"] == "na\ufffdve caf\ufffd " * 40
+  assert texts["random.txt"] is None and texts["nul.txt"] is None
+  assert len(said) == 3, said
+  latin, random, nul = said
+  assert (f"{tmp_path / 'latin1.txt'} is not valid UTF-8 (80 bytes, the "
+          "first at byte 2); read with U+FFFD") in latin
+  assert f"skipped {tmp_path / 'random.txt'}: not text" in random
+  assert "holds NUL bytes" in nul
