@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import assert_reordered
 from lm.models import transformer
 
 CFG = transformer.Config(vocab_size=64, max_len=24, d_model=32, n_layers=2,
@@ -71,8 +72,9 @@ def test_remat_changes_memory_not_gradients(policy):
     base = dataclasses.replace(CFG, scan_layers=scan)
     g0 = grads(base)
     g1 = grads(dataclasses.replace(base, remat=policy))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                         atol=1e-7), g0, g1)
+    # Remat recomputes the same math; XLA may fuse (and so sum) it in
+    # another order. Longest sum: the batch's tokens times d_ff.
+    assert_reordered(g1, g0, reduction=tokens.size * CFG.d_ff)
 
 
 @pytest.mark.parametrize("policy,most", [

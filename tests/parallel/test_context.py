@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import assert_reordered
 from lm.parallel import context, make_mesh, rules
 
 
@@ -56,8 +57,8 @@ def _exact(q, k, v, positions, ct, causal):
 def _assert_close(got, want):
   (got_loss, got_grads), (want_loss, want_grads) = got, want
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-  for name, g, w in zip("qkv", got_grads, want_grads):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
+  for g, w in zip(got_grads, want_grads):  # Sums over the L keys or queries.
+    assert_reordered(g, w, reduction=g.shape[1])
 
 
 def test_zigzag_permutation():
