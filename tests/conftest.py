@@ -2,8 +2,18 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+# The caller's XLA flags (e.g. --xla_cpu_max_isa=AVX2, to run the suite as
+# on a CPU without AVX-512) apply to the tests and to every script they start.
+BASE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "").strip()
+
+
+def xla_flags(devices: int = 8) -> str:
+  """XLA_FLAGS for a process that simulates `devices` CPU devices."""
+  return (f"{BASE_XLA_FLAGS} "
+          f"--xla_force_host_platform_device_count={devices}").strip()
+
+
+os.environ["XLA_FLAGS"] = xla_flags()
 # One persistent XLA compilation cache for the test processes and every
 # script they start (JAX reads these variables): a program that many tests
 # compile (the tiny LM's step, in a dozen subprocess runs) compiles once.
@@ -72,7 +82,7 @@ def train_script(workdir, data_dir, *extra, check=True, **popen):
   simulated devices; with `popen` kwargs, the started Popen instead."""
   import subprocess  # noqa: PLC0415
   env = dict(os.environ, LM_DATA_DIR=data_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags())
   cmd = [sys.executable, TRAIN, f"--workdir={workdir}", *TRAIN_ARGS, *extra]
   if popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)

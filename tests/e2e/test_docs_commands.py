@@ -5,9 +5,10 @@ Commands run in the order the page shows them, each page in one scratch
 directory (`runs/` is rewritten to it), so a page's later commands can use
 what its earlier ones trained. A training command gets a few steps and a
 small batch appended, and an LM config short windows (the last value of a
-repeated flag wins); everything else runs unchanged. The environment is the test's minus XLA_FLAGS (the
-suite's 8 simulated devices): a page that needs several devices says so
-with an `export XLA_FLAGS=...` line, which applies to the commands after it.
+repeated flag wins); everything else runs unchanged. The environment is the
+test's with the caller's XLA_FLAGS, not the suite's 8 simulated devices: a
+page that needs several devices says so with an `export XLA_FLAGS=...` line,
+which applies to the commands after it.
 """
 import os
 import re
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import BASE_XLA_FLAGS, REPO
 
 PAGES = ["README.md", *sorted(f"docs/{p}" for p in os.listdir(
     os.path.join(REPO, "docs")) if p.endswith(".md"))]
@@ -62,7 +63,7 @@ def test_the_pages_show_commands():
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_command_runs(page, data_dir, tmp_path):
-  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  base = dict(os.environ, XLA_FLAGS=BASE_XLA_FLAGS)
   for env_add, command in commands(page):
     argv = shlex.split(command.replace("runs/", f"{tmp_path}/runs/"))
     if argv[1] in ("scripts/train.py", "scripts/launch_local.py"):

@@ -158,3 +158,26 @@ def test_sigterm_during_an_eval_saves_and_resumes(tmp_path, data_dir):
   result = train_script(str(workdir), data_dir, "--config.train.steps=3",
                         "--config.train.eval_every=0")
   assert "resumed from step 2" in result.stdout
+
+
+def test_kill_9_during_saves_resumes_from_the_last_complete_one(
+    tmp_path, data_dir):
+  """A checkpoint every step, so the kill lands in or near a save: what
+  survives is the complete checkpoints (a partial one stays a temporary
+  directory), and the rerun resumes from the newest of them."""
+  workdir = tmp_path / "run"
+  proc, _ = _start(workdir, data_dir, "--config.train.checkpoint_every=1")
+  for line in proc.stdout:
+    if re.match(r"step +4/", line):
+      break
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  complete = [int(p.name) for p in (workdir / "checkpoints").iterdir()
+              if p.name.isdigit()]
+  assert complete, os.listdir(workdir / "checkpoints")
+  result = train_script(str(workdir), data_dir,
+                        f"--config.train.steps={max(complete) + 1}")
+  assert f"resumed from step {max(complete)}" in result.stdout
+  assert "taking over the lock" in result.stdout
+  assert not [p for p in (workdir / "checkpoints").iterdir()
+              if "tmp" in p.name]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TRAIN, TRAIN_ARGS
+from conftest import REPO, TRAIN, TRAIN_ARGS, xla_flags
 from lm.run import restore
 
 LAUNCH = os.path.join(REPO, "scripts", "launch_local.py")
@@ -25,7 +25,7 @@ TIMEOUT = 300  # Seconds any one launch may take before the test fails.
 
 def _env(data_dir, devices=8):
   return dict(os.environ, LM_DATA_DIR=data_dir, PYTHONUNBUFFERED="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_flags(devices))
 
 
 def _one_process(workdir, data_dir):

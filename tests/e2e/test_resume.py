@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO, train_script as _train
+from conftest import REPO, train_script as _train, xla_flags
 from lm.run import restore
 
 
@@ -55,7 +55,7 @@ def test_resume_in_a_fresh_process_is_exact(tmp_path, data_dir):
   assert len(acc.Scalars("train/loss")) == 10
   # scripts/eval.py on the same split reproduces the loop's last eval.
   env = dict(os.environ, LM_DATA_DIR=data_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags())
   out = subprocess.run([sys.executable, os.path.join(REPO, "scripts",
                                                      "eval.py"),
                         f"--workdir={whole}", "--split=validation"],

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, xla_flags
 from lm import tasks
 from lm.parallel import inspect, make_mesh, rules as rules_lib
 from lm.train import state as state_lib, step as step_lib
@@ -173,7 +173,7 @@ def test_fsdp_state_bytes_per_device(n):
 
 def test_inspect_sharding_script():
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags())
   out = subprocess.run(
       [sys.executable, "scripts/inspect_sharding.py",
        "--config=configs/lm.py:tiny", "--config.mesh.data=2",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FAMILIES, REPO, tiny_config, train_family as train
+from conftest import (FAMILIES, REPO, tiny_config, train_family as train,
+                      xla_flags)
 from lm.parallel import Rules, make_mesh, rules as rules_lib
 from lm.quant import serving
 from lm.tasks.language import lm_loss
@@ -187,7 +188,7 @@ def test_quantize_and_eval_scripts(tmp_path, data_dir):
                        **{"quant.mode": "int8"})
   config.train.update(steps=4, eval_every=4)
   loop.train(config, tmp_path / "qat")
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {"XLA_FLAGS": xla_flags(),
          "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
 
   def script(*args):

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import BASE_XLA_FLAGS, REPO, xla_flags
 from lm.run import cli
 
 TINY = "--config=configs/lm.py:tiny"
 
 
 def _run(script: str, *args: str, env_add: dict | None = None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=BASE_XLA_FLAGS)
   env.update(env_add or {})
   return subprocess.run([sys.executable, f"scripts/{script}.py", *args],
                         cwd=REPO, env=env, capture_output=True, text=True,
@@ -66,7 +66,7 @@ def test_a_mistake_is_one_line(script, args, fragments, tmp_path):
   args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
   if script in ("train", "eval", "generate", "quantize") and args != [TINY]:
     args.append(f"--workdir={tmp_path / 'run'}")
-  env = ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = ({"XLA_FLAGS": xla_flags()}
          if script == "inspect_sharding" else None)
   result = _run(script, *args, env_add=env)
   _assert_one_line(result, *fragments)
