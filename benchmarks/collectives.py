@@ -115,10 +115,7 @@ def main() -> None:
                       + ", ".join(c[0] for c in CASES))
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
-  only = [x for x in args.only.split(",") if x]
-  unknown = set(only) - {c[0] for c in CASES}
-  if unknown:
-    parser.error(f"--only: unknown cases {sorted(unknown)}")
+  only = common.parse_only(parser, args.only, [c[0] for c in CASES])
   # Before jax is imported: the strategies need up to 8 devices.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count="

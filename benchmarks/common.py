@@ -95,6 +95,34 @@ def read(name: str) -> dict:
   return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+def parse_only(parser, value: str, choices) -> list[str]:
+  """--only=a,b: the chosen names (empty: all), or a usage error naming
+  the unknown ones."""
+  only = [x for x in value.split(",") if x]
+  unknown = sorted(set(only) - set(choices))
+  if unknown:
+    parser.error(f"--only: unknown {unknown}; choose from {list(choices)}")
+  return only
+
+
+def add_steps_flag(parser) -> None:
+  """--steps=N: train every run N steps (few_steps), to check the script
+  quickly; 0 (the default) trains what the configs say."""
+  parser.add_argument("--steps", type=int, default=0,
+                      help="Check of the script only: train every run this "
+                      "many steps (no warmup; eval and checkpoint at the "
+                      "end); 0 = the configs' steps.")
+
+
+def few_steps(n: int, evals: int = 1) -> list[str]:
+  """scripts/train.py overrides for a benchmark's --steps=N (a check of the
+  script, not a measurement): N steps, no warmup (any N is a valid run),
+  `evals` evals and a checkpoint at the end."""
+  return [f"--config.train.steps={n}", "--config.optimizer.warmup_steps=0",
+          f"--config.train.eval_every={max(n // evals, 1)}",
+          f"--config.train.checkpoint_every={n}"]
+
+
 def simulated_devices(n: int = 8) -> dict:
   """os.environ plus XLA_FLAGS for `n` simulated CPU devices: the
   environment of a child process that trains on a simulated mesh."""

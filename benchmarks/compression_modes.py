@@ -177,10 +177,7 @@ def _params_bytes(workdir: Path) -> int:
 def measure(family: str, root: Path, steps: int, resume: bool) -> dict:
   shorter = []  # --steps: validation of this script only.
   if steps:
-    shorter = [f"--config.train.steps={steps}",
-               "--config.optimizer.warmup_steps=0",
-               f"--config.train.eval_every={steps}",
-               f"--config.train.checkpoint_every={steps}"]
+    shorter = common.few_steps(steps)
   trained, reused = [], set()
   for name, mode, args in runs(family):
     args = [*args, *shorter]
@@ -217,10 +214,7 @@ def main() -> None:
                       "run afresh.")
   parser.add_argument("--only", default="lm,mlp",
                       help="Comma-separated families to run.")
-  parser.add_argument("--steps", type=int, default=0,
-                      help="Validation only: train every run this many "
-                      "steps (eval and checkpoint at the end); 0 = the "
-                      "configs' steps.")
+  common.add_steps_flag(parser)
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   only = args.only.split(",")

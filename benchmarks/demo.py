@@ -47,10 +47,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/demo_benchmark",
                       help="Scratch run directory (deleted first).")
-  parser.add_argument("--steps", type=int, default=0,
-                      help="Validation only: train this many steps (evals "
-                      "every steps/2, logs every steps/4); 0 = the "
-                      "preset's.")
+  common.add_steps_flag(parser)
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   workdir = Path(args.workdir).absolute()
@@ -59,9 +56,7 @@ def main() -> None:
   train_args = list(ARGS)
   if args.steps:
     n = args.steps
-    train_args += [f"--config.train.steps={n}",
-                   "--config.optimizer.warmup_steps=0",
-                   f"--config.train.eval_every={max(n // 2, 1)}",
+    train_args += [*common.few_steps(n, evals=2),
                    f"--config.train.log_every={max(n // 4, 1)}"]
   env = common.simulated_devices()
   start = time.perf_counter()

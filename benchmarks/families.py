@@ -44,10 +44,7 @@ def train(config: str, workdir: Path, steps: int) -> dict:
     shutil.rmtree(workdir)
   args = [f"--config={config}"]
   if steps:  # Validation of this script only.
-    args += [f"--config.train.steps={steps}",
-             "--config.optimizer.warmup_steps=0",
-             f"--config.train.eval_every={steps}",
-             f"--config.train.checkpoint_every={steps}"]
+    args += common.few_steps(steps)
   env = common.simulated_devices()
   start = time.perf_counter()
   out = common.run([sys.executable, "scripts/train.py",
@@ -110,9 +107,7 @@ def main() -> None:
   parser.add_argument("--only", default=",".join(CONFIGS),
                       help="Validation only: comma-separated configs to run "
                       "(the cFID scale covers their GANs' datasets).")
-  parser.add_argument("--steps", type=int, default=0,
-                      help="Validation only: train every run this many "
-                      "steps; 0 = the configs' steps.")
+  common.add_steps_flag(parser)
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   only = args.only.split(",")

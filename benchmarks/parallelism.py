@@ -105,10 +105,7 @@ def main() -> None:
                       help="scratch directory of the runs")
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
-  only = [x for x in args.only.split(",") if x]
-  unknown = set(only) - {r[0] for r in RUNS}
-  if unknown:
-    parser.error(f"--only: unknown runs {sorted(unknown)}")
+  only = common.parse_only(parser, args.only, [r[0] for r in RUNS])
   runs = {}
   for name, preset, extra in RUNS:
     if only and name not in only:
