@@ -110,7 +110,17 @@ def _quiet_hooks() -> None:
   sys.excepthook = lambda kind, value, tb: (
       None if _closed_event_loop(value) else excepthook(kind, value, tb))
   sys.unraisablehook = lambda u: (
-      None if _closed_event_loop(u.exc_value) else unraisablehook(u))
+      None if _closed_event_loop(u.exc_value) or _orbax_leftover(u)
+      else unraisablehook(u))
+
+
+def _orbax_leftover(unraisable) -> bool:
+  """An orbax coroutine's error that nobody awaited any more: a restore
+  that failed on one array (a damaged checkpoint) leaves the reads of the
+  others behind. The failure itself is reported (and acted on) once."""
+  code = getattr(unraisable.object, "cr_code", None)
+  return (code is not None and "/orbax/" in code.co_filename
+          and not verbose())
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -61,6 +61,9 @@ class _OrbaxErrors(logging.Filter):
     self.first: str | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio":  # The other reads of a failed restore.
+      return ("exception was never retrieved" not in record.getMessage()
+              or os.environ.get("LM_VERBOSE", "") not in ("", "0"))
     if record.levelno < logging.ERROR or "/orbax/" not in record.pathname:
       return True
     if self.first is None:
@@ -83,7 +86,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save),
         item_names=("state", "data"))
     self._errors = _OrbaxErrors()
-    logging.getLogger("absl").addFilter(self._errors)
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).addFilter(self._errors)
     self._pending: int | None = None  # Saved, not yet known to be complete.
     self.last_intact = self.manager.latest_step()
 
@@ -238,4 +242,5 @@ class Checkpointer:
       self.check_saved(wait=True)
     finally:
       self.manager.close()
-      logging.getLogger("absl").removeFilter(self._errors)
+      for name in ("absl", "asyncio"):
+        logging.getLogger(name).removeFilter(self._errors)
