@@ -31,7 +31,12 @@ demo: data
 
 # A suite that collects nothing fails (pytest exits 5). TESTS: a subset.
 TESTS ?= tests
-test: setup
+# Test-only dependencies (torch, transformers: the Hugging Face reference).
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.test-installed
 	$(VENV)/bin/python -m pytest -n 2 -q $(TESTS)
 
 bench: setup

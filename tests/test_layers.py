@@ -20,6 +20,7 @@ LAYERS = (
     ("engine", ("lm.train",)),
     ("tasks", ("lm.tasks",)),
     ("run", ("lm.run",)),
+    ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
 )
 
 

@@ -7,6 +7,7 @@ through `param_init`; nothing here knows about meshes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -71,18 +72,26 @@ class Einsum(nnx.Module):
 
   def __init__(self, equation: str, shape: Sequence[int],
                names: Sequence[str | None], *, fan_in: int, dtype, param_dtype,
-               rngs: nnx.Rngs, grad: str = "small_left"):
+               rngs: nnx.Rngs, grad: str = "small_left", bias: int = 0):
+    """`bias`: how many trailing axes of the kernel the output has (a bias
+    of that shape is added, zero at init); 0 = no bias."""
     self.equation = equation
     self.dtype = dtype
     self.grad = grad
     init = param_init(fan_in_normal(fan_in), *names)
     self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
+    self.bias = (nnx.Param(param_init(nnx.initializers.zeros,
+                                      *names[-bias:])(
+        None, tuple(shape[-bias:]), param_dtype)) if bias else None)
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """`out_dtype`: the result's dtype when it should not be rounded to the
     compute dtype (an activation or RoPE follows in float32)."""
-    return einsum_for(self.grad)(self.equation, x.astype(self.dtype),
-                                 self.kernel[...], out_dtype)
+    y = einsum_for(self.grad)(self.equation, x.astype(self.dtype),
+                              self.kernel[...], out_dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
 
 
 class Dense(nnx.Module):
@@ -164,11 +173,57 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Stretches RoPE's long wavelengths for longer contexts. kind "none", or
+  "llama3" (Llama 3.1's: wavelengths above original_max_len /
+  low_freq_factor are divided by `factor`, those below original_max_len /
+  high_freq_factor kept, the band between interpolated)."""
+  kind: str = "none"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+
+ROPE_SCALINGS = ("none", "llama3")
+
+
+def check_rope_scaling(scaling: RopeScaling, where: str) -> None:
+  checks.one_of(scaling.kind, ROPE_SCALINGS, f"{where}.kind")
+  if scaling.kind == "llama3":
+    checks.require(
+        scaling.factor > 0 and scaling.original_max_len > 0
+        and 0 < scaling.low_freq_factor < scaling.high_freq_factor,
+        f"{where}: needs factor > 0, original_max_len > 0 and 0 < "
+        f"low_freq_factor < high_freq_factor; got {scaling}.")
+
+
+def rope_inv_freq(base: float, half: int,
+                  scaling: RopeScaling = RopeScaling()) -> np.ndarray:
+  """float64 [half] angular frequencies of RoPE's rotate-half pairs."""
+  inv_freq_K2 = base ** (-np.arange(half, dtype=np.float64) / half)
+  if scaling.kind == "llama3":
+    wavelen_K2 = 2 * np.pi / inv_freq_K2
+    s = scaling
+    smooth_K2 = ((s.original_max_len / wavelen_K2 - s.low_freq_factor)
+                 / (s.high_freq_factor - s.low_freq_factor))
+    scaled_K2 = np.where(wavelen_K2 > s.original_max_len / s.low_freq_factor,
+                         inv_freq_K2 / s.factor, inv_freq_K2)
+    medium_K2 = ((wavelen_K2 >= s.original_max_len / s.high_freq_factor)
+                 & (wavelen_K2 <= s.original_max_len / s.low_freq_factor))
+    inv_freq_K2 = np.where(
+        medium_K2, (1 - smooth_K2) * scaled_K2 / s.factor
+        + smooth_K2 * scaled_K2, scaled_K2)
+  return inv_freq_K2
+
+
 @functools.lru_cache(maxsize=None)
-def _rope_table(base: float, max_len: int, half: int):
+def _rope_table(base: float, max_len: int, half: int,
+                scaling: RopeScaling = RopeScaling()):
   """float32 (sin, cos), each max_len x half. Cached: every layer's q and k
   then share one pair of arrays, which the program holds once."""
-  inv_freq_K2 = base ** (-np.arange(half, dtype=np.float64) / half)
+  inv_freq_K2 = rope_inv_freq(base, half, scaling)
   angle_PxK2 = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq_K2
   tables = (np.sin(angle_PxK2).astype(np.float32),
             np.cos(angle_PxK2).astype(np.float32))
@@ -178,7 +233,7 @@ def _rope_table(base: float, max_len: int, half: int):
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, base: float,
-         max_len: int) -> jax.Array:
+         max_len: int, scaling: RopeScaling = RopeScaling()) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32.
 
   sin and cos come from a [max_len, K/2] table built with numpy when the
@@ -189,7 +244,7 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, base: float,
   max_len (config.model.max_len); jnp.take fills NaN beyond it.
   """
   half = x_BxLxHxK.shape[-1] // 2
-  sin_PxK2, cos_PxK2 = _rope_table(base, max_len, half)
+  sin_PxK2, cos_PxK2 = _rope_table(base, max_len, half, scaling)
   sin_BxLx1xK2 = jnp.take(sin_PxK2, positions_BxL, axis=0)[:, :, None, :]
   cos_BxLx1xK2 = jnp.take(cos_PxK2, positions_BxL, axis=0)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)

@@ -43,6 +43,11 @@ class Config:
   head_dim: int = 0  # 0: d_model // n_heads.
   mlp: str = "swiglu"  # "swiglu" | "gelu".
   rope_base: float = 10_000.0
+  rope_scaling: layers.RopeScaling = layers.RopeScaling()  # kind "llama3".
+  # Biases on the q, k, v projections (Qwen2) and on the output projection
+  # (with qkv_bias: Llama's attention_bias); zero at init.
+  qkv_bias: bool = False
+  out_bias: bool = False
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   causal: bool = True
@@ -105,6 +110,7 @@ def check(cfg: Config, mesh: dict[str, int]) -> None:
           f"config.model.d_model={cfg.d_model} is not divisible by "
           f"config.model.n_heads={cfg.n_heads}; change one, or set "
           "config.model.head_dim.")
+  layers.check_rope_scaling(cfg.rope_scaling, "config.model.rope_scaling")
   require(cfg.k % 2 == 0, f"head dim {cfg.k} must be even for RoPE; set "
           "config.model.head_dim or change d_model/n_heads.")
 
@@ -144,16 +150,20 @@ class Attention(nnx.Module):
       # Per kv head n: its G query heads, then k, then v. Query head n*G + g
       # is the one jax.nn.dot_product_attention groups with kv head n.
       self.qkv = dense("bld,dngk->blngk", (D, N, H // N + 2, K),
-                       ("embed", "kv_heads", None, "head_dim"), fan_in=D)
+                       ("embed", "kv_heads", None, "head_dim"), fan_in=D,
+                       bias=3 * cfg.qkv_bias)
     else:
       self.q = dense("bld,dhk->blhk", (D, H, K),
-                     ("embed", "heads", "head_dim"), fan_in=D)
+                     ("embed", "heads", "head_dim"), fan_in=D,
+                     bias=2 * cfg.qkv_bias)
       self.k = dense("bld,dnk->blnk", (D, N, K),
-                     ("embed", "kv_heads", "head_dim"), fan_in=D)
+                     ("embed", "kv_heads", "head_dim"), fan_in=D,
+                     bias=2 * cfg.qkv_bias)
       self.v = dense("bld,dnk->blnk", (D, N, K),
-                     ("embed", "kv_heads", "head_dim"), fan_in=D)
+                     ("embed", "kv_heads", "head_dim"), fan_in=D,
+                     bias=2 * cfg.qkv_bias)
     self.o = dense("blhk,hkd->bld", (H, K, D), ("heads", "head_dim", "embed"),
-                   fan_in=H * K)
+                   fan_in=H * K, bias=1 * cfg.out_bias)
     self.cfg = cfg
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Cache | None,
@@ -173,9 +183,9 @@ class Attention(nnx.Module):
       k_BxLxNxK = self.k(x_BxLxD, out_dtype=jnp.float32)
       v_BxLxNxK = self.v(x_BxLxD)
     q_BxLxHxK = layers.rope(q_BxLxHxK, positions_BxL, cfg.rope_base,
-                            cfg.max_len).astype(cfg.dtype)
+                            cfg.max_len, cfg.rope_scaling).astype(cfg.dtype)
     k_BxLxNxK = layers.rope(k_BxLxNxK, positions_BxL, cfg.rope_base,
-                            cfg.max_len).astype(cfg.dtype)
+                            cfg.max_len, cfg.rope_scaling).astype(cfg.dtype)
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)

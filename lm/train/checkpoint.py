@@ -153,7 +153,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     other_count_state = None
-    if data_iterator is not None:
+    # A checkpoint written without a data iterator (an imported model)
+    # leaves the iterator at the start of the data.
+    has_data = (self.directory / str(step) / "data").exists()
+    if data_iterator is not None and has_data:
       other_count_state = self._data_state_of_other_process_count(step)
       if other_count_state is None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
