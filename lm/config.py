@@ -100,7 +100,11 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       eval_every=200,  # 0 = no evals.
       eval_batches=8,  # LM: fixed validation batches per eval.
       checkpoint_every=200,  # 0 = only at the end (and on SIGTERM).
-      max_checkpoints=3)
+      max_checkpoints=3,
+      # A run directory whose latest parameters a new run starts from (a
+      # fresh optimizer, step 0): fine-tuning, e.g. an imported model
+      # (scripts/import_hf.py). Ignored when the workdir has a checkpoint.
+      init_from="")
   c.data = copy.deepcopy(DATA[family])
   # Quantization-aware training, distillation and magnitude pruning: all off
   # by default; presets name the layers to quantize and prune.

@@ -57,7 +57,11 @@ def _rope(hf: dict, where: str) -> tuple[float, dict]:
     _fail(where, "rope_parameters", "differs per layer type; one rope for "
           "every layer is supported.")
   old = hf.get("rope_scaling") or {}
-  scaling = {**old, **params}
+  if params and old and (old.get("rope_type", old.get("type"))
+                         != params.get("rope_type", "default")):
+    _fail(where, "rope_scaling", f"= {old} disagrees with rope_parameters = "
+          f"{params}; remove the stale one.")
+  scaling = params or old
   theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   factor = scaling.get("partial_rotary_factor",

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 
 from lm import checks, config as config_lib, models, paths
-from lm.data import pipeline
+from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
 from lm.quant import qat
 from lm.tasks import TASKS
@@ -56,6 +56,8 @@ def validate(config, num_devices: int | None = None,
   _moe(config)
   if distill.enabled(config):
     _teacher(config, model_cfg, task)
+  if config.train.init_from:
+    _init_from(config)
   return config, mesh
 
 
@@ -141,26 +143,56 @@ def _moe(config) -> None:
           "include the MoE auxiliary losses yet; train without a teacher.")
 
 
-def _teacher(config, model_cfg, task) -> None:
-  """The teacher run directory against the student (the task says what
-  must match between them)."""
-  workdir = config.distill.teacher_workdir
-  where = f"config.distill.teacher_workdir={workdir!r}"
+# Model fields that change speed or memory, not the parameters.
+_PERFORMANCE_ONLY = ("remat", "attention_impl", "attention_chunks",
+                     "einsum_grad", "context_parallel", "max_len")
+
+
+def _run_config(workdir: str, where: str) -> ml_collections.ConfigDict:
+  """The resolved config.json of a run that must have a checkpoint."""
   path = paths.resolve(workdir) / "config.json"
   require(path.exists(), f"{where}: {path} does not exist; point it at a "
-          "run directory written by scripts/train.py.")
+          "run directory written by scripts/train.py or import_hf.py.")
   directory = paths.resolve(workdir) / "checkpoints"
   require(directory.is_dir() and any(
       p.name.isdigit() for p in directory.iterdir()),
-          f"{where} has no checkpoint in {directory}; train the teacher "
-          "first.")
-  teacher = json.loads(path.read_text())
-  require("serving" not in teacher,
+          f"{where} has no checkpoint in {directory}; train it first.")
+  values = json.loads(path.read_text())
+  require("serving" not in values,
           f"{where} is an int8 serving model; use the training run.")
   try:
-    teacher = config_lib.resolve(teacher)
+    return config_lib.resolve(values)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from None
+
+
+def _init_from(config) -> None:
+  """The run to start from: the same parameter tree and tokenizer."""
+  where = f"config.train.init_from={config.train.init_from!r}"
+  source = _run_config(config.train.init_from, where)
+  ours, theirs = config.model.to_dict(), source.model.to_dict()
+  differ = [k for k in sorted(set(ours) | set(theirs))
+            if k not in _PERFORMANCE_ONLY and ours.get(k) != theirs.get(k)]
+  if differ:
+    key = differ[0]
+    raise ConfigError(
+        f"{where}: its config.model.{key}={theirs.get(key)!r} differs from "
+        f"this run's {ours.get(key)!r}; the parameters must have the same "
+        "shapes. Start from its config: "
+        f"--config=configs/run.py:{config.train.init_from}.")
+  mine = tokenizer_lib.get(config.data.tokenizer).fingerprint
+  require(tokenizer_lib.get(source.data.tokenizer).fingerprint == mine,
+          f"{where}: it was trained with config.data.tokenizer="
+          f"{source.data.tokenizer!r}, which differs from this run's "
+          f"{config.data.tokenizer!r}; token ids would mean other text. Use "
+          "its tokenizer.")
+
+
+def _teacher(config, model_cfg, task) -> None:
+  """The teacher run directory against the student (the task says what
+  must match between them)."""
+  where = f"config.distill.teacher_workdir={config.distill.teacher_workdir!r}"
+  teacher = _run_config(config.distill.teacher_workdir, where)
   require(teacher.task == config.task,
           f"{where} trained config.task={teacher.task!r}, the student trains "
           f"{config.task!r}; use a teacher of the same task.")

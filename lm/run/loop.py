@@ -196,6 +196,12 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
                                         quarantine=True, warn=log)
     log(f"resumed from step {latest} in {ckpt.directory}")
+  elif config.train.init_from:
+    source_step, _, params = restore.params_on(config.train.init_from,
+                                               setup.mesh, config.mesh)
+    state = state_lib.state_from_params(setup, config, params)
+    log(f"starting from step {source_step} of {config.train.init_from} "
+        "(its parameters; a fresh optimizer)")
   else:
     state = setup.init_fn(jax.random.key(config.seed))
   step = int(jax.device_get(state.step))

@@ -119,19 +119,27 @@ def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
   return Loaded(config=config, setup=setup, params=params, step=step)
 
 
-def load_teacher(config, mesh) -> distill.Teacher:
-  """Restores the distillation teacher's latest parameters onto `mesh` (the
-  student's), sharded by the teacher's own logical names."""
-  workdir = paths.resolve(config.distill.teacher_workdir)
-  teacher_config = load_config(workdir)
-  with teacher_config.unlocked():
-    teacher_config.mesh = dict(config.mesh)
-  setup = state_lib.make_setup(teacher_config, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
+def params_on(workdir: str | Path, mesh, mesh_sizes: dict
+              ) -> tuple[int, state_lib.Setup, object]:
+  """(step, the run's setup on `mesh`, its latest parameters) of another
+  run, sharded by its own logical names on this run's mesh."""
+  config = load_config(workdir)
+  with config.unlocked():
+    config.mesh = dict(mesh_sizes)
+  setup = state_lib.make_setup(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
   try:
     step, state = ckpt.restore_latest(setup.abstract_state,
                                       quarantine=False, warn=log)
   finally:
     ckpt.close()
-  return distill.Teacher(graphdef=setup.graphdef, params=state.params,
+  return step, setup, state.params
+
+
+def load_teacher(config, mesh) -> distill.Teacher:
+  """Restores the distillation teacher's latest parameters onto `mesh` (the
+  student's), sharded by the teacher's own logical names."""
+  step, setup, params = params_on(config.distill.teacher_workdir, mesh,
+                                  config.mesh)
+  return distill.Teacher(graphdef=setup.graphdef, params=params,
                          shardings=setup.param_shardings, step=step)

@@ -280,5 +280,5 @@ def test_teacher_without_checkpoint_is_rejected(tmp_path):
   (tmp_path / "teacher" / "config.json").write_text(tiny_config().to_json())
   student = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
                            "distill.teacher_workdir": str(tmp_path / "teacher")})
-  with pytest.raises(ConfigError, match="has no checkpoint.*train the teacher"):
+  with pytest.raises(ConfigError, match="has no checkpoint.*train it first"):
     checks.validate(student)
