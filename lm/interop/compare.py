@@ -14,12 +14,13 @@ from lm.run import restore
 
 def logits_fn(loaded: restore.Loaded) -> Callable[[np.ndarray], np.ndarray]:
   """tokens B x L -> our float32 logits B x L x V, on the run's mesh."""
-  model = nnx.merge(loaded.setup.graphdef, loaded.params)
-  forward = jax.jit(lambda t: model(t)[0])
+  forward = jax.jit(lambda params, tokens_BxL: nnx.merge(
+      loaded.setup.graphdef, params)(tokens_BxL)[0])
 
   def run(tokens_BxL: np.ndarray) -> np.ndarray:
     with jax.set_mesh(loaded.setup.mesh):
-      return np.asarray(forward(jnp.asarray(tokens_BxL, jnp.int32)))
+      return np.asarray(forward(loaded.params,
+                                jnp.asarray(tokens_BxL, jnp.int32)))
   return run
 
 

@@ -96,24 +96,20 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
   config.data.tokenizer = _copy_tokenizer(tokenizer, hf_dir, workdir)
   config, _ = run_checks.validate(config)  # Before any tensor is read.
   folder = hf_weights.Folder(hf_dir)
-  try:
-    with rules_lib.use(rules_lib.Rules()):
-      mesh_ = make_mesh(config.mesh)
-      setup = state_lib.make_setup(config, mesh_)
-      specs = hf_weights.tensors(setup.model_cfg)
-      hf_weights.check_folder(folder, setup.model_cfg, specs,
-                              setup.abstract_state.params)
-      with jax.set_mesh(mesh_):
-        params = hf_weights.read(folder, specs, setup.abstract_state.params)
-        state = state_lib.state_from_params(setup, config, params)
-        ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints",
-                                     async_save=False)
-        try:
-          ckpt.save(0, state, force=True)
-        finally:
-          ckpt.close()
-  finally:
-    folder.close()
+  with rules_lib.use(rules_lib.Rules()):
+    mesh_ = make_mesh(config.mesh)
+    setup = state_lib.make_setup(config, mesh_)
+    specs = hf_weights.tensors(setup.model_cfg)
+    hf_weights.check_folder(folder, setup.model_cfg, specs,
+                            setup.abstract_state.params)
+    with jax.set_mesh(mesh_):
+      params = hf_weights.read(folder, specs, setup.abstract_state.params)
+      state = state_lib.state_from_params(setup, config, params)
+      ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+      try:
+        ckpt.save(0, state, force=True)
+      finally:
+        ckpt.close()
   loop.write_config(config, workdir)
   summary = {"hf_dir": str(hf_dir.resolve()),
              "architecture": hf["architectures"][0],

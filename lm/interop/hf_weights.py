@@ -131,8 +131,9 @@ def tensors(cfg) -> list[Tensor]:
 
 class Folder:
   """The safetensors files of a Hugging Face model folder: one file, or
-  shards named by model.safetensors.index.json. Opened lazily; tensors are
-  memory-mapped and read one at a time."""
+  shards named by model.safetensors.index.json. Each read opens its file
+  and closes it again: the memory map (whose touched pages count as the
+  process's memory while mapped) lives for one tensor."""
 
   def __init__(self, hf_dir: Path):
     self.dir = Path(hf_dir)
@@ -151,7 +152,6 @@ class Folder:
           f"{self.dir} holds neither {SINGLE} nor {INDEX}: only safetensors "
           "checkpoints are read (convert a pytorch_model.bin with "
           "transformers' save_pretrained(..., safe_serialization=True)).")
-    self._handles = {}
 
   def _open(self, file: str):
     path = self.dir / file
@@ -163,22 +163,13 @@ class Folder:
       raise HFWeightsError(f"{path} is not a readable safetensors file: "
                            f"{e}.") from None
 
-  def handle(self, name: str):
-    file = self.file_of[name]
-    if file not in self._handles:
-      self._handles[file] = self._open(file).__enter__()
-    return self._handles[file]
-
   def shape(self, name: str) -> tuple:
-    return tuple(self.handle(name).get_slice(name).get_shape())
+    with self._open(self.file_of[name]) as f:
+      return tuple(f.get_slice(name).get_shape())
 
   def read(self, name: str) -> np.ndarray:
-    return self.handle(name).get_tensor(name)
-
-  def close(self):
-    for h in self._handles.values():
-      h.__exit__(None, None, None)
-    self._handles.clear()
+    with self._open(self.file_of[name]) as f:
+      return f.get_tensor(name)
 
 
 # Buffers some checkpoints carry that are recomputed, not weights.
