@@ -52,3 +52,17 @@ def compare(workdir: str, reference: Callable[[np.ndarray], np.ndarray],
                  "argmax_agreement": float(np.mean(a.argmax(-1)
                                                    == b.argmax(-1)))})
   return rows
+
+
+def greedy(workdir: str, prompt_ids: np.ndarray, max_new_tokens: int,
+           mesh: str | None = None) -> np.ndarray:
+  """Our greedy continuation (KV-cache decoding, as generate.py) of one
+  prompt: max_new_tokens ids."""
+  from lm import sample  # noqa: PLC0415
+  loaded = restore.load(workdir, mesh)
+  fn = jax.jit(lambda params, prompt: sample.generate(
+      loaded.setup.graphdef, params, prompt, jax.random.key(0),
+      max_new_tokens=max_new_tokens, temperature=0.0))
+  with jax.set_mesh(loaded.setup.mesh):
+    return np.asarray(fn(loaded.params,
+                         jnp.asarray(prompt_ids[None], jnp.int32)))[0]

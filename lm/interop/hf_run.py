@@ -103,17 +103,19 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
     hf_weights.check_folder(folder, setup.model_cfg, specs,
                             setup.abstract_state.params)
     with jax.set_mesh(mesh_):
-      params = hf_weights.read(folder, specs, setup.abstract_state.params)
-      state = state_lib.state_from_params(setup, config, params)
+      state = state_lib.state_from_params(setup, config, hf_weights.read(
+          folder, specs, setup.abstract_state.params))
       ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
       try:
         ckpt.save(0, state, force=True)
       finally:
         ckpt.close()
+    parameters = state_lib.count_params(state.params)
+    del state  # The devices' memory (the host's, on a CPU) is freed here.
   loop.write_config(config, workdir)
   summary = {"hf_dir": str(hf_dir.resolve()),
              "architecture": hf["architectures"][0],
-             "parameters": state_lib.count_params(params),
+             "parameters": parameters,
              "tensors": len(specs), "mesh": dict(mesh_.shape)}
   if jax.process_index() == 0:
     (workdir / SOURCE).write_text(json.dumps(summary, indent=2) + "\n")
