@@ -51,9 +51,9 @@ def read_hf_config(hf_dir: Path) -> dict:
     raise hf_config.HFConfigError(f"{path} is not valid JSON: {e}.") from None
 
 
-def _copy_tokenizer(source: str, hf_dir: Path, workdir: Path) -> str:
-  """config.data.tokenizer for the run: "byte", or the copy in
-  WORKDIR/tokenizer/ of `source` (a file, or "" = the folder's own)."""
+def _tokenizer_source(source: str, hf_dir: Path) -> str:
+  """"byte", or the tokenizer file to use: `source`, or "" = the folder's
+  own."""
   if source == "byte":
     return "byte"
   path = Path(source) if source else tokenizer_lib.find_in_hf_dir(hf_dir)
@@ -62,7 +62,15 @@ def _copy_tokenizer(source: str, hf_dir: Path, workdir: Path) -> str:
         f"{hf_dir} holds no tokenizer.json or tokenizer.model; pass "
         "--tokenizer=PATH (a tokenizer.json or SentencePiece .model) or "
         "--tokenizer=byte.")
-  tokenizer_lib.get(str(path))  # Readable: a ConfigError names it if not.
+  return str(path)
+
+
+def _copy_tokenizer(source: str, workdir: Path) -> str:
+  """config.data.tokenizer for the run: "byte", or a copy of file `source`
+  (with the tokenizer_config.json beside it) in WORKDIR/tokenizer/."""
+  if source == "byte":
+    return "byte"
+  path = Path(source)
   target = workdir / TOKENIZER_DIR
   target.mkdir(parents=True, exist_ok=True)
   for sibling in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -92,9 +100,9 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
   config.mesh.update(restore.parse_mesh(mesh) if mesh
                      else dict(data=1, fsdp=-1))
   config.optimizer.update(FINE_TUNING)
-  workdir.mkdir(parents=True, exist_ok=True)
-  config.data.tokenizer = _copy_tokenizer(tokenizer, hf_dir, workdir)
-  config, _ = run_checks.validate(config)  # Before any tensor is read.
+  source = _tokenizer_source(tokenizer, hf_dir)
+  config.data.tokenizer = source
+  config, _ = run_checks.validate(config)  # The tokenizer too.
   folder = hf_weights.Folder(hf_dir)
   with rules_lib.use(rules_lib.Rules()):
     mesh_ = make_mesh(config.mesh)
@@ -102,6 +110,9 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
     specs = hf_weights.tensors(setup.model_cfg)
     hf_weights.check_folder(folder, setup.model_cfg, specs,
                             setup.abstract_state.params)
+    # Everything is checked; only now is anything written.
+    workdir.mkdir(parents=True, exist_ok=True)
+    config.data.tokenizer = _copy_tokenizer(source, workdir)
     with jax.set_mesh(mesh_):
       state = state_lib.state_from_params(setup, config, hf_weights.read(
           folder, specs, setup.abstract_state.params))

@@ -166,6 +166,29 @@ def _run_config(workdir: str, where: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"{where}: {e}") from None
 
 
+def resume(config, workdir) -> None:
+  """A run directory that already holds checkpoints must be resumed with
+  the tokenizer it was trained with: its token ids mean that text."""
+  old, directory = workdir / "config.json", workdir / "checkpoints"
+  if not (old.exists() and directory.is_dir() and any(
+      p.name.isdigit() for p in directory.iterdir())):
+    return
+  before = json.loads(old.read_text()).get("data", {}).get("tokenizer")
+  now = config.data.get("tokenizer")
+  if before is None or now is None or before == now and now == "byte":
+    return
+  try:
+    same = (tokenizer_lib.get(before).fingerprint
+            == tokenizer_lib.get(now).fingerprint)
+  except ConfigError:  # The old file is gone: compare what the configs say.
+    same = before == now
+  require(same, f"config.data.tokenizer={now!r} differs from the "
+          f"{before!r} that trained the checkpoints in {directory}; its token "
+          "ids would mean other text. Resume with that tokenizer, or train "
+          "in a new --workdir (with config.train.init_from to start from "
+          "this run).")
+
+
 def _init_from(config) -> None:
   """The run to start from: the same parameter tree and tokenizer."""
   where = f"config.train.init_from={config.train.init_from!r}"

@@ -150,6 +150,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"the run directory {workdir} is a file; give --workdir "
                     "a directory (new or a run's).")
+  checks.resume(config, workdir)
   total = config.train.steps
   mesh = make_mesh(config.mesh, dcn=config.mesh_dcn)
   task = tasks.get(config)

@@ -300,7 +300,7 @@ def test_bad_tensors_are_named_and_nothing_is_written(how, message, hf_dirs,
     (hf_dir / "config.json").write_text((src / "config.json").read_text())
   with pytest.raises(hf_weights.HFWeightsError, match=message):
     hf_run.import_run(str(hf_dir), str(tmp_path / "run"), tokenizer="byte")
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert not (tmp_path / "run").exists()
 
 
 def test_what_llama_cannot_express_is_refused_on_export(tmp_path):

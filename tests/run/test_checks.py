@@ -282,3 +282,48 @@ def test_teacher_without_checkpoint_is_rejected(tmp_path):
                            "distill.teacher_workdir": str(tmp_path / "teacher")})
   with pytest.raises(ConfigError, match="has no checkpoint.*train it first"):
     checks.validate(student)
+
+
+@pytest.fixture
+def other_tokenizer(tmp_path):
+  """A tokenizer.json that is not the byte tokenizer (the same ids, but
+  another file: what matters is that it is another tokenizer)."""
+  from lm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  tokenizer_lib.write_hf_files(tokenizer_lib.get("byte"), tmp_path / "tok")
+  return str(tmp_path / "tok" / "tokenizer.json")
+
+
+INIT_FROM_MISMATCH = [
+    ({"model.d_ff": 64}, r"its config\.model\.d_ff=128 differs from this "
+     r"run's 64.*configs/run\.py:"),
+    ({"model.scan_layers": True}, r"config\.model\.scan_layers=False"),
+    ({"data.tokenizer": "OTHER"}, r"config\.data\.tokenizer='byte'.*differs"),
+]
+
+
+@pytest.mark.parametrize("change,message", INIT_FROM_MISMATCH,
+                         ids=["d_ff", "scan_layers", "tokenizer"])
+def test_init_from_a_run_of_another_shape_or_tokenizer_is_rejected(
+    tmp_path, other_tokenizer, change, message):
+  config = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1)})
+  _finished_run(tmp_path / "source", config)
+  change = {k: other_tokenizer if v == "OTHER" else v
+            for k, v in change.items()}
+  ok = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                      "train.init_from": str(tmp_path / "source"),
+                      "model.remat": "full"})  # Speed-only keys may differ.
+  checks.validate(ok)
+  bad = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                       "train.init_from": str(tmp_path / "source"), **change})
+  with pytest.raises(ConfigError, match=message):
+    checks.validate(bad)
+
+
+def test_resuming_with_another_tokenizer_is_rejected(tmp_path,
+                                                     other_tokenizer):
+  _finished_run(tmp_path / "run", tiny_config())
+  checks.resume(tiny_config(), tmp_path / "run")  # The same: fine.
+  with pytest.raises(ConfigError, match=r"config\.data\.tokenizer=.*"
+                     r"differs from the 'byte' that trained"):
+    checks.resume(tiny_config(**{"data.tokenizer": other_tokenizer}),
+                  tmp_path / "run")
