@@ -26,6 +26,7 @@ _LM_DATA = dict(
     corpus="shakespeare",  # shakespeare | python_stdlib | text_dir.
     text_dir="",  # corpus=text_dir: a directory of .txt files (>= 3).
     data_dir="",  # tfds data dir; "" = $LM_DATA_DIR or ~/.cache/lm/...
+    # byte | a tokenizer.json | a SentencePiece .model (lm/data/tokenizer.py).
     tokenizer="byte",
     seq_len=0)  # Training window; 0 = config.model.max_len.
 _IMAGE_DATA = dict(

@@ -69,7 +69,9 @@ def main(argv):
         f"{serving.params_bytes(loaded.params):,} bytes"
         f"{' (int8 serving model)' if 'serving' in config else ''}]")
   for row in out:
-    print(_PROMPT.value + tok.decode(row))
+    # Decoded with the prompt: a continuation alone can lose its leading
+    # space (SentencePiece) or start inside a character (byte-level BPE).
+    print(tok.decode(np.concatenate([prompt, row])))
     print("-" * 40)
 
 

@@ -2,7 +2,7 @@
 
 The prepared `shakespeare_genres` tfds dataset (see `genre_builder.py`) ->
 each work cut into non-overlapping windows of exactly config.data.seq_len
-tokens (bytes with the byte tokenizer; the short tail is dropped), labelled
+tokens of config.data.tokenizer (the short tail is dropped), labelled
 with the work's genre -> this process's share ([share_index::share_count])
 -> train: endless shuffled batches; eval: every test passage once, in order.
 
@@ -57,7 +57,7 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
 @dataclasses.dataclass(frozen=True)
 class Passages:
   """A split's passages, works in name order, each work's in text order."""
-  tokens: np.ndarray  # N x L, uint8 for byte vocabularies.
+  tokens: np.ndarray  # N x L, of pipeline.token_dtype(vocab size).
   labels: np.ndarray  # N int32 genre ids.
   works: tuple[str, ...]  # N work names (for error analysis).
 
@@ -75,7 +75,7 @@ def load_passages(b: tfds.core.DatasetBuilder, split: str, *, length: int,
   # Sorted by name so the order does not depend on how tfds wrote the shards.
   examples = sorted((source[i] for i in range(len(source))),
                     key=lambda ex: ex["name"])
-  dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
+  dtype = pipeline.token_dtype(tok.vocab_size)
   tokens, labels, works = [], [], []
   for ex in examples:
     ids = tok.encode(ex["text"].decode("utf-8"))

@@ -1,11 +1,12 @@
 """From a prepared tfds corpus to batches: the grain pipeline.
 
-tfds.data_source (random access over documents) -> byte tokens, documents
-joined with an end-of-document token -> windows of seq_len + 1 tokens (each
-starts where the previous one's inputs end) -> shuffle (a new order every epoch, fixed by the seed)
--> global batches -> this process's rows of each. Windows, not documents,
-are shuffled: a corpus of 42 plays would give a very coarse shuffle
-otherwise.
+tfds.data_source (random access over documents) -> tokens of
+config.data.tokenizer (cached on disk unless bytes), documents joined with
+an end-of-document token -> windows of seq_len + 1 tokens (each starts where
+the previous one's inputs end) -> shuffle (a new order every epoch, fixed
+by the seed) -> global batches -> this process's rows of each. Windows, not
+documents, are shuffled: a corpus of 42 plays would give a very coarse
+shuffle otherwise.
 
 The iterator is a grain `DatasetIterator`: its state is checkpointed with the
 model so a resumed run reads exactly the batches the uninterrupted one would.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import math
 import os
 
@@ -42,14 +44,14 @@ def data_dir(data_cfg) -> epath.Path:
 
 
 def check_tokens(data_cfg, model_cfg, length: int) -> None:
-  """config.data.tokenizer against the model's vocabulary, and the window
-  (or passage) `length` against its positional limit."""
-  checks.one_of(data_cfg.tokenizer, tokenizer_lib.TOKENIZERS,
-                "config.data.tokenizer")
+  """config.data.tokenizer (it loads, and fits the model's vocabulary), and
+  the window (or passage) `length` against the positional limit."""
   vocab = tokenizer_lib.get(data_cfg.tokenizer).vocab_size
   checks.require(model_cfg.vocab_size >= vocab,
                  f"config.model.vocab_size={model_cfg.vocab_size} is smaller "
-                 f"than the {data_cfg.tokenizer!r} tokenizer's {vocab} tokens.")
+                 f"than the {vocab} tokens of config.data.tokenizer="
+                 f"{data_cfg.tokenizer!r}; set --config.model.vocab_size="
+                 f"{vocab} (or more).")
   checks.require(0 < length <= model_cfg.max_len,
                  f"config.data.seq_len={length} must be positive and at most "
                  "the model's positional limit config.model.max_len="
@@ -132,22 +134,97 @@ class SplitTokens:
     return self.num_bytes / len(self.tokens)
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The smallest integer type that holds every id: a token array of a 32k
+  vocabulary takes half the memory (and cache) of int32."""
+  if vocab_size <= 256:
+    return np.dtype(np.uint8)
+  return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
 def load_tokens(b: tfds.core.DatasetBuilder, split: str,
                 tok) -> SplitTokens:
+  """All documents of `split`, tokenized, each followed by tok.eos_id.
+
+  Byte tokens are cheap and computed every time; any other tokenizer's are
+  computed once and cached under the data dir, keyed by the tokenizer's
+  fingerprint (its file's contents): a changed tokenizer file is never read
+  through an old cache.
+  """
+  if tok.fingerprint == "byte":
+    return _tokenize(b, split, tok)
+  config_name = b.builder_config.name if b.builder_config else "default"
+  folder = (epath.Path(b.data_dir_root) / "tokens" / b.name / config_name /
+            str(b.version) / tok.fingerprint)
+  # The split as prepared: a corpus prepared again (another Python's
+  # stdlib under the same name) is tokenized again.
+  info = b.info.splits[split]
+  source = f"{info.num_examples} documents, {int(info.num_bytes)} bytes"
+  cached = _read_cache(folder, split, source)
+  if cached is not None:
+    return cached
+  # Processes sharing the disk tokenize once; the others wait and read.
+  with file_lock(folder / f".{split}.lock"):
+    cached = _read_cache(folder, split, source)
+    if cached is None:
+      cached = _tokenize(b, split, tok)
+      _write_cache(folder, split, cached, {
+          "source": source, "tokenizer": tok.spec,
+          "fingerprint": tok.fingerprint})
+  return cached
+
+
+def _tokenize(b: tfds.core.DatasetBuilder, split: str, tok) -> SplitTokens:
   source = b.as_data_source(split=split)
+  dtype = token_dtype(tok.vocab_size)
   pieces, num_bytes = [], 0
-  eos = np.array([tok.eos_id], np.int32)
+  eos = np.array([tok.eos_id], dtype)
   for i in range(len(source)):
     text = source[i]["text"]
     ids = tok.encode(text)
     if len(ids):
-      pieces += [ids.astype(np.int32), eos]
+      pieces += [ids.astype(dtype), eos]
       num_bytes += tok.num_bytes(text)
   if not pieces:
     raise sources.DataError(f"The {split!r} split of {b.builder_config.name!r}"
                             f" in {b.data_dir} is empty.")
-  dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
-  return SplitTokens(np.concatenate(pieces).astype(dtype), num_bytes)
+  return SplitTokens(np.concatenate(pieces), num_bytes)
+
+
+def _read_cache(folder: epath.Path, split: str,
+                source: str) -> SplitTokens | None:
+  """The cached split, or None if absent, not whole (the JSON is written
+  last, so a JSON means its array was complete) or of another `source`."""
+  meta_path = folder / f"{split}.json"
+  if not meta_path.exists():
+    return None
+  try:
+    meta = json.loads(meta_path.read_text())
+    with (folder / f"{split}.npy").open("rb") as f:
+      tokens = np.load(f, allow_pickle=False)
+  except (OSError, ValueError):  # Damaged: tokenized afresh.
+    return None
+  if (not isinstance(meta, dict) or meta.get("source") != source
+      or len(tokens) != meta.get("num_tokens")):
+    return None
+  return SplitTokens(tokens, meta["num_bytes"])
+
+
+def _write_cache(folder: epath.Path, split: str, split_tokens: SplitTokens,
+                 about: dict) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  meta = {"num_tokens": len(split_tokens.tokens),
+          "num_bytes": split_tokens.num_bytes,
+          "dtype": split_tokens.tokens.dtype.name, **about}
+  # Each file appears whole or not at all: written aside, then renamed.
+  suffix = f".tmp-{os.getpid()}"
+  npy_tmp = folder / f"{split}.npy{suffix}"
+  with npy_tmp.open("wb") as f:
+    np.save(f, split_tokens.tokens, allow_pickle=False)
+  npy_tmp.replace(folder / f"{split}.npy")
+  json_tmp = folder / f"{split}.json{suffix}"
+  json_tmp.write_text(json.dumps(meta, indent=1))
+  json_tmp.replace(folder / f"{split}.json")
 
 
 class Windows(grain.sources.RandomAccessDataSource):

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from lm import checks
-from lm.data import pipeline
+from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.models import transformer
 from lm.parallel import axis_size, context
 from lm.tasks.supervised import Supervised
@@ -80,8 +80,9 @@ class LanguageModeling(Supervised):
         f"differs from the student's {model_cfg.vocab_size}; their logits "
         "must cover the same vocabulary. Use a teacher trained with the same "
         "tokenizer and vocab_size.")
+    same = tokenizer_lib.get(teacher_config.data.tokenizer).fingerprint
     checks.require(
-        teacher_config.data.tokenizer == self.config.data.tokenizer,
+        same == tokenizer_lib.get(self.config.data.tokenizer).fingerprint,
         f"{where}: the teacher's data.tokenizer="
         f"{teacher_config.data.tokenizer!r} differs from the student's "
         f"{self.config.data.tokenizer!r}.")

@@ -1,6 +1,7 @@
 """Every config loads; every bad value fails before compiling, naming the key."""
 import glob
 import importlib.util
+import json
 import math
 import os
 
@@ -31,10 +32,12 @@ def _load(path):
   return module
 
 
-# Experiment files (configs/__init__.py is not one).
+# Experiment files (configs/__init__.py is not one; configs/run.py reads
+# an existing run's config: test_run_config_is_the_runs_own).
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO, "configs",
                                                         "*.py"))
-                      if "def get_config" in open(p).read())
+                      if "def get_config" in open(p).read()
+                      and not p.endswith("run.py"))
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -327,3 +330,15 @@ def test_resuming_with_another_tokenizer_is_rejected(tmp_path,
                      r"differs from the 'byte' that trained"):
     checks.resume(tiny_config(**{"data.tokenizer": other_tokenizer}),
                   tmp_path / "run")
+
+
+def test_run_config_is_the_runs_own(tmp_path):
+  config = tiny_config(**{"mesh": dict(data=-1, fsdp=1, tensor=1),
+                          "model.d_ff": 96})
+  _finished_run(tmp_path / "run", config)
+  loaded = _load(os.path.join(REPO, "configs", "run.py")).get_config(
+      str(tmp_path / "run"))
+  expected = checks.validate(config)[0]
+  assert loaded.model.d_ff == 96
+  assert json.loads(loaded.to_json()) == json.loads(expected.to_json())
+  checks.validate(loaded)
