@@ -16,7 +16,10 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, assert_reordered, xla_flags
+from tokenizer_files import real_files  # noqa: F401 - a fixture.
 from lm import sample
+from lm.checks import ConfigError
+from lm.data import tokenizer as tokenizer_lib
 from lm.interop import compare, hf_config, hf_run, hf_weights
 from lm.run import restore
 
@@ -354,3 +357,41 @@ def test_scripts_import_compare_and_fail_in_one_line(hf_dirs, tmp_path):
             if line.startswith("error: ")]
   assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
   assert "mlp_bias" in errors[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_folder_with_a_real_tokenizer_imports_generates_and_exports(
+    real_files, tmp_path):
+  """Mistral's 32k SentencePiece model as the folder's tokenizer.model:
+  import copies and uses it, generate.py speaks text through it, export
+  writes files transformers' AutoTokenizer encodes the same way."""
+  hf_dir = tmp_path / "hf"
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+      **dict(COMMON, vocab_size=32000))).save_pretrained(hf_dir)
+  (hf_dir / "tokenizer.model").write_bytes(real_files["mistral"].read_bytes())
+  workdir = tmp_path / "run"
+  hf_run.import_run(str(hf_dir), str(workdir), warn=lambda _: None)
+  config = restore.load_config(workdir)
+  assert config.data.tokenizer == str(workdir / "tokenizer" /
+                                      "tokenizer.model")
+  result = _script("generate", f"--workdir={workdir}", "--prompt=ROMEO:",
+                   "--max_new_tokens=5", "--temperature=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ROMEO:" in result.stdout
+  out = tmp_path / "out"
+  hf_run.export_run(str(workdir), str(out))
+  ours = tokenizer_lib.get(config.data.tokenizer)
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  text = "ROMEO: But soft, what light through yonder window breaks?"
+  assert theirs(text, add_special_tokens=False)["input_ids"] == list(
+      ours.encode(text))
+  # A model whose vocabulary the tokenizer does not fit: refused, unwritten.
+  small = tmp_path / "small"
+  save_hf("llama", small)
+  (small / "tokenizer.model").write_bytes(real_files["mistral"].read_bytes())
+  with pytest.raises(ConfigError, match=r"config\.model\.vocab_size=256 is "
+                     r"smaller than the 32000 tokens of config\.data\."
+                     r"tokenizer"):
+    hf_run.import_run(str(small), str(tmp_path / "run2"))
+  assert not (tmp_path / "run2").exists()
