@@ -127,6 +127,8 @@ def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) with the error handling above."""
   def guarded(argv):
     _quiet_hooks()  # Here: absl has installed its own excepthook by now.
+    if _VERBOSE.value:  # The library's own quiet spots read the environment.
+      os.environ["LM_VERBOSE"] = "1"
     try:
       return main(argv)
     except (UserError, OSError) as e:

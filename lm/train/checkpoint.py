@@ -51,6 +51,12 @@ def reason(error: BaseException) -> str:
   return text.rsplit(": ", 1)[-1] if len(text) > 200 else text
 
 
+def _verbose() -> bool:
+  """LM_VERBOSE (set by a script's --verbose, lm/run/cli.py): show orbax's
+  own error logs too."""
+  return os.environ.get("LM_VERBOSE", "") not in ("", "0")
+
+
 class _OrbaxErrors(logging.Filter):
   """Keeps the first error orbax logs from its background threads (a failed
   save) and, unless LM_VERBOSE is set, drops those records: their cause
@@ -63,13 +69,13 @@ class _OrbaxErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "asyncio":  # The other reads of a failed restore.
       return ("exception was never retrieved" not in record.getMessage()
-              or os.environ.get("LM_VERBOSE", "") not in ("", "0"))
+              or _verbose())
     if record.levelno < logging.ERROR or "/orbax/" not in record.pathname:
       return True
     if self.first is None:
       error = record.exc_info[1] if record.exc_info else None
       self.first = reason(error) if error else record.getMessage()
-    return os.environ.get("LM_VERBOSE", "") not in ("", "0")
+    return _verbose()
 
 
 class Checkpointer:
