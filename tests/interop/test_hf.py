@@ -43,6 +43,10 @@ KINDS = {
     # q/k/v biases.
     "qwen2": lambda: transformers.Qwen2Config(**COMMON,
                                               tie_word_embeddings=False),
+    # No sliding window; a head_dim (32) other than hidden / heads (16).
+    "mistral": lambda: transformers.MistralConfig(
+        **COMMON, sliding_window=None, head_dim=32,
+        tie_word_embeddings=False),
 }
 
 
@@ -147,6 +151,7 @@ def test_import_then_export_gives_back_the_same_bits(kind, hf_dirs, imported,
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
       out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
+  # Mistral without a window is a Llama (the same modules and names).
   assert type(model).__name__ == {"qwen2": "Qwen2ForCausalLM"}.get(
       kind, "LlamaForCausalLM")
 
