@@ -10,7 +10,9 @@ python scripts/train.py --config=configs/run.py:runs/smol \
 The folder: config.json, model.safetensors (or shards + index) and a
 tokenizer (tokenizer.json or tokenizer.model; --tokenizer overrides). Every
 config field is mapped or refused before any tensor is read; tensors are
-read one at a time onto the mesh (--mesh; default FSDP over all devices).
+read one at a time onto the mesh (--mesh; default FSDP over all devices);
+in a multi-process job (the flags of train.py, or scripts/launch_local.py
+--script=scripts/import_hf.py) each process reads only its devices' parts.
 docs/interop.md has the field table and what is refused.
 """
 from absl import flags, logging
@@ -27,12 +29,14 @@ _MAX_LEN = flags.DEFINE_integer(
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "", "A tokenizer.json or SentencePiece .model to use, or "
     "'byte'; default: the folder's own.")
+_JOIN_JOB = cli.distributed_flags()
 flags.mark_flags_as_required(["hf_dir", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  _JOIN_JOB()  # Several processes: each reads only its devices' parts.
   from lm.interop import hf_run  # noqa: PLC0415
   from lm.run.metrics_log import log  # noqa: PLC0415
   summary = hf_run.import_run(_HF_DIR.value, _WORKDIR.value, mesh=_MESH.value,
@@ -40,7 +44,8 @@ def main(argv):
                               tokenizer=_TOKENIZER.value, warn=log)
   print(f"imported {summary['architecture']} ({summary['parameters']:,} "
         f"parameters, {summary['tensors']} tensors) from {summary['hf_dir']} "
-        f"onto mesh {summary['mesh']} -> {_WORKDIR.value}")
+        f"onto mesh {summary['mesh']} -> {_WORKDIR.value} (this process "
+        f"read {summary['bytes_read'] / 2 ** 20:.4g} MiB)")
 
 
 if __name__ == "__main__":

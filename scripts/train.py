@@ -19,31 +19,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at_step", None, "Checkpoint and exit after this step, as a "
     "preemption would; rerun without it to continue.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0's coordination "
-    "service, for a multi-process job.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes in the job (all hosts together).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes).")
-_INIT_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for all processes to "
-    "join before failing.")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
-    "process counts as dead and the job ends on every process.")
+_JOIN_JOB = cli.distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO.
-  # After flags: jax reads XLA_FLAGS on import.
-  from lm import distributed  # noqa: PLC0415
-  distributed.initialize(  # Before anything starts a backend.
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-      initialization_timeout=_INIT_TIMEOUT.value,
-      heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+  _JOIN_JOB()  # Before anything starts a backend.
   import jax  # noqa: PLC0415
 
   from lm.run import loop  # noqa: PLC0415

@@ -72,11 +72,12 @@ def _copy_tokenizer(source: str, workdir: Path) -> str:
     return "byte"
   path = Path(source)
   target = workdir / TOKENIZER_DIR
-  target.mkdir(parents=True, exist_ok=True)
-  for sibling in ("tokenizer_config.json", "special_tokens_map.json"):
-    if (path.parent / sibling).exists():
-      shutil.copy(path.parent / sibling, target / sibling)
-  shutil.copy(path, target / path.name)
+  if jax.process_index() == 0:  # One writer (a shared disk).
+    target.mkdir(parents=True, exist_ok=True)
+    for sibling in ("tokenizer_config.json", "special_tokens_map.json"):
+      if (path.parent / sibling).exists():
+        shutil.copy(path.parent / sibling, target / sibling)
+    shutil.copy(path, target / path.name)
   return str(target / path.name)
 
 
@@ -114,8 +115,9 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
     workdir.mkdir(parents=True, exist_ok=True)
     config.data.tokenizer = _copy_tokenizer(source, workdir)
     with jax.set_mesh(mesh_):
+      stats = {}
       state = state_lib.state_from_params(setup, config, hf_weights.read(
-          folder, specs, setup.abstract_state.params))
+          folder, specs, setup.abstract_state.params, stats))
       ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
       try:
         ckpt.save(0, state, force=True)
@@ -127,7 +129,9 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
   summary = {"hf_dir": str(hf_dir.resolve()),
              "architecture": hf["architectures"][0],
              "parameters": parameters,
-             "tensors": len(specs), "mesh": dict(mesh_.shape)}
+             "tensors": len(specs), "mesh": dict(mesh_.shape),
+             # By this process: each reads only what its devices hold.
+             "bytes_read": stats["bytes_read"]}
   if jax.process_index() == 0:
     (workdir / SOURCE).write_text(json.dumps(summary, indent=2) + "\n")
   return summary

@@ -45,6 +45,58 @@ class Tensor:
   layer: int | None
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
+  # (our index, our shape) -> (the Hugging Face block that holds exactly
+  # that part of our array, block -> our part), or None where a part is not
+  # one block; the import then reads only what each device holds.
+  part: Callable | None = None
+
+
+def _span(s: slice, dim: int) -> tuple[int, int]:
+  start, stop, step = s.indices(dim)
+  assert step == 1, "shards are contiguous"
+  return start, stop
+
+
+def _whole(index, shape) -> bool:
+  return all(_span(s, d) == (0, d) for s, d in zip(index, shape))
+
+
+def _same_part(index, shape):
+  del shape
+  return tuple(index), lambda block: block
+
+
+def _proj_part(index, shape):
+  """Ours d_in x O1 x O2...; theirs (O1*O2...) x d_in: a run of O1 is a
+  run of their rows when O2... are whole."""
+  if not _whole(index[2:], shape[2:]):
+    return None
+  rest = int(np.prod(shape[2:]))
+  (i0, i1), (o0, o1) = _span(index[0], shape[0]), _span(index[1], shape[1])
+  return ((slice(o0 * rest, o1 * rest), slice(i0, i1)),
+          lambda block: np.ascontiguousarray(block.T).reshape(
+              i1 - i0, o1 - o0, *shape[2:]))
+
+
+def _o_part(index, shape):
+  """Ours H x K x D; theirs D x (H*K)."""
+  if not _whole(index[1:2], shape[1:2]):
+    return None
+  K = shape[1]
+  (h0, h1), (d0, d1) = _span(index[0], shape[0]), _span(index[2], shape[2])
+  return ((slice(d0, d1), slice(h0 * K, h1 * K)),
+          lambda block: np.ascontiguousarray(block.T).reshape(
+              h1 - h0, K, d1 - d0))
+
+
+def _bias_part(index, shape):
+  """Ours H x K (or D); theirs H*K."""
+  if not _whole(index[1:], shape[1:]):
+    return None
+  rest = int(np.prod(shape[1:]))
+  h0, h1 = _span(index[0], shape[0])
+  return ((slice(h0 * rest, h1 * rest),),
+          lambda block: block.reshape(h1 - h0, *shape[1:]))
 
 
 def tensors(cfg) -> list[Tensor]:
@@ -53,21 +105,22 @@ def tensors(cfg) -> list[Tensor]:
   D, F, H, N, K, V = (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads,
                       cfg.k, cfg.vocab_size)
   G = H // N
-  same = (lambda w: w, lambda w: w)
+  same = (lambda w: w, lambda w: w, _same_part)
 
   def proj(d_in: int, out_shape: tuple):
     """Ours: d_in x out_shape; Hugging Face: prod(out_shape) x d_in."""
     out = int(np.prod(out_shape))
     return (lambda w: np.ascontiguousarray(w.T).reshape(d_in, *out_shape),
-            lambda w: np.ascontiguousarray(w.reshape(d_in, out).T))
+            lambda w: np.ascontiguousarray(w.reshape(d_in, out).T),
+            _proj_part)
 
   def o_proj():
     """Ours: H x K x D; Hugging Face: D x H*K."""
     return (lambda w: np.ascontiguousarray(w.T).reshape(H, K, D),
-            lambda w: np.ascontiguousarray(w.reshape(H * K, D).T))
+            lambda w: np.ascontiguousarray(w.reshape(H * K, D).T), _o_part)
 
   def bias(shape: tuple):
-    return (lambda b: b.reshape(shape), lambda b: b.reshape(-1))
+    return (lambda b: b.reshape(shape), lambda b: b.reshape(-1), _bias_part)
 
   out = [Tensor("model.embed_tokens.weight", ("transformer", "embedding"),
                 None, *same)]
@@ -167,9 +220,13 @@ class Folder:
     with self._open(self.file_of[name]) as f:
       return tuple(f.get_slice(name).get_shape())
 
-  def read(self, name: str) -> np.ndarray:
+  def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+    """The tensor, or only its block `index` (a tuple of slices): then only
+    those bytes of the file are read."""
     with self._open(self.file_of[name]) as f:
-      return f.get_tensor(name)
+      if index is None:
+        return f.get_tensor(name)
+      return f.get_slice(name)[index]
 
 
 # Buffers some checkpoints carry that are recomputed, not weights.
@@ -217,36 +274,57 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def read(folder: Folder, specs: list[Tensor], abstract_params) -> dict:
+def read(folder: Folder, specs: list[Tensor], abstract_params,
+         stats: dict | None = None) -> dict:
   """The parameter tree, each leaf placed on its abstract leaf's sharding
-  and dtype. One converted tensor is held at a time (re-read when a later
-  device shard needs another)."""
+  and dtype. Each device's part is read as one block of its Hugging Face
+  tensor where it is one (every layout here, unless head_dim is sharded),
+  else from the whole tensor, converted once and held until the next; a
+  part several devices hold (replicas) is read once. At most one leaf's
+  parts are held at a time. `stats["bytes_read"]` counts what this process
+  read."""
   by_path: dict[tuple, list[Tensor]] = {}
   for t in specs:
     by_path.setdefault(t.path, []).append(t)
   params = jax.tree.map(lambda x: x, abstract_params)  # Same structure.
+  stats = {} if stats is None else stats
+  stats.setdefault("bytes_read", 0)
   cache: dict[str, np.ndarray] = {}
 
-  def converted(t: Tensor, dtype) -> np.ndarray:
+  parts: dict[tuple, np.ndarray] = {}  # One leaf's, for its replicas.
+
+  def part(t: Tensor, index: tuple, shape: tuple, dtype) -> np.ndarray:
+    how = t.part(index, shape) if t.part else None
+    if how is not None:
+      key = (t.name, tuple(_span(s, d) for s, d in zip(index, shape)))
+      if key not in parts:
+        block = folder.read(t.name, how[0])
+        stats["bytes_read"] += block.nbytes
+        parts[key] = how[1](block).astype(dtype)
+      return parts[key]
     if t.name not in cache:
       cache.clear()
-      cache[t.name] = t.to_ours(folder.read(t.name)).astype(dtype)
-    return cache[t.name]
+      whole = folder.read(t.name)
+      stats["bytes_read"] += whole.nbytes
+      cache[t.name] = t.to_ours(whole).astype(dtype)
+    return cache[t.name][index]
 
   for path, group in by_path.items():
     leaf = _at(abstract_params, path)
     layers = {t.layer: t for t in group}
 
     def shard(index, leaf=leaf, layers=layers):
+      index = tuple(index)
       if None in layers:
-        return converted(layers[None], leaf.dtype)[index]
+        return part(layers[None], index, leaf.shape, leaf.dtype)
       rows = range(*index[0].indices(leaf.shape[0]))
-      return np.stack([converted(layers[i], leaf.dtype)[index[1:]]
+      return np.stack([part(layers[i], index[1:], leaf.shape[1:], leaf.dtype)
                        for i in rows])
 
     _set(params, path, jax.make_array_from_callback(
         leaf.shape, leaf.sharding, shard, dtype=leaf.dtype))
     cache.clear()
+    parts.clear()
   return params
 
 

@@ -29,6 +29,34 @@ _VERBOSE = flags.DEFINE_boolean(
 _CONFIG_VALUE = re.compile(r"^--(?P<flag>\w+)=(?P<path>[^:]+\.py)(:.*)?$")
 
 
+def distributed_flags() -> Callable[[], str]:
+  """Defines the flags of a multi-process job (every host runs the same
+  command; scripts/launch_local.py adds them on one machine) and returns
+  the function that joins it: call it in `main` before anything starts a
+  JAX backend. SLURM, Open MPI and Cloud TPU are detected without flags."""
+  coordinator = flags.DEFINE_string(
+      "coordinator_address", None, "HOST:PORT of process 0's coordination "
+      "service, for a multi-process job.")
+  num_processes = flags.DEFINE_integer(
+      "num_processes", None, "Processes in the job (all hosts together).")
+  process_id = flags.DEFINE_integer(
+      "process_id", None, "This process's index in [0, num_processes).")
+  init_timeout = flags.DEFINE_integer(
+      "initialization_timeout", 300, "Seconds to wait for all processes to "
+      "join before failing.")
+  heartbeat_timeout = flags.DEFINE_integer(
+      "heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+      "process counts as dead and the job ends on every process.")
+
+  def initialize() -> str:
+    from lm import distributed  # noqa: PLC0415 - jax reads XLA_FLAGS late.
+    return distributed.initialize(
+        coordinator.value, num_processes.value, process_id.value,
+        initialization_timeout=init_timeout.value,
+        heartbeat_timeout=heartbeat_timeout.value)
+  return initialize
+
+
 def verbose() -> bool:
   return _VERBOSE.value or os.environ.get("LM_VERBOSE", "") not in ("", "0")
 

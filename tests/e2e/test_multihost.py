@@ -224,3 +224,46 @@ def test_processes_that_disagree_on_the_job_all_stop(tmp_path, data_dir):
     assert "The processes disagree about the job" in out, out[-3000:]
     assert "--num_processes [2, 3]" in out
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_a_two_process_import_reads_half_each_and_equals_one_process(
+    tmp_path):
+  """scripts/import_hf.py as a 2 x 4-device job with FSDP over all 8: each
+  process reads only its devices' halves (plus the replicated norms), and
+  the run holds the same bits as a one-process import."""
+  import torch  # noqa: PLC0415 - a test dependency.
+  import transformers  # noqa: PLC0415
+  hf_dir = tmp_path / "hf"
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(
+      vocab_size=256, hidden_size=64, intermediate_size=96,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=64)).save_pretrained(hf_dir)
+  args = [f"--hf_dir={hf_dir}", "--tokenizer=byte", "--mesh=fsdp=8"]
+  script = os.path.join(REPO, "scripts", "import_hf.py")
+  launch = subprocess.run(
+      [sys.executable, LAUNCH, "--num_processes=2", "--devices_per_process=4",
+       f"--script={script}", "--", f"--workdir={tmp_path / 'two'}", *args],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
+      capture_output=True, text=True, timeout=TIMEOUT)
+  assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+  read = [float(m) for m in re.findall(r"this process read ([\d.]+) MiB",
+                                       launch.stdout)]
+  one = subprocess.run(
+      [sys.executable, script, f"--workdir={tmp_path / 'one'}", *args],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=xla_flags(8)),
+      capture_output=True, text=True, timeout=TIMEOUT)
+  assert one.returncode == 0, one.stderr[-3000:]
+  total = float(re.search(r"this process read ([\d.]+) MiB", one.stdout)[1])
+  assert len(read) == 2 and all(r < 0.6 * total for r in read), (
+      read, total)
+  a, b = (jax_params(tmp_path / name) for name in ("two", "one"))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def jax_params(workdir):
+  import jax  # noqa: PLC0415
+  return jax.tree.leaves(jax.device_get(restore.load(workdir,
+                                                     "1,1,1").params))

@@ -121,8 +121,11 @@ def test_sharded_import_is_the_same_model(hf_dirs, imported, tmp_path):
   """Placed shard by shard on a (2, 2, 2) mesh: the same bits as the
   default fsdp=8 import, and the same logits as on one device."""
   workdir = tmp_path / "sharded"
-  hf_run.import_run(str(hf_dirs["qwen2"]), str(workdir), mesh="2,2,2",
-                    tokenizer="byte", warn=lambda _: None)
+  summary = hf_run.import_run(str(hf_dirs["qwen2"]), str(workdir),
+                              mesh="2,2,2", tokenizer="byte",
+                              warn=lambda _: None)
+  # Each device's part read as one block, each replicated part once.
+  assert summary["bytes_read"] == 4 * summary["parameters"]
   sharded = restore.load(workdir)
   assert dict(sharded.setup.mesh.shape)["tensor"] == 2
   default = restore.load(imported["qwen2"])
