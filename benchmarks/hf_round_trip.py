@@ -24,6 +24,7 @@ from benchmarks import common
 
 NAME = "hf_round_trip"
 PROMPT = "ROMEO."
+EVALS = ("trained", "imported back", "imported, +100 steps")  # In order.
 
 
 def _py(*args: str) -> str:
@@ -89,7 +90,8 @@ def tables(results: dict) -> dict[str, str]:
         "yes" if results["round_trip_bit_identical"] else "NO"]]
       + [[f"test split, {name}", f"loss {e['loss']:.4f}, "
           f"{e['bits_per_byte']:.4f} bits/byte"]
-         for name, e in results["evals"].items()])
+         for name, e in sorted(results["evals"].items(),
+                               key=lambda kv: EVALS.index(kv[0]))])
   return {"logits": logits, "checks": checks}
 
 
