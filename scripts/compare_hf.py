@@ -50,17 +50,17 @@ def main(argv):
     with torch.no_grad():
       return hf_model(torch.as_tensor(tokens)).logits.numpy()
 
-  for row in compare.compare(_WORKDIR.value, theirs, lengths,
-                             batch=_BATCH.value, seed=_SEED.value,
-                             mesh=_MESH.value):
+  from lm.run import restore  # noqa: PLC0415
+  loaded = restore.load(_WORKDIR.value, _MESH.value)
+  for row in compare.compare(loaded, theirs, lengths, batch=_BATCH.value,
+                             seed=_SEED.value):
     print(f"length {row['length']:5d}: max |logit diff| "
           f"{row['max_abs_diff']:.3g}, KL/token {row['kl_per_token']:.3g}, "
           f"greedy agreement {row['argmax_agreement']:.3f}")
   if _PROMPT.value is None:
     return
   from lm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-  from lm.run import restore  # noqa: PLC0415
-  tok = tokenizer_lib.get(restore.load_config(_WORKDIR.value).data.tokenizer)
+  tok = tokenizer_lib.get(loaded.config.data.tokenizer)
   hf_tok = transformers.AutoTokenizer.from_pretrained(_HF_DIR.value)
   prompt = np.asarray(tok.encode(_PROMPT.value), np.int32)
   hf_prompt = hf_tok(_PROMPT.value, add_special_tokens=False)["input_ids"]
@@ -68,7 +68,7 @@ def main(argv):
     raise UsageError(f"the two tokenizers encode --prompt differently "
                      f"(ours {list(prompt)[:8]}..., transformers' "
                      f"{hf_prompt[:8]}...): not the same tokenizer.")
-  ours = compare.greedy(_WORKDIR.value, prompt, _NEW.value, _MESH.value)
+  ours = compare.greedy(loaded, prompt, _NEW.value)
   with torch.no_grad():
     theirs = hf_model.generate(
         torch.as_tensor(prompt[None]), do_sample=False,

@@ -34,11 +34,14 @@ def kl_per_token(reference_BxLxV: np.ndarray, ours_BxLxV: np.ndarray
   return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
 
 
-def compare(workdir: str, reference: Callable[[np.ndarray], np.ndarray],
+def compare(run: str | restore.Loaded,
+            reference: Callable[[np.ndarray], np.ndarray],
             lengths: list[int], *, batch: int = 2, seed: int = 0,
             mesh: str | None = None) -> list[dict]:
-  """Per length: max |logit difference|, KL per token, greedy agreement."""
-  loaded = restore.load(workdir, mesh)
+  """Per length: max |logit difference|, KL per token, greedy agreement.
+  `run`: a run directory (restored onto `mesh`) or a restored run."""
+  loaded = run if isinstance(run, restore.Loaded) else restore.load(run,
+                                                                    mesh)
   ours = logits_fn(loaded)
   vocab = loaded.setup.model_cfg.vocab_size
   rng = np.random.default_rng(seed)
@@ -54,12 +57,11 @@ def compare(workdir: str, reference: Callable[[np.ndarray], np.ndarray],
   return rows
 
 
-def greedy(workdir: str, prompt_ids: np.ndarray, max_new_tokens: int,
-           mesh: str | None = None) -> np.ndarray:
+def greedy(loaded: restore.Loaded, prompt_ids: np.ndarray,
+           max_new_tokens: int) -> np.ndarray:
   """Our greedy continuation (KV-cache decoding, as generate.py) of one
   prompt: max_new_tokens ids."""
   from lm import sample  # noqa: PLC0415
-  loaded = restore.load(workdir, mesh)
   fn = jax.jit(lambda params, prompt: sample.generate(
       loaded.setup.graphdef, params, prompt, jax.random.key(0),
       max_new_tokens=max_new_tokens, temperature=0.0))
