@@ -118,7 +118,9 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
       stats = {}
       state = state_lib.state_from_params(setup, config, hf_weights.read(
           folder, specs, setup.abstract_state.params, stats))
-      ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+      # Without OCDBT: its host buffers would hold most of the state again.
+      ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False,
+                                   ocdbt=False)
       try:
         ckpt.save(0, state, force=True)
       finally:
