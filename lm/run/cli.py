@@ -12,6 +12,7 @@ its traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -58,7 +59,8 @@ def distributed_flags() -> Callable[[], str]:
 
 
 def verbose() -> bool:
-  return _VERBOSE.value or os.environ.get("LM_VERBOSE", "") not in ("", "0")
+  return ((flags.FLAGS.is_parsed() and _VERBOSE.value)
+          or os.environ.get("LM_VERBOSE", "") not in ("", "0"))
 
 
 def fail(message: str) -> None:
@@ -133,7 +135,32 @@ def _closed_event_loop(value) -> bool:
           and str(value) == "Event loop is closed" and not verbose())
 
 
+def _from_orbax(error: BaseException | None) -> bool:
+  """Whether the error (or one it was raised from) passed through orbax."""
+  while error is not None:
+    tb = error.__traceback__
+    while tb is not None:
+      if "/orbax/" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _OrbaxLeftoverLogs(logging.Filter):
+  """asyncio's "Task/Future exception was never retrieved" for an orbax
+  read nobody awaits any more (a restore that failed on one array leaves
+  the others' behind). It is logged whenever the task is collected, even
+  after the checkpoint is closed, so the filter stays for the process."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if verbose() or "exception was never retrieved" not in record.getMessage():
+      return True
+    return not _from_orbax(record.exc_info[1] if record.exc_info else None)
+
+
 def _quiet_hooks() -> None:
+  logging.getLogger("asyncio").addFilter(_OrbaxLeftoverLogs())
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda kind, value, tb: (
       None if _closed_event_loop(value) else excepthook(kind, value, tb))
@@ -145,7 +172,8 @@ def _quiet_hooks() -> None:
 def _orbax_leftover(unraisable) -> bool:
   """An orbax coroutine's error that nobody awaited any more: a restore
   that failed on one array (a damaged checkpoint) leaves the reads of the
-  others behind. The failure itself is reported (and acted on) once."""
+  others behind. The failure itself is reported (and acted on) once; as
+  for _OrbaxLeftoverLogs."""
   code = getattr(unraisable.object, "cr_code", None)
   return (code is not None and "/orbax/" in code.co_filename
           and not verbose())

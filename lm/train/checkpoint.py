@@ -67,9 +67,6 @@ class _OrbaxErrors(logging.Filter):
     self.first: str | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.name == "asyncio":  # The other reads of a failed restore.
-      return ("exception was never retrieved" not in record.getMessage()
-              or _verbose())
     if record.levelno < logging.ERROR or "/orbax/" not in record.pathname:
       return True
     if self.first is None:
@@ -98,8 +95,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save),
         item_names=("state", "data"), item_handlers=handlers or None)
     self._errors = _OrbaxErrors()
-    for name in ("absl", "asyncio"):
-      logging.getLogger(name).addFilter(self._errors)
+    logging.getLogger("absl").addFilter(self._errors)
     self._pending: int | None = None  # Saved, not yet known to be complete.
     self.last_intact = self.manager.latest_step()
 
@@ -257,5 +253,4 @@ class Checkpointer:
       self.check_saved(wait=True)
     finally:
       self.manager.close()
-      for name in ("absl", "asyncio"):
-        logging.getLogger(name).removeFilter(self._errors)
+      logging.getLogger("absl").removeFilter(self._errors)
