@@ -135,17 +135,15 @@ def make_setup(config, mesh: Mesh) -> Setup:
 
 
 def state_from_params(setup: Setup, config, params) -> TrainState:
-  """A step-0 train state around given (sharded) parameters: a fresh
-  optimizer state, as `init_fn` makes, placed on the state's shardings.
-  For parameters that come from elsewhere (an import, another run); they
-  are donated (the state holds them, not a copy)."""
-  def make(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=setup.tx.init(params),
-                      loss_scale=precision.initial_loss_scale(
-                          config.precision))
-  return jax.jit(make, out_shardings=setup.state_shardings,
-                 donate_argnums=0)(params)
+  """A step-0 train state around given (sharded) parameters, with the
+  optimizer state `init_fn` would make. For parameters that come from
+  elsewhere (an import, another run). The optimizer state is made op by op
+  (each op keeps its input's sharding), not by one jitted program over the
+  whole state, whose buffers an import of a large model cannot spare."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=setup.tx.init(params),
+                     loss_scale=precision.initial_loss_scale(config.precision))
+  return jax.device_put(state, setup.state_shardings)
 
 
 def count_params(params) -> int:
