@@ -241,3 +241,32 @@ def train_family(config: ml_collections.ConfigDict, mesh_shape: dict,
   config.train.update(steps=steps, batch_size=16)
   return run_steps(config, mesh_shape,
                    batches or family_batches(config, steps))
+
+
+def init_run(tmp_path, **model):
+  """A run directory (tmp_path / "init") holding a randomly initialized
+  transformer (tiny_config with `model` overrides; no training), with
+  non-zero biases."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from lm.parallel import make_mesh, rules as rules_lib  # noqa: PLC0415
+  from lm.run import checks, loop  # noqa: PLC0415
+  from lm.train import checkpoint, state  # noqa: PLC0415
+  config = tiny_config(**{f"model.{k}": v for k, v in model.items()})
+  config.mesh = dict(data=1, fsdp=2, tensor=2, stage=1, expert=1,
+                     sequence=1)
+  config, _ = checks.validate(config, num_devices=4)
+  workdir = tmp_path / "init"
+  mesh = make_mesh(config.mesh, jax.devices()[:4])
+  with rules_lib.use(rules_lib.Rules()), jax.set_mesh(mesh):
+    setup = state.make_setup(config, mesh)
+    init = setup.init_fn(jax.random.key(3))
+    # Non-zero biases, so a misplaced one shows.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 * jnp.arange(x.size, dtype=x.dtype).reshape(
+            x.shape) / x.size if "bias" in jax.tree_util.keystr(p) else x,
+        init.params)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(0, init.replace(params=params), force=True)
+    ckpt.close()
+  loop.write_config(config, workdir)
+  return workdir

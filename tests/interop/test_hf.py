@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, assert_reordered, xla_flags
+from conftest import REPO, assert_reordered, init_run, xla_flags
 from tokenizer_files import real_files  # noqa: F401 - a fixture.
 from lm.checks import ConfigError
 from lm.data import tokenizer as tokenizer_lib
@@ -154,40 +153,13 @@ def test_import_then_export_gives_back_the_same_bits(kind, hf_dirs, imported,
       kind, "LlamaForCausalLM")
 
 
-def _init_run(tmp_path: Path, **model) -> Path:
-  """A run directory holding a randomly initialized model (no training)."""
-  from conftest import tiny_config  # noqa: PLC0415
-  from lm.parallel import make_mesh, rules as rules_lib  # noqa: PLC0415
-  from lm.run import checks, loop  # noqa: PLC0415
-  from lm.train import checkpoint, state  # noqa: PLC0415
-  config = tiny_config(**{f"model.{k}": v for k, v in model.items()})
-  config.mesh = dict(data=1, fsdp=2, tensor=2, stage=1, expert=1,
-                     sequence=1)
-  config, _ = checks.validate(config, num_devices=4)
-  workdir = tmp_path / "init"
-  mesh = make_mesh(config.mesh, jax.devices()[:4])
-  with rules_lib.use(rules_lib.Rules()), jax.set_mesh(mesh):
-    setup = state.make_setup(config, mesh)
-    init = setup.init_fn(jax.random.key(3))
-    # Non-zero biases, so a misplaced one shows.
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.1 * jnp.arange(x.size, dtype=x.dtype).reshape(
-            x.shape) / x.size if "bias" in jax.tree_util.keystr(p) else x,
-        init.params)
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(0, init.replace(params=params), force=True)
-    ckpt.close()
-  loop.write_config(config, workdir)
-  return workdir
-
-
 @pytest.mark.parametrize("model", [
     dict(scan_layers=True, tie_embeddings=False),
     dict(fused_qkv=True, qkv_bias=True),  # Unfused on export; Qwen2.
     dict(qkv_bias=True, out_bias=True, head_dim=32),  # Llama attention_bias.
 ], ids=["scanned", "fused_qkv_qwen2", "attention_bias"])
 def test_our_models_export_to_transformers(model, tmp_path):
-  workdir = _init_run(tmp_path, **model)
+  workdir = init_run(tmp_path, **model)
   out = tmp_path / "hf"
   hf_run.export_run(str(workdir), str(out))
   reference, _ = hf_logits(out)
@@ -310,7 +282,7 @@ def test_bad_tensors_are_named_and_nothing_is_written(how, message, hf_dirs,
 
 
 def test_what_llama_cannot_express_is_refused_on_export(tmp_path):
-  workdir = _init_run(tmp_path, mlp="gelu")
+  workdir = init_run(tmp_path, mlp="gelu")
   with pytest.raises(hf_config.HFConfigError, match="config.model.mlp"):
     hf_run.export_run(str(workdir), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
