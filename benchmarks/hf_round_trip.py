@@ -102,9 +102,8 @@ def main(argv: list[str]) -> None:
   args = parser.parse_args(argv[1:])
   with tempfile.TemporaryDirectory() as tmp:
     data = measure(Path(tmp), args.steps)
-  path = common.write(NAME, data, args.out, argv)
-  for table in tables(common.read(NAME) if path == common.RESULTS /
-                      f"{NAME}.json" else data).values():
+  common.write(NAME, data, args.out, argv)
+  for table in tables(data).values():
     print(table + "\n")
 
 

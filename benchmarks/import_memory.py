@@ -147,9 +147,9 @@ def main(argv: list[str]) -> None:
                        env=common.simulated_devices(8))
       phases.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(phases[-1], flush=True)
-  common.write(NAME, {"model": model, "phases": phases}, args.out, argv)
-  print(tables(common.read(NAME) if args.out == common.RESULTS / f"{NAME}.json"
-               else {"model": model, "phases": phases})["phases"])
+  data = {"model": model, "phases": phases}
+  common.write(NAME, data, args.out, argv)
+  print(tables(data)["phases"])
 
 
 if __name__ == "__main__":

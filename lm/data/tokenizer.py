@@ -280,6 +280,13 @@ def _load(spec: str, kind: str, path: str, stat, beside_stat) -> Tokenizer:
   return cls(spec, Path(path))
 
 
+def same(spec_a: str, spec_b: str) -> bool:
+  """Whether two config.data.tokenizer values give the same token ids
+  (equal fingerprints, whatever the paths); ConfigError if one does not
+  load."""
+  return get(spec_a).fingerprint == get(spec_b).fingerprint
+
+
 def find_in_hf_dir(hf_dir) -> Path | None:
   """The tokenizer file of a Hugging Face model folder: tokenizer.json if it
   has one (what transformers itself prefers), else tokenizer.model."""

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import ml_dtypes
+import numpy as np
 
 from lm import config as config_lib, models, paths
 from lm.checks import UsageError
@@ -144,8 +146,6 @@ def export_run(workdir: str, out: str, *, dtype: str = "float32",
                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
   """Writes the latest checkpoint of `workdir` as a Hugging Face folder
   `out` that transformers' AutoModelForCausalLM.from_pretrained loads."""
-  import numpy as np  # noqa: PLC0415
-  import ml_dtypes  # noqa: PLC0415
   dtypes = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
   if dtype not in dtypes:
     raise UsageError(f"--dtype={dtype!r}: use one of {sorted(dtypes)}.")

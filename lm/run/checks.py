@@ -175,11 +175,10 @@ def resume(config, workdir) -> None:
     return
   before = json.loads(old.read_text()).get("data", {}).get("tokenizer")
   now = config.data.get("tokenizer")
-  if before is None or now is None or before == now and now == "byte":
+  if before is None or now is None or before == now == "byte":
     return
   try:
-    same = (tokenizer_lib.get(before).fingerprint
-            == tokenizer_lib.get(now).fingerprint)
+    same = tokenizer_lib.same(before, now)
   except ConfigError:  # The old file is gone: compare what the configs say.
     same = before == now
   require(same, f"config.data.tokenizer={now!r} differs from the "
@@ -203,8 +202,7 @@ def _init_from(config) -> None:
         f"this run's {ours.get(key)!r}; the parameters must have the same "
         "shapes. Start from its config: "
         f"--config=configs/run.py:{config.train.init_from}.")
-  mine = tokenizer_lib.get(config.data.tokenizer).fingerprint
-  require(tokenizer_lib.get(source.data.tokenizer).fingerprint == mine,
+  require(tokenizer_lib.same(source.data.tokenizer, config.data.tokenizer),
           f"{where}: it was trained with config.data.tokenizer="
           f"{source.data.tokenizer!r}, which differs from this run's "
           f"{config.data.tokenizer!r}; token ids would mean other text. Use "

@@ -80,9 +80,9 @@ class LanguageModeling(Supervised):
         f"differs from the student's {model_cfg.vocab_size}; their logits "
         "must cover the same vocabulary. Use a teacher trained with the same "
         "tokenizer and vocab_size.")
-    same = tokenizer_lib.get(teacher_config.data.tokenizer).fingerprint
     checks.require(
-        same == tokenizer_lib.get(self.config.data.tokenizer).fingerprint,
+        tokenizer_lib.same(teacher_config.data.tokenizer,
+                           self.config.data.tokenizer),
         f"{where}: the teacher's data.tokenizer="
         f"{teacher_config.data.tokenizer!r} differs from the student's "
         f"{self.config.data.tokenizer!r}.")
