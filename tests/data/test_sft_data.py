@@ -177,7 +177,7 @@ def test_sft_config_errors_name_the_key(tmp_path):
     config = _sft_config(tmp_path, good, **overrides)
     with pytest.raises(checks.ConfigError, match=key.replace(".", r"\.")):
       from lm.run import checks as run_checks  # noqa: PLC0415
-      run_checks.validate(config)
+      run_checks.validate(config, num_devices=1)
 
 
 def test_shakespeare_dialogue_pairs_a_speech_with_the_next():
@@ -188,3 +188,35 @@ def test_shakespeare_dialogue_pairs_a_speech_with_the_next():
       {"prompt": "ROMEO.\nBut soft!\n\nJULIET.\n", "response": "Ay me.\n"},
       {"prompt": "JULIET.\nAy me.\n\nROMEO.\n", "response": "She speaks.\n"}]
   assert json.loads(json.dumps(records[0])) == records[0]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+          "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tokenizer_chat_template_renders_as_transformers(tmp_path):
+  """The tokenizer's own chat template: the text transformers'
+  apply_chat_template renders, with the assistant turns (the content and
+  its end marker, after the generation prompt) trained."""
+  import transformers  # noqa: PLC0415 (a test-only dependency)
+  folder = tok_lib.write_hf_files(tok_lib.ByteTokenizer(), tmp_path / "tok")
+  config_path = folder / "tokenizer_config.json"
+  hf_config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**hf_config, "chat_template": CHATML}))
+  spec = str(folder / "tokenizer.json")
+  messages = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "Who?"},
+              {"role": "assistant", "content": "Romeo."},
+              {"role": "user", "content": "Where?"},
+              {"role": "assistant", "content": "Verona."}]
+  config = tiny_config("", **{"data.tokenizer": spec,
+                              "data.sft.chat_template": "tokenizer"})
+  tok = tok_lib.get(spec)
+  jinja = sft._Jinja(sft.chat_template(spec), tok)
+  pieces = sft.spans({"messages": messages}, config.data.sft, jinja)
+  reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+  assert "".join(p for p, _ in pieces) == reference.apply_chat_template(
+      messages, tokenize=False)
+  assert [p for p, trained in pieces if trained] == [
+      "Romeo.<|im_end|>\n", "Verona.<|im_end|>\n"]
