@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -353,30 +354,42 @@ def make(config, share_index: int = 0, share_count: int = 1) -> Data:
   """
   tok = tokenizer_lib.get(config.data.tokenizer)
   b = prepare(config.data)
-  length = seq_len(config)
-  global_batch = config.train.batch_size
   train_tokens = load_tokens(b, "train", tok)
-  val_tokens = load_tokens(b, "validation", tok)
   if config.data.packing == "segments":
-    examples = lambda split: grain.MapDataset.source(packing.Pieces(  # noqa
-        split.tokens, packing.document_pieces(split.doc_ends, length)))
-    return Data(
-        train=packing.train_iterator(
-            examples(train_tokens), length=length, batch_size=global_batch,
-            seed=config.seed, share_index=share_index,
-            share_count=share_count),
-        eval=packing.eval_batches(
-            examples(val_tokens), length=length, batch_size=global_batch,
-            max_batches=config.train.eval_batches, share_index=share_index,
-            share_count=share_count),
-        tokenizer=tok, eval_bytes_per_token=val_tokens.bytes_per_token)
-  return Data(
-      train=train_iterator(train_tokens.tokens, length=length,
-                           batch_size=global_batch, seed=config.seed,
-                           share_index=share_index, share_count=share_count),
-      eval=eval_batches(val_tokens.tokens, length=length,
-                        batch_size=global_batch,
-                        max_batches=config.train.eval_batches,
-                        share_index=share_index, share_count=share_count),
-      tokenizer=tok,
-      eval_bytes_per_token=val_tokens.bytes_per_token)
+    train = packing.train_iterator(
+        _pieces(config, train_tokens), length=seq_len(config),
+        batch_size=config.train.batch_size, seed=config.seed,
+        share_index=share_index, share_count=share_count)
+  else:
+    train = train_iterator(
+        train_tokens.tokens, length=seq_len(config),
+        batch_size=config.train.batch_size, seed=config.seed,
+        share_index=share_index, share_count=share_count)
+  return Data(train=train, tokenizer=tok, **eval_data(
+      config, "validation", config.train.eval_batches, share_index,
+      share_count))
+
+
+def _pieces(config, split: SplitTokens) -> grain.MapDataset:
+  """The documents of a split as packing examples (lm/data/packing.py)."""
+  return grain.MapDataset.source(packing.Pieces(
+      split.tokens, packing.document_pieces(split.doc_ends, seq_len(config))))
+
+
+def eval_data(config, split: str, max_batches: int, share_index: int = 0,
+              share_count: int = 1) -> dict:
+  """{"eval": the first `max_batches` global batches of `split` (this
+  process's rows), cut as config.data.packing says, "eval_bytes_per_token":
+  its UTF-8 bytes per token}."""
+  tok = tokenizer_lib.get(config.data.tokenizer)
+  tokens = load_tokens(prepare(config.data), split, tok)
+  make_batches = (functools.partial(packing.eval_batches,
+                                    _pieces(config, tokens))
+                  if config.data.packing == "segments"
+                  else functools.partial(eval_batches, tokens.tokens))
+  return {"eval": make_batches(length=seq_len(config),
+                               batch_size=config.train.batch_size,
+                               max_batches=max_batches,
+                               share_index=share_index,
+                               share_count=share_count),
+          "eval_bytes_per_token": tokens.bytes_per_token}
