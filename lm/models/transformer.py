@@ -215,7 +215,7 @@ class Attention(nnx.Module):
       L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
       q_pos_L = cache_index + jnp.arange(L)
       mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
-      mask = mask_LxS[None, None]
+      mask_Bx1xLxS = mask_LxS[None, None]  # Broadcast over the batch.
       new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
       if (segment_ids_BxL is None) != ("segment_ids" not in cache):
         raise ValueError(
@@ -228,12 +228,13 @@ class Attention(nnx.Module):
         seg_BxS = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids_BxL.astype(jnp.int32),
             (0, cache_index))
-        mask = mask & attention.segment_mask(segment_ids_BxL, seg_BxS)
+        mask_Bx1xLxS = mask_Bx1xLxS & attention.segment_mask(
+            segment_ids_BxL, seg_BxS)
         new_cache["segment_ids"] = seg_BxS
       out_BxLxHxK = attention.attend(
           q_BxLxHxK, k_BxSxNxK.astype(q_BxLxHxK.dtype),
-          v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False, mask=mask,
-          impl=cfg.attention_impl)
+          v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False,
+          mask=mask_Bx1xLxS, impl=cfg.attention_impl)
     return self.o(out_BxLxHxK), new_cache
 
 

@@ -12,7 +12,8 @@ from conftest import assert_reordered
 from lm.parallel import context, make_mesh, rules
 
 
-def reference(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, causal):
+def reference(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, causal,
+              segment_ids_BxL=None):
   """Textbook attention over the whole sequence on one device."""
   G = q_BxLxHxK.shape[2] // k_BxLxNxK.shape[2]
   k_BxLxHxK = jnp.repeat(k_BxLxNxK, G, axis=2)  # Head h reads kv head h // G.
@@ -23,6 +24,10 @@ def reference(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, causal):
     mask_Bx1xLxL = (positions_BxL[:, None, None, :]
                     <= positions_BxL[:, None, :, None])
     s_BxHxLxL = jnp.where(mask_Bx1xLxL, s_BxHxLxL, -jnp.inf)
+  if segment_ids_BxL is not None:
+    same_Bx1xLxL = (segment_ids_BxL[:, None, None, :]
+                    == segment_ids_BxL[:, None, :, None])
+    s_BxHxLxL = jnp.where(same_Bx1xLxL, s_BxHxLxL, -jnp.inf)
   return jnp.einsum("bhls,bshk->blhk", jax.nn.softmax(s_BxHxLxL, axis=-1),
                     v_BxLxHxK)
 
@@ -42,15 +47,15 @@ def _value_and_grads(attend, q, k, v, positions, ct):
       q, k, v, positions, ct)
 
 
-def _exact(q, k, v, positions, ct, causal):
+def _exact(q, k, v, positions, ct, causal, attend=None):
   """The reference's loss and gradients in float64: the f32 results under
   test are compared with the exact answer, not with a second f32 rounding
   (measured: each f32 result is within 7e-7 + 1e-5 * |x| of float64, but
   two f32 results at L=4096 are up to 1.4e-6 + 1e-5 * |x| apart)."""
+  attend = attend or functools.partial(reference, causal=causal)
   with jax.enable_x64(True):
     f64 = [x.astype(np.float64) for x in (q, k, v, ct)]
-    want = _value_and_grads(functools.partial(reference, causal=causal),
-                            *f64[:3], positions, f64[3])
+    want = _value_and_grads(attend, *f64[:3], positions, f64[3])
     return jax.tree.map(np.asarray, want)
 
 
@@ -59,6 +64,50 @@ def _assert_close(got, want):
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):  # Sums over the L keys or queries.
     assert_reordered(g, w, reduction=g.shape[1])
+
+
+def _packed_segments(B, L, seed=0):
+  """Per row: 6 documents of random lengths (ids 1..6), then 8 tokens of
+  padding (id 0); positions restart at each of them."""
+  rng = np.random.default_rng(seed)
+  segments = np.zeros((B, L), np.int32)
+  positions = np.zeros((B, L), np.int32)
+  for b in range(B):
+    cuts = np.sort(rng.choice(np.arange(1, L - 8), size=5, replace=False))
+    bounds = [0, *cuts, L - 8, L]
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+      segments[b, start:end] = (i + 1) % 7  # The last span is padding.
+      positions[b, start:end] = np.arange(end - start)
+  return positions, segments
+
+
+@pytest.mark.parametrize("impl", context.IMPLS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_segment_ids_match_masked_reference(impl, causal, monkeypatch):
+  """Packed documents in the zig-zag layout on sequence=4: the ring's key
+  ids travel with K/V (forward and backward; tiles of 4 keys, so the tile
+  scan carries them too), all_gather gathers them. Equals float64 attention
+  masked to same segment (and causal by position)."""
+  monkeypatch.setattr(context, "KV_CHUNK", 4)
+  L, n = 64, 4
+  q, k, v, _, ct = _inputs(2, L, 4, 2, 8)
+  positions, segments = _packed_segments(2, L)
+  exact = functools.partial(reference, causal=causal,
+                            segment_ids_BxL=segments)
+  want = _exact(q, k, v, positions, ct, causal, exact)
+  perm = context.zigzag_permutation(L, n)
+  attend = functools.partial(context.attention, causal=causal, impl=impl,
+                             segment_ids_BxL=segments[:, perm])
+  with jax.set_mesh(make_mesh(dict(sequence=n), jax.devices()[:n])):
+    loss, grads = _value_and_grads(
+        attend, *(x[:, perm] for x in (q, k, v, positions, ct)))
+  back = np.argsort(perm)
+  _assert_close((loss, [np.asarray(g)[:, back] for g in grads]), want)
+  # Without the sequence axis: the same masked attention.
+  _assert_close(_value_and_grads(
+      functools.partial(context.attention, causal=causal, impl=impl,
+                        segment_ids_BxL=segments), q, k, v, positions, ct),
+      want)
 
 
 def test_zigzag_permutation():
