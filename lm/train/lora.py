@@ -126,8 +126,9 @@ def adapt(model: nnx.Module, lora_cfg, example_input, key: jax.Array,
   from `key`, B zero). Raises ConfigError for a pattern that matches no
   projection."""
   provider = qwix.LoraProvider(rules(lora_cfg, dropout))
+  # The adapters are made in a first call, which also drops with dropout.
   adapted = qwix.apply_lora_to_model(model, provider, example_input,
-                                     rngs=nnx.Rngs(params=key))
+                                     rngs=nnx.Rngs(params=key, dropout=key))
   unused = [r.module_path for r in provider.get_unused_rules()]
   if unused:
     paths = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model)
@@ -200,15 +201,33 @@ def init_adapters(model_cfg, family_name: str, lora_cfg, key: jax.Array):
   return split(adapted)[1]
 
 
-def base_from(float_params, graphs_: Graphs, lora_cfg):
+def base_from(float_params, graphdef, adapters_abstract, base_abstract,
+              lora_cfg):
   """The frozen base from a plain run's parameters: the same tree, or
   with base_quant the matched kernels quantized (qwix PTQ arrays: int8 or
-  int4 values and float32 scales). Jit it with the base's shardings."""
+  int4 values and float32 scales). The abstract trees are Setup's (the
+  adapters' and `frozen_abstract`). Jit it with the base's shardings."""
   if lora_cfg.base_quant == "none":
     return float_params
-  model = nnx.merge(graphs_.graphdef, graphs_.adapters_abstract,
-                    graphs_.base_abstract)
+  model = nnx.merge(graphdef, adapters_abstract, base_abstract)
   return qwix.quantize_params(float_params, model)
+
+
+def count_base(base) -> int:
+  """The base's parameters (a quantized kernel counts its values, not its
+  scales)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(base)
+  return sum(int(x.size) for path, x in flat
+             if not (len(path) > 1 and getattr(path[-2], "key", None) == "array"
+                     and path[-1].key != "qvalue"))
+
+
+def nbytes(tree) -> int:
+  """Bytes of a tree's arrays as the devices store them (XLA:CPU keeps an
+  int4 value in a whole byte; TPUs and GPUs pack two to a byte)."""
+  return sum(x.on_device_size_in_bytes() if isinstance(x, jax.Array)
+             else int(x.size) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def _dequantized(kernel) -> jax.Array:
