@@ -28,7 +28,30 @@ _LM_DATA = dict(
     data_dir="",  # tfds data dir; "" = $LM_DATA_DIR or ~/.cache/lm/...
     # byte | a tokenizer.json | a SentencePiece .model (lm/data/tokenizer.py).
     tokenizer="byte",
-    seq_len=0)  # Training window; 0 = config.model.max_len.
+    seq_len=0,  # Training window; 0 = config.model.max_len.
+    # concat: windows cut from the documents joined by EOS (attention
+    # crosses documents) | segments: documents packed into windows with
+    # segment ids; attention and RoPE positions restart at each document.
+    packing="concat",
+    # config.task=sft: supervised fine-tuning data (lm/data/sft.py).
+    sft=dict(
+        # JSON Lines of {"prompt", "response"} or {"messages": [{"role",
+        # "content"}, ...]}, or "shakespeare_dialogue" (built offline from
+        # the plays into the data dir).
+        train="", eval="",
+        # A {"prompt", "response"} record: template.format(prompt=...),
+        # then the response and EOS; the loss is on the response and EOS.
+        template="{prompt}",
+        # A "messages" record: each message as message_template.format(
+        # role=..., content=...), then EOS; the loss is on the assistant
+        # messages and EOS. chat_template=tokenizer renders them with the
+        # tokenizer's own chat template (tokenizer_config.json or
+        # chat_template.jinja beside config.data.tokenizer) instead.
+        message_template="<|{role}|>\n{content}\n",
+        chat_template="config",  # config | tokenizer.
+        # A record longer than the window: truncate (keep its first
+        # seq_len + 1 tokens) | drop. Counted and reported either way.
+        too_long="truncate"))
 _IMAGE_DATA = dict(
     dataset="digits",  # digits | mnist.
     data_dir="",

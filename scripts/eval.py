@@ -2,7 +2,9 @@ r"""Evaluates the latest checkpoint of a run on a held-out split.
 
 python scripts/eval.py --workdir=runs/tiny [--split=test --batches=16]
 Prints the metrics of the run's eval lines: for an LM loss, perplexity and
-bits per byte on --split; for a classifier or a GAN the whole test split
+bits per byte on --split (cut into windows as the run's
+config.data.packing says); for SFT the response loss and perplexity on
+config.data.sft.eval; for a classifier or a GAN the whole test split
 (--split and --batches apply to LMs only).
 """
 from absl import flags, logging
@@ -27,7 +29,7 @@ def main(argv):
   import jax  # noqa: PLC0415
 
   from lm import tasks  # noqa: PLC0415
-  from lm.data import pipeline, tokenizer as tokenizer_lib  # noqa: PLC0415
+  from lm.data import pipeline  # noqa: PLC0415
   from lm.parallel.mesh import batch_share  # noqa: PLC0415
   from lm.quant import serving  # noqa: PLC0415
   from lm.run import loop, restore  # noqa: PLC0415
@@ -38,17 +40,13 @@ def main(argv):
   task = tasks.get(config)
   share = batch_share(loaded.setup.mesh)
   if task.name == "lm":
-    tok = tokenizer_lib.get(config.data.tokenizer)
-    split = pipeline.load_tokens(pipeline.prepare(config.data), _SPLIT.value,
-                                 tok)
-    data = types.SimpleNamespace(
-        eval=pipeline.eval_batches(
-            split.tokens, length=pipeline.seq_len(config),
-            batch_size=config.train.batch_size,
-            max_batches=_BATCHES.value or config.train.eval_batches,
-            share_index=share[0], share_count=share[1]),
-        eval_bytes_per_token=split.bytes_per_token)
+    data = types.SimpleNamespace(**pipeline.eval_data(
+        config, _SPLIT.value, _BATCHES.value or config.train.eval_batches,
+        *share))
     where = f"{_SPLIT.value} ({len(data.eval)} batches)"
+  elif task.name == "sft":
+    data = task.make_data(*share)
+    where = f"config.data.sft.eval ({len(data.eval)} batches)"
   else:
     data = task.make_data(*share)
     where = "test"

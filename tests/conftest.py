@@ -128,7 +128,8 @@ def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,
       ckpt.close()
     else:
       state = setup.init_fn(jax.random.key(config.seed))
-    fn = step_lib.jit_train_step(setup, tasks.get(config))
+    fn = step_lib.jit_train_step(setup, tasks.get(config),
+                                 config.train.grad_accum_steps)
     history = []
     for b in batches:
       b = {k: jax.device_put(v, setup.batch_sharding(v.ndim))

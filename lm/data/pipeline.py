@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -26,9 +27,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lm import checks, paths
-from lm.data import sources, text_corpus, tokenizer as tokenizer_lib
+from lm.data import packing, sources, text_corpus, tokenizer as tokenizer_lib
 
 CORPORA = ("shakespeare", "python_stdlib", "text_dir")
+# config.data.packing: concat = windows cut from the documents joined with
+# EOS (attention crosses documents); segments = documents packed into
+# windows with segment ids (lm/data/packing.py).
+PACKINGS = ("concat", "segments")
 
 
 def seq_len(config) -> int:
@@ -62,12 +67,17 @@ def check(config, model_cfg) -> None:
   """config.data of a language-modeling run (before anything is read)."""
   data = config.data
   checks.one_of(data.corpus, CORPORA, "config.data.corpus")
+  checks.one_of(data.packing, PACKINGS, "config.data.packing")
   # A key the user set and the run would ignore is an error.
   checks.require(
       data.corpus == "text_dir" or not data.text_dir,
       f"config.data.text_dir={data.text_dir!r} is set but config.data.corpus="
       f"{data.corpus!r} does not read it; add --config.data.corpus=text_dir "
       "to train on that directory, or drop text_dir.")
+  checks.require(
+      not (data.sft.train or data.sft.eval),
+      "config.data.sft is set but config.task=lm does not read it; add "
+      "--config.task=sft to fine-tune on it, or drop the sft keys.")
   check_tokens(data, model_cfg, seq_len(config))
   if data.corpus == "text_dir":
     sources.text_dir_files(data.text_dir)
@@ -128,6 +138,9 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
 class SplitTokens:
   tokens: np.ndarray  # All documents of the split, each followed by EOS.
   num_bytes: int  # UTF-8 bytes of text behind those tokens.
+  # Where each document (with its EOS) ends in `tokens`, exclusive: what
+  # config.data.packing=segments packs.
+  doc_ends: np.ndarray
 
   @property
   def bytes_per_token(self) -> float:
@@ -177,7 +190,7 @@ def load_tokens(b: tfds.core.DatasetBuilder, split: str,
 def _tokenize(b: tfds.core.DatasetBuilder, split: str, tok) -> SplitTokens:
   source = b.as_data_source(split=split)
   dtype = token_dtype(tok.vocab_size)
-  pieces, num_bytes = [], 0
+  pieces, num_bytes, ends = [], 0, []
   eos = np.array([tok.eos_id], dtype)
   for i in range(len(source)):
     text = source[i]["text"]
@@ -185,10 +198,12 @@ def _tokenize(b: tfds.core.DatasetBuilder, split: str, tok) -> SplitTokens:
     if len(ids):
       pieces += [ids.astype(dtype), eos]
       num_bytes += tok.num_bytes(text)
+      ends.append((ends[-1] if ends else 0) + len(ids) + 1)
   if not pieces:
     raise sources.DataError(f"The {split!r} split of {b.builder_config.name!r}"
                             f" in {b.data_dir} is empty.")
-  return SplitTokens(np.concatenate(pieces), num_bytes)
+  return SplitTokens(np.concatenate(pieces), num_bytes,
+                     np.asarray(ends, np.int64))
 
 
 def _read_cache(folder: epath.Path, split: str,
@@ -202,12 +217,16 @@ def _read_cache(folder: epath.Path, split: str,
     meta = json.loads(meta_path.read_text())
     with (folder / f"{split}.npy").open("rb") as f:
       tokens = np.load(f, allow_pickle=False)
+    # A cache written before documents' ends were kept has none: stale.
+    with (folder / f"{split}.ends.npy").open("rb") as f:
+      ends = np.load(f, allow_pickle=False)
   except (OSError, ValueError):  # Damaged: tokenized afresh.
     return None
   if (not isinstance(meta, dict) or meta.get("source") != source
-      or len(tokens) != meta.get("num_tokens")):
+      or len(tokens) != meta.get("num_tokens")
+      or not len(ends) or ends[-1] != len(tokens)):
     return None
-  return SplitTokens(tokens, meta["num_bytes"])
+  return SplitTokens(tokens, meta["num_bytes"], ends)
 
 
 def _write_cache(folder: epath.Path, split: str, split_tokens: SplitTokens,
@@ -218,10 +237,12 @@ def _write_cache(folder: epath.Path, split: str, split_tokens: SplitTokens,
           "dtype": split_tokens.tokens.dtype.name, **about}
   # Each file appears whole or not at all: written aside, then renamed.
   suffix = f".tmp-{os.getpid()}"
-  npy_tmp = folder / f"{split}.npy{suffix}"
-  with npy_tmp.open("wb") as f:
-    np.save(f, split_tokens.tokens, allow_pickle=False)
-  npy_tmp.replace(folder / f"{split}.npy")
+  for name, array in ((f"{split}.npy", split_tokens.tokens),
+                      (f"{split}.ends.npy", split_tokens.doc_ends)):
+    npy_tmp = folder / f"{name}{suffix}"
+    with npy_tmp.open("wb") as f:
+      np.save(f, array, allow_pickle=False)
+    npy_tmp.replace(folder / name)
   json_tmp = folder / f"{split}.json{suffix}"
   json_tmp.write_text(json.dumps(meta, indent=1))
   json_tmp.replace(folder / f"{split}.json")
@@ -316,7 +337,9 @@ def masked_batches(columns: dict[str, np.ndarray], *, batch_size: int,
 
 @dataclasses.dataclass
 class Data:
-  train: object  # grain DatasetIterator of {"tokens": B_local x (L+1)}.
+  # grain DatasetIterator of {"tokens": B_local x (L+1)}, or of packed
+  # batches (lm/data/packing.py) with config.data.packing=segments.
+  train: object
   eval: list[dict]  # Fixed validation batches.
   tokenizer: object
   eval_bytes_per_token: float
@@ -331,17 +354,42 @@ def make(config, share_index: int = 0, share_count: int = 1) -> Data:
   """
   tok = tokenizer_lib.get(config.data.tokenizer)
   b = prepare(config.data)
-  length = seq_len(config)
-  global_batch = config.train.batch_size
   train_tokens = load_tokens(b, "train", tok)
-  val_tokens = load_tokens(b, "validation", tok)
-  return Data(
-      train=train_iterator(train_tokens.tokens, length=length,
-                           batch_size=global_batch, seed=config.seed,
-                           share_index=share_index, share_count=share_count),
-      eval=eval_batches(val_tokens.tokens, length=length,
-                        batch_size=global_batch,
-                        max_batches=config.train.eval_batches,
-                        share_index=share_index, share_count=share_count),
-      tokenizer=tok,
-      eval_bytes_per_token=val_tokens.bytes_per_token)
+  if config.data.packing == "segments":
+    train = packing.train_iterator(
+        _pieces(config, train_tokens), length=seq_len(config),
+        batch_size=config.train.batch_size, seed=config.seed,
+        share_index=share_index, share_count=share_count)
+  else:
+    train = train_iterator(
+        train_tokens.tokens, length=seq_len(config),
+        batch_size=config.train.batch_size, seed=config.seed,
+        share_index=share_index, share_count=share_count)
+  return Data(train=train, tokenizer=tok, **eval_data(
+      config, "validation", config.train.eval_batches, share_index,
+      share_count))
+
+
+def _pieces(config, split: SplitTokens) -> grain.MapDataset:
+  """The documents of a split as packing examples (lm/data/packing.py)."""
+  return grain.MapDataset.source(packing.Pieces(
+      split.tokens, packing.document_pieces(split.doc_ends, seq_len(config))))
+
+
+def eval_data(config, split: str, max_batches: int, share_index: int = 0,
+              share_count: int = 1) -> dict:
+  """{"eval": the first `max_batches` global batches of `split` (this
+  process's rows), cut as config.data.packing says, "eval_bytes_per_token":
+  its UTF-8 bytes per token}."""
+  tok = tokenizer_lib.get(config.data.tokenizer)
+  tokens = load_tokens(prepare(config.data), split, tok)
+  make_batches = (functools.partial(packing.eval_batches,
+                                    _pieces(config, tokens))
+                  if config.data.packing == "segments"
+                  else functools.partial(eval_batches, tokens.tokens))
+  return {"eval": make_batches(length=seq_len(config),
+                               batch_size=config.train.batch_size,
+                               max_batches=max_batches,
+                               share_index=share_index,
+                               share_count=share_count),
+          "eval_bytes_per_token": tokens.bytes_per_token}

@@ -19,6 +19,21 @@ outputs and gradients in float32 (tests/models/test_perf_options.py).
 Decoding with a KV cache passes an explicit mask; that path is jax.nn's for
 every choice.
 
+Segment ids (packed documents): `segment_ids_BxL` (int32) lets one row hold
+several documents. A query attends to a key only if both have the same id
+(and, when causal, the key is not later than the query); documents are 1..n
+and padding is 0, just another segment, so every row sees at least itself
+and nothing is NaN. `chunked` adds the same-segment mask to its scores
+inside the custom VJP (forward and the backward's recomputed
+probabilities), keeping its skip of the keys after each chunk; `xla` passes
+a B x 1 x L x S same-segment mask to jax.nn alongside `is_causal`. `cudnn`
+refuses them (`supports_segments`, and a ValueError at trace time): jax.nn
+would turn the mask into a dense additive B x 1 x L x S bias for cuDNN, which
+we cannot test without a GPU. Without segment ids (None) every program is
+the one it was. Context parallelism (lm/parallel/context.py) and the KV
+cache (lm/models/transformer.py) honour them too; tests/models/
+test_segments.py checks each packed document against itself run alone.
+
 Shapes: B batch, L queries, S keys, H query heads, N kv heads (H = N x G:
 query head h reads kv head h // G, as jax.nn does), K head dim.
 """
@@ -34,12 +49,39 @@ from lm.models import tuning
 # Implementation -> the backends that can run it.
 BACKENDS = {"chunked": ("cpu", "gpu", "tpu"), "xla": ("cpu", "gpu", "tpu"),
             "cudnn": ("gpu",)}
+# The implementations that honour segment ids (see above).
+SEGMENTS = ("chunked", "xla")
+
+
+def supports_segments(impl: str) -> bool:
+  """Whether `impl` can attend with segment ids (packed documents)."""
+  return impl in SEGMENTS
+
+
+def check_segments(impl: str) -> None:
+  """A clear error, at trace time, for segment ids `impl` cannot honour."""
+  if not supports_segments(impl):
+    raise ValueError(f"attention_impl={impl!r} cannot honour segment ids "
+                     f"(packed documents); use one of {SEGMENTS}.")
+
+
+def segment_mask(q_segment_ids_BxL, k_segment_ids_BxS):
+  """B x 1 x L x S: True where query and key are in the same segment."""
+  return (q_segment_ids_BxL[:, None, :, None]
+          == k_segment_ids_BxS[:, None, None, :])
 
 
 def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
-           chunks: int = 1, mask=None):
-  """softmax(q k^T / sqrt(K)) v per head, with a causal or an explicit mask."""
+           chunks: int = 1, mask=None, segment_ids_BxL=None):
+  """softmax(q k^T / sqrt(K)) v per head, with a causal or an explicit mask,
+  and (self-attention, S == L) only within segments when segment_ids_BxL is
+  given."""
   dtype = q_BxLxHxK.dtype
+  if segment_ids_BxL is not None:
+    check_segments(impl)
+    if mask is not None:
+      raise ValueError("attend: pass segment ids or an explicit mask, not "
+                       "both (fold the segments into the mask).")
   if dtype == jnp.float16 and jax.default_backend() == "cpu":
     # float16 on XLA:CPU: jax asks for the F16_F16_F32 dot algorithm, which
     # the CPU backend cannot run in the backward pass; compute from float32
@@ -47,11 +89,15 @@ def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
     q_BxLxHxK, k_BxSxNxK, v_BxSxNxK = (
         t.astype(jnp.float32) for t in (q_BxLxHxK, k_BxSxNxK, v_BxSxNxK))
   if impl == "chunked" and mask is None:
-    out_BxLxHxK = _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal, chunks)
+    out_BxLxHxK = _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal, chunks,
+                           segment_ids_BxL)
   else:
+    is_causal = causal and mask is None
+    if segment_ids_BxL is not None:  # jax.nn ands it with is_causal's mask.
+      mask = segment_mask(segment_ids_BxL, segment_ids_BxL)
     out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, is_causal=causal and mask is None,
-        mask=mask, implementation="xla" if impl == "chunked" else impl)
+        q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, is_causal=is_causal, mask=mask,
+        implementation="xla" if impl == "chunked" else impl)
   return out_BxLxHxK.astype(dtype)
 
 
@@ -59,7 +105,8 @@ def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
 # trace and its derivatives (jax caches them per jaxpr) instead of tracing
 # the custom VJP again per layer (a quarter of the bench step's lowering).
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal: bool, chunks: int):
+def _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal: bool, chunks: int,
+             segment_ids_BxL=None):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxSxNxK.shape[2]
   # Head-major inside: every einsum below is then a plain batched GEMM whose
@@ -70,8 +117,11 @@ def _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal: bool, chunks: int):
   q_BxNxGxLxK = q_BxLxHxK.reshape(B, L, N, H // N, K).transpose(0, 2, 3, 1, 4)
   k_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3)
   v_BxNxSxK = v_BxSxNxK.transpose(0, 2, 1, 3)
+  seg_BxL = segment_ids_BxL
   if not causal:
-    out_BxNxGxLxK = _attend_chunk(q_BxNxGxLxK, k_BxNxSxK, v_BxNxSxK, None)
+    segments = None if seg_BxL is None else (seg_BxL, seg_BxL)
+    out_BxNxGxLxK = _attend_chunk(q_BxNxGxLxK, k_BxNxSxK, v_BxNxSxK, None,
+                                  segments)
   else:
     assert k_BxSxNxK.shape[1] == L, "causal chunked attention needs S == L"
     chunks = max(1, min(chunks, L))
@@ -79,28 +129,38 @@ def _chunked(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, causal: bool, chunks: int):
     for end in [L * (i + 1) // chunks for i in range(chunks)]:
       # Queries [start, end) see keys [0, end): the keys after `end` are
       # masked for every query of the chunk, so they are not computed.
+      segments = (None if seg_BxL is None
+                  else (seg_BxL[:, start:end], seg_BxL[:, :end]))
       outs.append(_attend_chunk(q_BxNxGxLxK[:, :, :, start:end],
                                 k_BxNxSxK[:, :, :end], v_BxNxSxK[:, :, :end],
-                                start))
+                                start, segments))
       start = end
     out_BxNxGxLxK = jnp.concatenate(outs, axis=3)
   return out_BxNxGxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
-def _scores(q_BxNxGxCxK, k_BxNxSxK, offset):
+def _scores(q_BxNxGxCxK, k_BxNxSxK, offset, segments):
   """float32 scaled scores; causal (query i at position offset + i) unless
-  offset is None."""
+  offset is None; within segments unless segments (the queries' B x C and
+  the keys' B x S ids) is None."""
   C, S, K = q_BxNxGxCxK.shape[3], k_BxNxSxK.shape[2], q_BxNxGxCxK.shape[-1]
   s_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", q_BxNxGxCxK, k_BxNxSxK,
                            preferred_element_type=jnp.float32) * K ** -0.5
-  if offset is None:
+  mask = None  # C x S, or B x 1 x 1 x C x S with segments.
+  if offset is not None:
+    mask = jnp.arange(S)[None, :] <= (offset + jnp.arange(C))[:, None]
+  if segments is not None:
+    # Query and key in the same segment; B x 1 x 1 x C x S.
+    same_Bx1x1xCxS = segment_mask(*segments)[:, :, None]
+    mask = same_Bx1x1xCxS if mask is None else mask & same_Bx1x1xCxS
+  if mask is None:
     return s_BxNxGxCxS
-  mask_CxS = jnp.arange(S)[None, :] <= (offset + jnp.arange(C))[:, None]
-  return jnp.where(mask_CxS, s_BxNxGxCxS, -jnp.inf)
+  # No row is all -inf: every query sees itself (same segment, not later).
+  return jnp.where(mask, s_BxNxGxCxS, -jnp.inf)
 
 
-def _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
-  s_BxNxGxCxS = _scores(q_BxNxGxCxK, k_BxNxSxK, offset)
+def _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset, segments):
+  s_BxNxGxCxS = _scores(q_BxNxGxCxK, k_BxNxSxK, offset, segments)
   max_BxNxGxCx1 = jnp.max(s_BxNxGxCxS, axis=-1, keepdims=True)
   p_BxNxGxCxS = jnp.exp(s_BxNxGxCxS - max_BxNxGxCx1)
   sum_BxNxGxCx1 = jnp.sum(p_BxNxGxCxS, axis=-1, keepdims=True)
@@ -113,23 +173,26 @@ def _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
   return o_BxNxGxCxK.astype(q_BxNxGxCxK.dtype), lse_BxNxGxCx1
 
 
+# `segments` (None, or the int32 ids of the chunk's queries and of its keys)
+# is an ordinary argument, not a nondiff one: it holds traced arrays. Its
+# cotangent is None (zero), as jax allows for integer inputs.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attend_chunk(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
-  return _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset)[0]
+def _attend_chunk(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset, segments):
+  return _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset, segments)[0]
 
 
-def _attend_chunk_fwd(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset):
+def _attend_chunk_fwd(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, offset, segments):
   o_BxNxGxCxK, lse_BxNxGxCx1 = _forward(q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK,
-                                        offset)
+                                        offset, segments)
   return o_BxNxGxCxK, (q_BxNxGxCxK, k_BxNxSxK, v_BxNxSxK, o_BxNxGxCxK,
-                       lse_BxNxGxCx1)
+                       lse_BxNxGxCx1, segments)
 
 
 def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
-  q, k, v, o, lse_BxNxGxCx1 = residuals
+  q, k, v, o, lse_BxNxGxCx1, segments = residuals
   dtype = q.dtype
   do_BxNxGxCxK = do_BxNxGxCxK.astype(dtype)
-  p_BxNxGxCxS = jnp.exp(_scores(q, k, offset) - lse_BxNxGxCx1)
+  p_BxNxGxCxS = jnp.exp(_scores(q, k, offset, segments) - lse_BxNxGxCx1)
   dv_BxNxSxK = tuning.accumulate_einsum(
       "bngcs,bngck->bnsk", p_BxNxGxCxS.astype(dtype), do_BxNxGxCxK)
   dp_BxNxGxCxS = jnp.einsum("bngck,bnsk->bngcs", do_BxNxGxCxK, v,
@@ -144,7 +207,7 @@ def _attend_chunk_bwd(offset, residuals, do_BxNxGxCxK):
                                           ds_BxNxGxCxS, k)
   dk_BxNxSxK = tuning.accumulate_einsum("bngcs,bngck->bnsk",
                                         ds_BxNxGxCxS, q)
-  return dq_BxNxGxCxK, dk_BxNxSxK, dv_BxNxSxK
+  return dq_BxNxGxCxK, dk_BxNxSxK, dv_BxNxSxK, None
 
 
 _attend_chunk.defvjp(_attend_chunk_fwd, _attend_chunk_bwd)

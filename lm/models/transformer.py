@@ -26,7 +26,9 @@ from lm import checks
 from lm.models import attention, layers, moe as moe_lib, tuning
 from lm.parallel import axis_size, constrain, context, pipeline
 
-Cache = dict[str, jax.Array]  # {"k": [layers] B x S x N x K, "v": same}
+# {"k": [layers] B x S x N x K, "v": same}, and for packed decoding the
+# keys' "segment_ids": [layers] B x S int32 (Model.init_cache(segments=True)).
+Cache = dict[str, jax.Array]
 
 OPTIMIZER_GROUPS = ()  # One optimizer state for all parameters.
 
@@ -167,7 +169,7 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BxLxD, positions_BxL, cache: Cache | None,
-               cache_index):
+               cache_index, segment_ids_BxL=None):
     cfg = self.cfg
     if cfg.fused_qkv:
       # S = G + 2 slots per kv head; float32 for RoPE, as below.
@@ -194,12 +196,13 @@ class Attention(nnx.Module):
       # LM feeds the sequence in the zig-zag layout (lm/tasks/language.py).
       out_BxLxHxK = context.attention(
           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL, causal=cfg.causal,
-          impl=cfg.context_parallel)
+          impl=cfg.context_parallel, segment_ids_BxL=segment_ids_BxL)
       new_cache = None
     elif cache is None:
       out_BxLxHxK = attention.attend(
           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, causal=cfg.causal,
-          impl=cfg.attention_impl, chunks=cfg.attention_chunks)
+          impl=cfg.attention_impl, chunks=cfg.attention_chunks,
+          segment_ids_BxL=segment_ids_BxL)
       new_cache = None
     else:
       # Decoding: write this chunk's keys/values at cache_index, then attend
@@ -212,11 +215,25 @@ class Attention(nnx.Module):
       L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
       q_pos_L = cache_index + jnp.arange(L)
       mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
+      mask = mask_LxS[None, None]
+      new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
+      if (segment_ids_BxL is None) != ("segment_ids" not in cache):
+        raise ValueError(
+            "Decoding with segment ids needs a cache made with "
+            "init_cache(..., segments=True), and such a cache needs them.")
+      if segment_ids_BxL is not None:
+        # Several requests packed in one row: the cache keeps each slot's
+        # segment, and a query sees only its own segment's slots.
+        attention.check_segments(cfg.attention_impl)
+        seg_BxS = jax.lax.dynamic_update_slice(
+            cache["segment_ids"], segment_ids_BxL.astype(jnp.int32),
+            (0, cache_index))
+        mask = mask & attention.segment_mask(segment_ids_BxL, seg_BxS)
+        new_cache["segment_ids"] = seg_BxS
       out_BxLxHxK = attention.attend(
           q_BxLxHxK, k_BxSxNxK.astype(q_BxLxHxK.dtype),
-          v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False,
-          mask=mask_LxS[None, None], impl=cfg.attention_impl)
-      new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
+          v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False, mask=mask,
+          impl=cfg.attention_impl)
     return self.o(out_BxLxHxK), new_cache
 
 
@@ -269,9 +286,10 @@ class Block(nnx.Module):
     else:
       self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, cache=None, cache_index=None):
+  def __call__(self, x_BxLxD, positions_BxL, cache=None, cache_index=None,
+               segment_ids_BxL=None):
     h_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), positions_BxL, cache,
-                               cache_index)
+                               cache_index, segment_ids_BxL)
     x_BxLxD = x_BxLxD + h_BxLxD
     h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
     aux = {}
@@ -313,7 +331,10 @@ class Transformer(nnx.Module):
                      "act_embed")
 
   def __call__(self, tokens_BxL, positions_BxL=None, cache=None,
-               cache_index=None):
+               cache_index=None, segment_ids_BxL=None):
+    """segment_ids_BxL (int32, optional): packed documents; a token attends
+    only to tokens of its own segment (attention.py). The caller gives
+    positions that restart at each document."""
     cfg = self.cfg
     if positions_BxL is None:
       start = 0 if cache_index is None else cache_index
@@ -321,8 +342,16 @@ class Transformer(nnx.Module):
           jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = self.embed(tokens_BxL)
 
-    def run_block(block, x_BxLxD, layer_cache, positions_BxL):
-      return block(x_BxLxD, positions_BxL, layer_cache, cache_index)
+    # The per-token inputs travel as one argument (tuning.remat's and
+    # gpipe's): the positions, or with segment ids the pair.
+    tokens_in = (positions_BxL if segment_ids_BxL is None
+                 else (positions_BxL, segment_ids_BxL))
+
+    def run_block(block, x_BxLxD, layer_cache, tokens_in):
+      positions_BxL, segment_ids_BxL = (
+          tokens_in if isinstance(tokens_in, tuple) else (tokens_in, None))
+      return block(x_BxLxD, positions_BxL, layer_cache, cache_index,
+                   segment_ids_BxL)
 
     if cfg.remat != "none":
       run_block = tuning.remat(run_block, cfg.remat)
@@ -331,14 +360,20 @@ class Transformer(nnx.Module):
     if cfg.scan_layers and cache is None and axis_size("stage") > 1:
       # GPipe over the `stage` axis; the layer axis is split over stages.
       graphdef, stacked = nnx.split(self.blocks)
+      # gpipe microbatches one per-token array: with segment ids, the
+      # positions and ids stacked on a last axis of 2.
+      extra_BxLx = (positions_BxL if segment_ids_BxL is None else jnp.stack(
+          [positions_BxL, segment_ids_BxL], axis=-1).astype(jnp.int32))
 
-      def layer_fn(layer_params, x_BxLxD, positions_BxL):
+      def layer_fn(layer_params, x_BxLxD, extra_bxLx):
         block = nnx.merge(graphdef, layer_params)
-        return run_block(block, x_BxLxD, None, positions_BxL)[0]
+        tokens_in = (extra_bxLx if segment_ids_BxL is None
+                     else (extra_bxLx[..., 0], extra_bxLx[..., 1]))
+        return run_block(block, x_BxLxD, None, tokens_in)[0]
 
       # Blocks already rematerialized by cfg.remat need no second, per-stage
       # remat: it would run every block's forward a third time.
-      x_BxLxD = pipeline.gpipe(layer_fn, stacked, x_BxLxD, positions_BxL,
+      x_BxLxD = pipeline.gpipe(layer_fn, stacked, x_BxLxD, extra_BxLx,
                                microbatches=cfg.pipeline_microbatches,
                                remat=cfg.remat == "none")
       new_cache = None
@@ -346,7 +381,7 @@ class Transformer(nnx.Module):
       @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
       def scan_blocks(block, x_BxLxD, layer_cache):
-        return run_block(block, x_BxLxD, layer_cache, positions_BxL)
+        return run_block(block, x_BxLxD, layer_cache, tokens_in)
       x_BxLxD, new_cache, aux_layers = scan_blocks(self.blocks, x_BxLxD,
                                                    cache)
       aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_layers)
@@ -355,8 +390,7 @@ class Transformer(nnx.Module):
       for i, block in enumerate(self.blocks):
         layer_cache = None if cache is None else jax.tree.map(
             lambda c: c[i], cache)
-        x_BxLxD, c, a = run_block(block, x_BxLxD, layer_cache,
-                                  positions_BxL)
+        x_BxLxD, c, a = run_block(block, x_BxLxD, layer_cache, tokens_in)
         new_layers.append(c)
         aux_layers.append(a)
       new_cache = None if cache is None else jax.tree.map(
@@ -383,9 +417,10 @@ class Model(nnx.Module):
           rngs=rngs, grad=cfg.einsum_grad)
 
   def __call__(self, tokens_BxL, positions_BxL=None, cache: Cache | None = None,
-               cache_index=None) -> tuple[jax.Array, Cache | None]:
+               cache_index=None, segment_ids_BxL=None
+               ) -> tuple[jax.Array, Cache | None]:
     x_BxLxD, cache = self.transformer(tokens_BxL, positions_BxL, cache,
-                                      cache_index)
+                                      cache_index, segment_ids_BxL)
     if self.cfg.tie_embeddings:
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
           "bld,vd->blv", x_BxLxD, self.transformer.embedding[...],
@@ -396,11 +431,17 @@ class Model(nnx.Module):
     # The loss and sampling read float32 logits whatever the compute dtype.
     return logits_BxLxV.astype(jnp.float32), cache
 
-  def init_cache(self, batch: int, length: int, dtype=None) -> Cache:
+  def init_cache(self, batch: int, length: int, dtype=None,
+                 segments: bool = False) -> Cache:
+    """An empty KV cache; `segments`: also the keys' segment ids, for
+    decoding with segment_ids_BxL (several requests packed in one row)."""
     cfg = self.cfg
     shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.k)
     dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if segments:
+      cache["segment_ids"] = jnp.zeros(shape[:3], jnp.int32)
+    return cache
 
 
 def flops_per_token(cfg: Config, seq_len: int) -> float:

@@ -17,6 +17,13 @@ position), never from array indices, so any layout of the sequence over the
 devices is correct. The contiguous layout gives device n-1 all of the causal
 work; `zigzag_permutation` gives every device the same amount.
 
+Segment ids (packed documents, lm/models/attention.py): a query sees a key
+only if they have the same id (and, causal, the key's position is not
+later). The keys' ids travel around the ring with K/V and their positions,
+forward and backward; all_gather gathers them. The mask is still a function
+of positions and ids, never of indices, so the zig-zag layout stays correct.
+Without segment ids the programs are unchanged.
+
 Letters: B batch, L length (query), S length (key), H query heads, N kv heads,
 G = H // N query heads per kv head, K head dim, T and U half-shards of L and S
 (U also a chunk of keys within one).
@@ -56,15 +63,31 @@ def zigzag_permutation(length: int, n: int) -> np.ndarray:
                          for i in range(n)])
 
 
-def _scores(q_BxTxNxGxK, k_BxUxNxK, qpos_BxT, kpos_BxU, causal: bool):
-  """Scaled float32 scores and the visibility mask (None when not causal)."""
+def _visible(qpos_BxT, kpos_BxU, causal: bool, qseg_BxT=None, kseg_BxU=None):
+  """B x 1 x 1 x T x U: which keys each query sees; None when it sees them
+  all (not causal, no segment ids)."""
+  mask_Bx1x1xTxU = None
+  if causal:
+    mask_Bx1x1xTxU = (kpos_BxU[:, None, None, None, :]
+                      <= qpos_BxT[:, None, None, :, None])
+  if qseg_BxT is not None:
+    same_Bx1x1xTxU = (kseg_BxU[:, None, None, None, :]
+                      == qseg_BxT[:, None, None, :, None])
+    mask_Bx1x1xTxU = (same_Bx1x1xTxU if mask_Bx1x1xTxU is None
+                      else mask_Bx1x1xTxU & same_Bx1x1xTxU)
+  return mask_Bx1x1xTxU
+
+
+def _scores(q_BxTxNxGxK, k_BxUxNxK, qpos_BxT, kpos_BxU, causal: bool,
+            qseg_BxT=None, kseg_BxU=None):
+  """Scaled float32 scores and the visibility mask (None when not causal and
+  without segment ids)."""
   scale = q_BxTxNxGxK.shape[-1] ** -0.5
   s_BxNxGxTxU = jnp.einsum("btngk,bunk->bngtu", q_BxTxNxGxK, k_BxUxNxK,
                            preferred_element_type=jnp.float32) * scale
-  if not causal:
+  mask_Bx1x1xTxU = _visible(qpos_BxT, kpos_BxU, causal, qseg_BxT, kseg_BxU)
+  if mask_Bx1x1xTxU is None:
     return s_BxNxGxTxU, None
-  mask_Bx1x1xTxU = (kpos_BxU[:, None, None, None, :]
-                    <= qpos_BxT[:, None, None, :, None])
   return jnp.where(mask_Bx1x1xTxU, s_BxNxGxTxU, NEG), mask_Bx1x1xTxU
 
 
@@ -75,11 +98,13 @@ def _grouped(x_BxLxHxK, n_kv: int):
 
 
 def _local_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, qpos_BxL, kpos_BxS,
-                     causal: bool):
-  """Ordinary attention with the position mask (plain autodiff)."""
+                     causal: bool, qseg_BxL=None, kseg_BxS=None):
+  """Ordinary attention with the position (and segment) mask (plain
+  autodiff)."""
   B, L, H, K = q_BxLxHxK.shape
   q_BxLxNxGxK = _grouped(q_BxLxHxK, k_BxSxNxK.shape[2])
-  s_BxNxGxLxS, _ = _scores(q_BxLxNxGxK, k_BxSxNxK, qpos_BxL, kpos_BxS, causal)
+  s_BxNxGxLxS, _ = _scores(q_BxLxNxGxK, k_BxSxNxK, qpos_BxL, kpos_BxS, causal,
+                           qseg_BxL, kseg_BxS)
   p_BxNxGxLxS = jax.nn.softmax(s_BxNxGxLxS, axis=-1)
   out_BxLxNxGxK = jnp.einsum("bngls,bsnk->blngk",
                              p_BxNxGxLxS.astype(v_BxSxNxK.dtype), v_BxSxNxK,
@@ -87,12 +112,12 @@ def _local_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, qpos_BxL, kpos_BxS,
   return out_BxLxNxGxK.reshape(B, L, H, K).astype(q_BxLxHxK.dtype)
 
 
-def _fwd_block(acc, k_BxUxNxK, v_BxUxNxK, kpos_BxU, *, q_BxTxNxGxK, qpos_BxT,
-               causal: bool):
+def _fwd_block(acc, k_BxUxNxK, v_BxUxNxK, kpos_BxU, kseg_BxU=None, *,
+               q_BxTxNxGxK, qpos_BxT, qseg_BxT=None, causal: bool):
   """Folds one K/V tile into the running (max m, denominator l, output o)."""
   m_BxNxGxT, l_BxNxGxT, o_BxNxGxTxK = acc
   s_BxNxGxTxU, mask = _scores(q_BxTxNxGxK, k_BxUxNxK, qpos_BxT, kpos_BxU,
-                              causal)
+                              causal, qseg_BxT, kseg_BxU)
   m_new = jnp.maximum(m_BxNxGxT, s_BxNxGxTxU.max(axis=-1))
   p_BxNxGxTxU = jnp.exp(s_BxNxGxTxU - m_new[..., None])
   if mask is not None:  # A row with no visible key yet has m_new == NEG.
@@ -105,14 +130,14 @@ def _fwd_block(acc, k_BxUxNxK, v_BxUxNxK, kpos_BxU, *, q_BxTxNxGxK, qpos_BxT,
           alpha_BxNxGxT[..., None] * o_BxNxGxTxK + pv_BxNxGxTxK), ()
 
 
-def _bwd_block(dq_BxTxNxGxK, k_BxUxNxK, v_BxUxNxK, kpos_BxU, dk_BxUxNxK,
-               dv_BxUxNxK, *, q_BxTxNxGxK, qpos_BxT, do_BxTxNxGxK,
-               lse_BxNxGxT, delta_BxNxGxT, causal: bool):
+def _bwd_block(dq_BxTxNxGxK, k_BxUxNxK, v_BxUxNxK, kpos_BxU, kseg_BxU,
+               dk_BxUxNxK, dv_BxUxNxK, *, q_BxTxNxGxK, qpos_BxT, qseg_BxT,
+               do_BxTxNxGxK, lse_BxNxGxT, delta_BxNxGxT, causal: bool):
   """Adds one K/V tile's share of dq, dk, dv, recomputing its probabilities
   from the saved logsumexp instead of keeping them from the forward pass."""
   scale = q_BxTxNxGxK.shape[-1] ** -0.5
   s_BxNxGxTxU, mask = _scores(q_BxTxNxGxK, k_BxUxNxK, qpos_BxT, kpos_BxU,
-                              causal)
+                              causal, qseg_BxT, kseg_BxU)
   p_BxNxGxTxU = jnp.exp(s_BxNxGxTxU - lse_BxNxGxT[..., None])
   if mask is not None:
     p_BxNxGxTxU = jnp.where(mask, p_BxNxGxTxU, 0.0)
@@ -129,7 +154,8 @@ def _bwd_block(dq_BxTxNxGxK, k_BxUxNxK, v_BxUxNxK, kpos_BxU, dk_BxUxNxK,
 
 def _key_chunks(fn: Callable, carry, *xs_BxU):
   """carry, ys = fn(carry, *xs) over tiles of at most KV_CHUNK keys (a
-  `lax.scan`, whose body's buffers are reused); ys re-joined along length."""
+  `lax.scan`, whose body's buffers are reused); ys re-joined along length.
+  An x may be None (no segment ids): it stays None."""
   B, U = xs_BxU[0].shape[:2]
   if U <= KV_CHUNK or U % KV_CHUNK:
     return fn(carry, *xs_BxU)
@@ -137,19 +163,30 @@ def _key_chunks(fn: Callable, carry, *xs_BxU):
   tile = lambda x: jnp.moveaxis(x.reshape(B, U // c, c, *x.shape[2:]), 1, 0)
   untile = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, U, *x.shape[3:])
   carry, ys = jax.lax.scan(lambda cr, xs: fn(cr, *xs), carry,
-                           [tile(x) for x in xs_BxU])
+                           [None if x is None else tile(x) for x in xs_BxU])
   return carry, jax.tree.map(untile, ys)
 
 
 def _split(x) -> list[jax.Array]:
-  """The two zig-zag halves of a local shard (length is axis 1)."""
+  """The two zig-zag halves of a local shard (length is axis 1); None (no
+  segment ids) gives two Nones."""
+  if x is None:
+    return [None, None]
   return list(jnp.split(x, 2, axis=1))
 
 
-def _unless_masked(causal: bool, qpos_BxT, kpos_BxU, fn, operand):
-  """fn(operand), or operand unchanged when every key of the block comes
-  after every query in every row: `lax.cond` runs only one branch, so a fully
-  masked block costs no FLOPs (the causal half of the work)."""
+def _unless_masked(causal: bool, qpos_BxT, kpos_BxU, fn, operand,
+                   qseg_BxT=None, kseg_BxU=None):
+  """fn(operand), or operand unchanged when no query of the block sees any
+  of its keys: `lax.cond` runs only one branch, so a fully masked block costs
+  no FLOPs (the causal half of the work). Without segment ids: when every key
+  comes after every query in every row. With them, positions restart at each
+  document, so that test would rarely hold; the exact one (no visible pair in
+  the B x T x U mask, a pass over T x U booleans per H x K of scores work)
+  also skips the blocks that share no segment."""
+  if qseg_BxT is not None:
+    visible = _visible(qpos_BxT, kpos_BxU, causal, qseg_BxT, kseg_BxU)
+    return jax.lax.cond(~jnp.any(visible), lambda x: x, fn, operand)
   if not causal:
     return fn(operand)
   masked = jnp.all(kpos_BxU.min(axis=1) > qpos_BxT.max(axis=1))
@@ -175,15 +212,20 @@ def _ring_steps(n: int, travel, state, step: Callable):
   return travel, state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal: bool, n: int):
-  return _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal, n)[0]
+# seg_BxL: the segment ids, or None; an integer input, so its cotangent (and
+# the positions') is None.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ring(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL, causal: bool,
+          n: int):
+  return _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL, causal,
+                   n)[0]
 
 
-def _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal, n):
+def _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL, causal, n):
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxSxNxK.shape[2]
   qs_BxTxNxGxK, qpos_BxT = _split(_grouped(q_BxLxHxK, N)), _split(pos_BxL)
+  qseg_BxT = _split(seg_BxL)
   stats_BxNxGxT = (B, N, H // N, L // 2)
   acc = (jnp.full(stats_BxNxGxT, NEG, jnp.float32),
          jnp.zeros(stats_BxNxGxT, jnp.float32),
@@ -193,13 +235,16 @@ def _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal, n):
     accs = list(accs)
     for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:
       fold = functools.partial(_fwd_block, q_BxTxNxGxK=qs_BxTxNxGxK[i],
-                               qpos_BxT=qpos_BxT[i], causal=causal)
+                               qpos_BxT=qpos_BxT[i], qseg_BxT=qseg_BxT[i],
+                               causal=causal)
       accs[i] = _unless_masked(
           causal, qpos_BxT[i], kv[2][j],
-          lambda a: _key_chunks(fold, a, *(x[j] for x in kv))[0], accs[i])
+          lambda a: _key_chunks(fold, a, *(x[j] for x in kv))[0], accs[i],
+          qseg_BxT[i], kv[3][j])
     return kv, accs
 
-  kv = (_split(k_BxSxNxK), _split(v_BxSxNxK), qpos_BxT)
+  # K, V, their positions and segment ids (two Nones without) travel.
+  kv = (_split(k_BxSxNxK), _split(v_BxSxNxK), qpos_BxT, qseg_BxT)
   _, accs = _ring_steps(n, kv, [acc, acc], step)
   outs_BxTxNxGxK = [jnp.einsum("bngtk->btngk", o / l[..., None])
                     for _, l, o in accs]
@@ -207,15 +252,18 @@ def _ring_fwd(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal, n):
       B, L, H, K).astype(q_BxLxHxK.dtype)
   lses_BxNxGxT = [m + jnp.log(l) for m, l, _ in accs]
   # Saved for the backward ring: O(L/n) per device, never the scores.
-  res = (q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, out_BxLxHxK, lses_BxNxGxT)
+  res = (q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL, out_BxLxHxK,
+         lses_BxNxGxT)
   return out_BxLxHxK, res
 
 
 def _ring_bwd(causal, n, res, do_BxLxHxK):
-  q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, out_BxLxHxK, lses_BxNxGxT = res
+  (q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL, out_BxLxHxK,
+   lses_BxNxGxT) = res
   B, L, H, K = q_BxLxHxK.shape
   N = k_BxSxNxK.shape[2]
   qs_BxTxNxGxK, qpos_BxT = _split(_grouped(q_BxLxHxK, N)), _split(pos_BxL)
+  qseg_BxT = _split(seg_BxL)
   dos_BxTxNxGxK = _split(_grouped(do_BxLxHxK, N))
   # delta = rowsum(dO * O) = rowsum(P * dP), the softmax backward's
   # subtrahend: computed once here rather than from P in every tile.
@@ -225,31 +273,32 @@ def _ring_bwd(causal, n, res, do_BxLxHxK):
       for do, o in zip(dos_BxTxNxGxK, _split(_grouped(out_BxLxHxK, N)))]
 
   def step(travel, dqs):
-    dqs, dks, dvs = list(dqs), list(travel[3]), list(travel[4])
+    dqs, dks, dvs = list(dqs), list(travel[4]), list(travel[5])
     for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:
       fold = functools.partial(
           _bwd_block, q_BxTxNxGxK=qs_BxTxNxGxK[i], qpos_BxT=qpos_BxT[i],
-          do_BxTxNxGxK=dos_BxTxNxGxK[i], lse_BxNxGxT=lses_BxNxGxT[i],
-          delta_BxNxGxT=deltas_BxNxGxT[i], causal=causal)
-      kv = [x[j] for x in travel[:3]]
+          qseg_BxT=qseg_BxT[i], do_BxTxNxGxK=dos_BxTxNxGxK[i],
+          lse_BxNxGxT=lses_BxNxGxT[i], delta_BxNxGxT=deltas_BxNxGxT[i],
+          causal=causal)
+      kv = [x[j] for x in travel[:4]]  # k, v, positions, segment ids.
       dqs[i], (dks[j], dvs[j]) = _unless_masked(
           causal, qpos_BxT[i], kv[2],
           lambda g: _key_chunks(fold, g[0], *kv, *g[1]),
-          (dqs[i], (dks[j], dvs[j])))
-    return (*travel[:3], dks, dvs), dqs
+          (dqs[i], (dks[j], dvs[j])), qseg_BxT[i], kv[3])
+    return (*travel[:4], dks, dvs), dqs
 
   # dK and dV accumulate in float32 and travel with their block, so a device
   # holds only its own block's; the n-th hop brings them home.
   zeros = lambda xs: [jnp.zeros(x.shape, jnp.float32) for x in xs]
   ks_BxUxNxK, vs_BxUxNxK = _split(k_BxSxNxK), _split(v_BxSxNxK)
-  travel = (ks_BxUxNxK, vs_BxUxNxK, qpos_BxT, zeros(ks_BxUxNxK),
+  travel = (ks_BxUxNxK, vs_BxUxNxK, qpos_BxT, qseg_BxT, zeros(ks_BxUxNxK),
             zeros(vs_BxUxNxK))
   travel, dqs = _ring_steps(n, travel, zeros(qs_BxTxNxGxK), step)
-  dks, dvs = _shift(travel[3:], n)
+  dks, dvs = _shift(travel[4:], n)
   dq_BxLxHxK = jnp.concatenate(dqs, axis=1).reshape(B, L, H, K)
   return (dq_BxLxHxK.astype(q_BxLxHxK.dtype),
           jnp.concatenate(dks, axis=1).astype(k_BxSxNxK.dtype),
-          jnp.concatenate(dvs, axis=1).astype(v_BxSxNxK.dtype), None)
+          jnp.concatenate(dvs, axis=1).astype(v_BxSxNxK.dtype), None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -276,15 +325,18 @@ def _gather_bwd(_, g_BxS):
 _gather_f32_grad.defvjp(lambda x: (_gather_f32_grad(x), None), _gather_bwd)
 
 
-def _all_gather(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, causal: bool):
+def _all_gather(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, pos_BxL, seg_BxL=None, *,
+                causal: bool):
   return _local_attention(q_BxLxHxK, _gather_f32_grad(k_BxSxNxK),
                           _gather_f32_grad(v_BxSxNxK), pos_BxL,
-                          _gather(pos_BxL), causal)
+                          _gather(pos_BxL), causal, seg_BxL,
+                          None if seg_BxL is None else _gather(seg_BxL))
 
 
 def attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array,
               v_BxLxNxK: jax.Array, positions_BxL: jax.Array, *,
-              causal: bool, impl: str = "ring") -> jax.Array:
+              causal: bool, impl: str = "ring",
+              segment_ids_BxL: jax.Array | None = None) -> jax.Array:
   """Context-parallel attention over the mesh's `sequence` axis.
 
   The length axis of q, k, v and positions is sharded over `sequence`; the
@@ -293,7 +345,9 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array,
   multiple of N (grouped-query attention: query head h uses kv head
   h // (H // N)). Softmax scale 1/sqrt(K). Scores, softmax and the online
   accumulation in float32; output in q's dtype. Every query must see at least
-  one key (causal self-attention always sees itself).
+  one key (causal self-attention always sees itself). With segment_ids_BxL
+  (int32, sharded like the positions) a query sees only its own segment's
+  keys; positions must increase with the index within a segment.
 
   Only `sequence` is manual inside: batch and heads keep whatever sharding
   (data, fsdp, tensor) XLA propagates to them. Without a mesh, or with
@@ -302,19 +356,22 @@ def attention(q_BxLxHxK: jax.Array, k_BxLxNxK: jax.Array,
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}.")
   n = mesh_lib.axis_size(AXIS)
+  seg_BxL = segment_ids_BxL
   if n == 1:
     return _local_attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL,
-                            positions_BxL, causal)
+                            positions_BxL, causal, seg_BxL, seg_BxL)
   # The ring cuts every local shard into its two zig-zag halves.
   multiple = 2 * n if impl == "ring" else n
   if q_BxLxHxK.shape[1] % multiple:
     raise ValueError(f"length {q_BxLxHxK.shape[1]} must be a multiple of "
                      f"{multiple} for impl={impl!r} over sequence={n}.")
   if impl == "ring":
-    local = lambda q, k, v, pos: _ring(q, k, v, pos, causal, n)
+    local = lambda q, k, v, pos, seg=None: _ring(q, k, v, pos, seg, causal, n)
   else:
     local = functools.partial(_all_gather, causal=causal)
+  args = (q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL)
+  if seg_BxL is not None:
+    args += (seg_BxL,)
   seq = P(None, AXIS)
-  return jax.shard_map(local, in_specs=(seq,) * 4, out_specs=seq,
-                       axis_names={AXIS}, check_vma=False)(
-                           q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, positions_BxL)
+  return jax.shard_map(local, in_specs=(seq,) * len(args), out_specs=seq,
+                       axis_names={AXIS}, check_vma=False)(*args)

@@ -121,7 +121,7 @@ def _sequence(config, model_cfg, mesh: dict[str, int]) -> None:
   seq = mesh["sequence"]
   if seq == 1:
     return
-  length = (pipeline.seq_len(config) if config.task == "lm"
+  length = (pipeline.seq_len(config) if config.task in ("lm", "sft")
             else config.data.seq_len)
   # Causal attention is load-balanced with the zig-zag layout: 2 chunks
   # per device (lm/parallel/context.py).

@@ -4,13 +4,14 @@ whole train step) and its evaluation, behind the `Task` protocol
 from __future__ import annotations
 
 from lm import checks
-from lm.tasks import classify, gan, language
+from lm.tasks import classify, gan, language, sft
 from lm.tasks.base import Task
 
 TASKS = {
     "lm": language.LanguageModeling,
     "classify": classify.Classification,
     "gan": gan.Gan,
+    "sft": sft.FineTuning,
 }
 
 

@@ -1,7 +1,10 @@
 """Next-token prediction on a text corpus.
 
 A batch is {"tokens": int32 B x (L+1)}: inputs are tokens[:, :-1] and targets
-tokens[:, 1:].
+tokens[:, 1:]; or, with config.data.packing=segments, a packed batch
+(lm/data/packing.py: inputs, targets, positions, segment_ids, weights, each
+B x L), whose loss is the weighted mean: padding (and, for SFT, the prompt)
+carries no loss.
 
 Context parallelism (mesh `sequence` = n > 1) feeds the model the sequence in
 the zig-zag layout (lm/parallel/context.py): inputs, targets and positions
@@ -24,41 +27,105 @@ from flax import nnx
 
 from lm import checks
 from lm.data import pipeline, tokenizer as tokenizer_lib
-from lm.models import transformer
+from lm.models import attention, transformer
 from lm.parallel import axis_size, context
 from lm.tasks.supervised import Supervised
 
+# The fields of a packed batch (lm/data/packing.py).
+PACKED = ("inputs", "targets", "positions", "segment_ids", "weights")
 
-def _layout(tokens_BxL1):
-  """(inputs, targets, positions or None) in the layout the mesh wants."""
-  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+
+def _fields(batch: dict) -> dict:
+  """inputs, targets B x L and, for packed batches, positions, segment_ids
+  and weights B x L (None for a concatenated batch)."""
+  if "tokens" in batch:
+    tokens_BxL1 = batch["tokens"]
+    return {"inputs": tokens_BxL1[:, :-1], "targets": tokens_BxL1[:, 1:],
+            "positions": None, "segment_ids": None, "weights": None}
+  return {k: batch[k] for k in PACKED}
+
+
+def _layout(batch: dict) -> dict:
+  """The batch's fields in the layout the mesh wants: with context
+  parallelism every per-token field is permuted to the zig-zag order, and
+  positions are given (the ring's causal mask reads them)."""
+  fields = _fields(batch)
   n = axis_size("sequence")
   if n == 1:
-    return inputs_BxL, targets_BxL, None
-  perm_L = context.zigzag_permutation(inputs_BxL.shape[1], n)
-  positions_BxL = jnp.broadcast_to(jnp.asarray(perm_L, jnp.int32),
-                                   inputs_BxL.shape)
-  return inputs_BxL[:, perm_L], targets_BxL[:, perm_L], positions_BxL
+    return fields
+  shape = fields["inputs"].shape
+  perm_L = context.zigzag_permutation(shape[1], n)
+  if fields["positions"] is None:
+    fields["positions"] = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32),
+                                           shape)
+  return {k: None if v is None else v[:, perm_L] for k, v in fields.items()}
 
 
-def _logits_and_aux(model, tokens_BxL1):
-  """(logits B x L x V, targets B x L, MoE aux dict; {} for a dense model)."""
-  inputs_BxL, targets_BxL, positions_BxL = _layout(tokens_BxL1)
+def _logits_and_aux(model, batch: dict):
+  """(logits B x L x V, the fields of `_layout`, MoE aux dict; {} for a
+  dense model)."""
+  fields = _layout(batch)
+  kwargs = ({} if fields["segment_ids"] is None
+            else {"segment_ids_BxL": fields["segment_ids"]})
   (logits_BxLxV, _), sown = nnx.capture(model, nnx.Intermediate)(
-      inputs_BxL, positions_BxL)
+      fields["inputs"], fields["positions"], **kwargs)
   aux = {}
   for values in jax.tree.leaves(nnx.to_pure_dict(sown),
                                 is_leaf=lambda x: isinstance(x, tuple)):
     aux.update(values[0])  # One Transformer, called once.
-  return logits_BxLxV, targets_BxL, aux
+  return logits_BxLxV, fields, aux
 
 
-def lm_loss(model, tokens_BxL1):
-  """Mean next-token cross-entropy (float32), the token count, MoE aux."""
-  logits_BxLxV, targets_BxL, aux = _logits_and_aux(model, tokens_BxL1)
+def _token_losses(model, batch: dict):
+  """(cross-entropy B x L, weights B x L or None, MoE aux)."""
+  logits_BxLxV, fields, aux = _logits_and_aux(model, batch)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV, targets_BxL)
-  return ce_BxL.mean(), ce_BxL.size, aux
+      logits_BxLxV, fields["targets"])
+  return ce_BxL, fields["weights"], aux
+
+
+def lm_loss(model, batch: dict):
+  """Mean next-token cross-entropy (float32) over the weighted tokens, the
+  weight behind it, and MoE aux.
+
+  A packed batch's mean divides by `batch["weight_norm"]` summed over its
+  rows when present (`with_weight_norm`): the global batch's total weight,
+  shared out per row, so that the microbatches of gradient accumulation and
+  the shards of an explicit data-parallel reduction each divide by their
+  share of one denominator, and their average is the global weighted
+  mean."""
+  ce_BxL, weights_BxL, aux = _token_losses(model, batch)
+  if weights_BxL is None:
+    return ce_BxL.mean(), jnp.asarray(ce_BxL.size, jnp.float32), aux
+  total = jnp.sum(ce_BxL * weights_BxL)
+  count = jnp.sum(weights_BxL)
+  norm = batch["weight_norm"].sum() if "weight_norm" in batch else count
+  return jnp.where(norm > 0, total / jnp.maximum(norm, 1e-9), 0.0), count, aux
+
+
+def with_weight_norm(batch: dict) -> dict:
+  """A packed global batch with each row's share of the total weight."""
+  if "weights" not in batch:
+    return batch
+  weights_BxL = batch["weights"]
+  rows = weights_BxL.shape[0]
+  norm_B = jnp.broadcast_to(jnp.sum(weights_BxL) / rows, (rows,))
+  return {**batch, "weight_norm": norm_B}
+
+
+def check_packing(config, model_cfg) -> None:
+  """What packed batches (segment ids) do not combine with."""
+  if config.data.packing != "segments":
+    return
+  checks.require(
+      attention.supports_segments(model_cfg.attention_impl),
+      f"config.data.packing=segments needs attention that honours segment "
+      f"ids; config.model.attention_impl={model_cfg.attention_impl!r} does "
+      "not here. Use chunked or xla.")
+  checks.require(
+      not config.distill.teacher_workdir,
+      "config.data.packing=segments with distillation is not supported: "
+      "unset config.distill.teacher_workdir or use packing=concat.")
 
 
 class LanguageModeling(Supervised):
@@ -71,6 +138,7 @@ class LanguageModeling(Supervised):
   def check(self, model_cfg, mesh: dict[str, int]) -> None:
     del mesh
     pipeline.check(self.config, model_cfg)
+    check_packing(self.config, model_cfg)
 
   def check_teacher(self, teacher_config, teacher_cfg, model_cfg,
                     where: str) -> None:
@@ -98,9 +166,12 @@ class LanguageModeling(Supervised):
 
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""
-    return {"tokens": jax.ShapeDtypeStruct(
-        (self.config.train.batch_size, pipeline.seq_len(self.config) + 1),
-        jnp.int32)}
+    rows, length = self.config.train.batch_size, pipeline.seq_len(self.config)
+    if self.config.data.packing == "concat":
+      return {"tokens": jax.ShapeDtypeStruct((rows, length + 1), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(
+        (rows, length), jnp.float32 if k == "weights" else jnp.int32)
+            for k in PACKED}
 
   def throughput(self) -> tuple[str, int]:
     return "tokens", self.config.train.batch_size * pipeline.seq_len(
@@ -116,13 +187,18 @@ class LanguageModeling(Supervised):
   def forward(model, batch: dict, key) -> tuple:
     """(next-token logits B x L x V, targets B x L)."""
     del key  # Deterministic: no dropout in the LM.
-    logits_BxLxV, targets_BxL, _ = _logits_and_aux(model, batch["tokens"])
-    return logits_BxLxV, targets_BxL
+    logits_BxLxV, fields, _ = _logits_and_aux(model, batch)
+    return logits_BxLxV, fields["targets"]
+
+  def train_step(self, state, batch, *, setup, accum_steps: int = 1,
+                 teacher=None):
+    return super().train_step(state, with_weight_norm(batch), setup=setup,
+                              accum_steps=accum_steps, teacher=teacher)
 
   @staticmethod
   def loss(model, batch: dict, key) -> tuple:
     del key
-    loss, _, aux = lm_loss(model, batch["tokens"])
+    loss, _, aux = lm_loss(model, batch)
     # The MoE auxiliary losses train the router; the logged "loss" is the
     # cross-entropy plus them, "ce" the cross-entropy alone.
     if aux:
@@ -133,8 +209,11 @@ class LanguageModeling(Supervised):
   def eval_step(model, batch: dict, eval_inputs=None) -> dict:
     """Sums (not means) so the host can aggregate over any number of batches."""
     del eval_inputs
-    loss, count, _ = lm_loss(model, batch["tokens"])
-    return {"loss_sum": loss * count, "count": jnp.asarray(count, jnp.float32)}
+    ce_BxL, weights_BxL, _ = _token_losses(model, batch)
+    if weights_BxL is None:
+      weights_BxL = jnp.ones_like(ce_BxL)
+    return {"loss_sum": jnp.sum(ce_BxL * weights_BxL),
+            "count": jnp.sum(weights_BxL)}
 
   @staticmethod
   def summarize(outputs: list[dict], data, *, workdir=None,

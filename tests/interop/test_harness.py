@@ -67,7 +67,8 @@ def test_loglikelihood_rolling_is_our_eval_loss(run, model):
   tokens = np.asarray([[0, *text.encode()]], np.int32)
   with jax.set_mesh(loaded.setup.mesh):
     loss, count, _ = jax.jit(lambda p, t: language.lm_loss(
-        nnx.merge(loaded.setup.graphdef, p), t))(loaded.params, tokens)
+        nnx.merge(loaded.setup.graphdef, p), {"tokens": t}))(loaded.params,
+                                                              tokens)
   np.testing.assert_allclose(-rolling, float(loss) * int(count), rtol=1e-5)
 
 

@@ -66,7 +66,7 @@ def test_qat_gradients_at_step_0_are_close_to_float():
     mesh, setup, params = _initialized(mode)  # The same params for both.
     with jax.set_mesh(mesh), rules_lib.use(Rules()):
       grads[mode] = jax.jit(jax.grad(
-          lambda p: lm_loss(nnx.merge(setup.graphdef, p), _tokens())[0]))(
+          lambda p: lm_loss(nnx.merge(setup.graphdef, p), {"tokens": _tokens()})[0]))(
               params)
   flat_f = dict(jax.tree_util.tree_leaves_with_path(grads["none"]))
   for path, g in jax.tree_util.tree_leaves_with_path(grads["int8"]):

@@ -57,7 +57,7 @@ def _boosted_loss(model, batch, key):
   """The LM loss times batch["boost"]: a huge boost overflows float32 once
   multiplied by the loss scale, as a float16 overflow would."""
   del key
-  return lm_loss(model, batch["tokens"])[0] * batch["boost"], {}
+  return lm_loss(model, batch)[0] * batch["boost"], {}
 
 
 def _jit_step(setup):
