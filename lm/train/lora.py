@@ -223,10 +223,9 @@ def count_base(base) -> int:
 
 
 def nbytes(tree) -> int:
-  """Bytes of a tree's arrays as the devices store them (XLA:CPU keeps an
-  int4 value in a whole byte; TPUs and GPUs pack two to a byte)."""
-  return sum(x.on_device_size_in_bytes() if isinstance(x, jax.Array)
-             else int(x.size) * jnp.dtype(x.dtype).itemsize
+  """Bytes of one copy of a tree's arrays, as XLA:CPU stores them (an int4
+  value in a whole byte; TPUs and GPUs pack two to a byte)."""
+  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
 
 
