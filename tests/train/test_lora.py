@@ -194,20 +194,27 @@ def test_qlora_stores_the_base_quantized_and_trains(base, quant, dtype):
   assert losses[-1] < losses[0] - 0.1
 
 
-def _train_params(config, workdir, **kwargs):
+def _train(config, workdir, **kwargs):
   with rules_lib.use(rules_lib.Rules()):
-    return jax.device_get(loop.train(config, workdir, **kwargs)["params"])
+    result = loop.train(config, workdir, **kwargs)
+  return jax.device_get(result["params"]), result
+
+
+def _train_params(config, workdir, **kwargs):
+  return _train(config, workdir, **kwargs)[0]
 
 
 def test_lora_run_resumes_exactly_and_reads_merged(
     base, tmp_path, data_dir):
-  # Dropout on the adapters' inputs too: drawn from the step's key.
-  steps = {"train.steps": 4, "lora.dropout": 0.1}
-  whole = _train_params(_config(base, data_dir, **steps), tmp_path / "whole")
+  # Dropout on the adapters' inputs too (drawn from the step's key), and
+  # an eval (the frozen base is an argument of the eval step as well).
+  steps = {"train.steps": 4, "lora.dropout": 0.1, "train.eval_every": 4}
+  whole, result = _train(_config(base, data_dir, **steps), tmp_path / "whole")
   split = tmp_path / "split"
   _train_params(_config(base, data_dir, **steps), split, stop_at_step=2)
-  resumed = _train_params(_config(base, data_dir, **steps), split)
+  resumed, resumed_result = _train(_config(base, data_dir, **steps), split)
   jax.tree.map(np.testing.assert_array_equal, resumed, whole)
+  assert resumed_result["eval"] == result["eval"]
 
   recorded = json.loads((split / restore.LORA_BASE).read_text())
   assert recorded == {"workdir": str(base), "step": 0}
@@ -223,6 +230,14 @@ def test_lora_run_resumes_exactly_and_reads_merged(
   # Every tool reads a LoRA run merged; merge_lora writes that plain run.
   loaded = restore.load(split, "1,1,1")
   assert loaded.config.lora.rank == 0 and loaded.step == 4
+  # The merged parameters evaluate as the loop evaluated the adapters.
+  task = tasks.get(loaded.config)
+  with jax.set_mesh(loaded.setup.mesh):
+    data = task.make_data()
+    merged_eval = loop.evaluate(task, step_lib.jit_eval_step(
+        loaded.setup, task), loaded.params, data, loaded.setup)
+  assert merged_eval["loss"] == pytest.approx(result["eval"]["loss"],
+                                              rel=1e-5)
   merged_dir = tmp_path / "merged"
   summary = lora_run.merge_run(str(split), str(merged_dir), mesh="1,1,1")
   assert summary["base"] == recorded
