@@ -52,7 +52,6 @@ class Setup:
   frozen: Any = None
   # LoRA with adapter dropout: the graph that drops (`graphdef` does not).
   train_graphdef: Any = None
-  lora: Any = None  # config.lora of a LoRA run (merging reads alpha / rank).
 
   @property
   def param_shardings(self):
@@ -159,7 +158,7 @@ def make_setup(config, mesh: Mesh) -> Setup:
                 sharding=rules_lib.param_sharding(mesh, spec, x.shape)),
             adapted.base_logical, adapted.base_abstract,
             is_leaf=lambda x: isinstance(x, P)),
-        train_graphdef=adapted.train_graphdef, lora=config.lora)
+        train_graphdef=adapted.train_graphdef)
   return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                schedule=schedule, abstract_state=abstract,
                state_shardings=shardings, init_fn=init_fn, seed=config.seed,
