@@ -39,8 +39,8 @@ SIZES = {
     "moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
                 max_len=256),
 }
-# Quantized and pruned: every attention and MLP projection; the embedding
-# (tied with the output head) stays float.
+# Quantized, pruned and LoRA-adapted: every attention and MLP projection;
+# the embedding (tied with the output head) stays float.
 LAYERS = (r".*blocks/(\d+/)?(attn/[qkvo]|mlp/(gate|up|down))",)
 
 
@@ -73,4 +73,5 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.update(data=-1, expert=4)
   c.quant.layers = LAYERS
   c.prune.layers = tuple(f"{p}/kernel" for p in LAYERS)
+  c.lora.layers = LAYERS  # Used when --config.lora.rank > 0.
   return c

@@ -147,6 +147,14 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       end_step=0,  # 0 = 75% of config.train.steps (then fine-tune).
       update_every=10,  # Steps between mask updates.
       layers=())  # Parameter-path regexes (".../kernel"); () = every matrix.
+  # LoRA / QLoRA fine-tuning of the run in config.train.init_from
+  # (lm/train/lora.py): only low-rank adapters on `layers` are trained.
+  c.lora = dict(
+      rank=0,  # The adapters' rank; 0 = off.
+      alpha=16.0,  # The adapters' update is scaled by alpha / rank.
+      layers=(),  # Module-path regexes, e.g. ".*blocks/.*attn/q".
+      dropout=0.0,  # On the adapters' inputs, in training.
+      base_quant="none")  # none | int8 | int4 (QLoRA): the frozen base.
   if family == "gan":
     c.gan = dict(r1_gamma=0.0)  # R1 penalty on real images; 0 = off.
   return c

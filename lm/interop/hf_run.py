@@ -67,7 +67,7 @@ def _tokenizer_source(source: str, hf_dir: Path) -> str:
   return str(path)
 
 
-def _copy_tokenizer(source: str, workdir: Path) -> str:
+def copy_tokenizer(source: str, workdir: Path) -> str:
   """config.data.tokenizer for the run: "byte", or a copy of file `source`
   (with the tokenizer_config.json beside it) in WORKDIR/tokenizer/."""
   if source == "byte":
@@ -115,7 +115,7 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
                             setup.abstract_state.params)
     # Everything is checked; only now is anything written.
     workdir.mkdir(parents=True, exist_ok=True)
-    config.data.tokenizer = _copy_tokenizer(source, workdir)
+    config.data.tokenizer = copy_tokenizer(source, workdir)
     with jax.set_mesh(mesh_):
       stats = {}
       state = state_lib.state_from_params(setup, config, hf_weights.read(

@@ -3,11 +3,11 @@ the checks that span sections (here).
 
 Owners: the mesh (lm/parallel/mesh.py), the model's options and shapes
 (lm/models/<family>.py), the data and what a task supports (lm/tasks/ and
-lm/data/), the precision, optimizer, pruning and distillation sections
+lm/data/), the precision, optimizer, pruning, distillation and LoRA sections
 (lm/train/), quantization (lm/quant/qat.py), the gradient reduction
 (lm/parallel/reduce.py). The patterns of config.quant.layers and
-config.prune.layers need the model, so `make_setup` checks them when it
-builds the model (still before anything compiles).
+config.prune.layers and config.lora.layers need the model, so
+`make_setup` checks them when it builds the model (still before anything compiles).
 
 Every check runs before any data is read or anything is compiled, and every
 message names the config key and how to fix it.
@@ -23,8 +23,9 @@ from lm import checks, config as config_lib, models, paths
 from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
 from lm.quant import qat
+from lm.run import restore
 from lm.tasks import TASKS
-from lm.train import distill, optim, precision, prune
+from lm.train import distill, lora, optim, precision, prune
 
 ConfigError = checks.ConfigError
 require = checks.require
@@ -49,6 +50,7 @@ def validate(config, num_devices: int | None = None,
   qat.check(config.quant)
   prune.check(config.prune, config.train.steps)
   distill.check(config.distill)
+  lora.check(config.lora)
   reduce_lib.check(config.train, mesh)
   _loop(config.train)
   _batch(config, mesh, process_count)
@@ -56,6 +58,8 @@ def validate(config, num_devices: int | None = None,
   _moe(config)
   if distill.enabled(config):
     _teacher(config, model_cfg, task)
+  if lora.enabled(config):
+    _lora(config)
   if config.train.init_from:
     _init_from(config)
   return config, mesh
@@ -173,6 +177,8 @@ def resume(config, workdir) -> None:
   if not (old.exists() and directory.is_dir() and any(
       p.name.isdigit() for p in directory.iterdir())):
     return
+  if lora.enabled(config):
+    _lora_resume(config, workdir)
   before = json.loads(old.read_text()).get("data", {}).get("tokenizer")
   now = config.data.get("tokenizer")
   if before is None or now is None or before == now == "byte":
@@ -207,6 +213,67 @@ def _init_from(config) -> None:
           f"{source.data.tokenizer!r}, which differs from this run's "
           f"{config.data.tokenizer!r}; token ids would mean other text. Use "
           "its tokenizer.")
+
+
+def _lora(config) -> None:
+  """What LoRA fine-tunes (a plain run of the transformer LM) and what it
+  does not combine with yet."""
+  rank = f"config.lora.rank={config.lora.rank}"
+  require(config.model.name in lora.FAMILIES,
+          f"{rank} with config.model.name={config.model.name!r}: LoRA adapts "
+          f"the {' and '.join(lora.FAMILIES)} family only; set "
+          "config.lora.rank=0.")
+  require(bool(config.train.init_from),
+          f"{rank} needs config.train.init_from: the run whose frozen "
+          "parameters the adapters are trained on (e.g. one written by "
+          "scripts/import_hf.py).")
+  unsupported = (
+      (distill.enabled(config), "config.distill.teacher_workdir",
+       "train without a teacher"),
+      (config.prune.sparsity > 0, "config.prune.sparsity",
+       "set config.prune.sparsity=0"),
+      (config.quant.mode != "none", "config.quant.mode (QAT)",
+       "set config.quant.mode='none'; config.lora.base_quant quantizes the "
+       "frozen base"),
+      (config.model.scan_layers, "config.model.scan_layers",
+       "set config.model.scan_layers=False (qwix cannot add adapters "
+       "inside a scanned stack of layers)"),
+      (config.model.moe.experts > 0, "config.model.moe.experts",
+       "use a dense model"),
+      (config.train.grad_reduce != "auto", "config.train.grad_reduce",
+       "set config.train.grad_reduce='auto'"))
+  for bad, key, fix in unsupported:
+    require(not bad, f"{rank} with {key} is not supported; {fix}.")
+  where = f"config.train.init_from={config.train.init_from!r}"
+  source = _run_config(config.train.init_from, where)
+  require(source.lora.rank == 0,
+          f"{where} is itself a LoRA run; merge it into a plain run first "
+          "(scripts/merge_lora.py --workdir=... --out=NEW) and start from "
+          "that.")
+
+
+def _lora_resume(config, workdir) -> None:
+  """A LoRA run resumes on the base checkpoint its adapters were trained
+  on (lora_base.json), never on another one."""
+  recorded = restore.lora_base(workdir)
+  require(recorded is not None,
+          f"{workdir} holds checkpoints but no {restore.LORA_BASE}: they are "
+          "not a LoRA run's (config.lora.rank > 0 here). Train the adapters "
+          "in a new --workdir.")
+  base = str(paths.resolve(config.train.init_from))
+  require(base == recorded["workdir"],
+          f"config.train.init_from={config.train.init_from!r} is not the "
+          f"base run {recorded['workdir']} that the adapters in {workdir} "
+          f"were trained on ({workdir / restore.LORA_BASE}); resume with "
+          "that one, or train in a new --workdir.")
+  latest = restore.latest_step_on_disk(base)
+  require(latest == recorded["step"],
+          f"config.train.init_from={config.train.init_from!r}: the base "
+          f"run's latest checkpoint is now step {latest}, but the adapters "
+          f"in {workdir} were trained on its step {recorded['step']} "
+          f"({workdir / restore.LORA_BASE}). Resume on the base the adapters "
+          "were trained on (that run's checkpoint), or train new adapters in "
+          "a new --workdir.")
 
 
 def _teacher(config, model_cfg, task) -> None:

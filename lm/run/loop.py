@@ -29,7 +29,7 @@ from lm.parallel.mesh import batch_share, describe
 from lm.run import checks, lock as lock_lib, perf, restore
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill, prune
+from lm.train import distill, lora, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 
@@ -138,6 +138,26 @@ def _meter(config, task, setup, train_step, state, batch) -> perf.Meter:
   return perf.Meter(flops, peak)
 
 
+def _lora_base(config, setup, workdir, resumed: bool):
+  """A LoRA run's frozen base on the mesh: the base run's latest step on a
+  fresh start (recorded in lora_base.json), the recorded step on resume
+  (lm/run/checks.py has refused a base that moved on)."""
+  recorded = restore.lora_base(workdir) if resumed else None
+  step, frozen = restore.load_lora_base(
+      config, setup, recorded["step"] if recorded else None)
+  if not resumed:
+    restore.write_lora_base(workdir, config.train.init_from, step)
+  c = config.lora
+  stored = {"none": "float", "int8": "int8", "int4": "int4"}[c.base_quant]
+  log(f"LoRA rank {c.rank} (alpha {c.alpha:g}) on "
+      f"{lora.adapted_layers(setup.abstract_state.params)} projections: "
+      f"{state_lib.count_params(setup.abstract_state.params):,} trainable "
+      f"adapter parameters | {lora.count_base(frozen):,} frozen base "
+      f"parameters ({stored}, {lora.nbytes(frozen) / 2 ** 20:,.1f} MiB) "
+      f"from step {step} of {config.train.init_from}")
+  return frozen
+
+
 def train(config, workdir: str | Path, *, stop_at_step: int | None = None
           ) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns final metrics.
@@ -197,7 +217,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
                                         quarantine=True, warn=log)
     log(f"resumed from step {latest} in {ckpt.directory}")
-  elif config.train.init_from:
+  elif config.train.init_from and not lora.enabled(config):
     source_step, _, params = restore.params_on(config.train.init_from,
                                                setup.mesh, config.mesh)
     state = state_lib.state_from_params(setup, config, params)
@@ -208,16 +228,20 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   step = int(jax.device_get(state.step))
   if step >= total:
     log(f"already trained to step {step} (config.train.steps={total}).")
+  frozen = None
+  if lora.enabled(config):
+    frozen = _lora_base(config, setup, workdir, resumed=latest is not None)
   teacher = None
   if distill.enabled(config):
     teacher = restore.load_teacher(config, setup.mesh)
     log(f"distilling from {config.distill.teacher_workdir} (step "
         f"{teacher.step})")
   train_step = step_lib.jit_train_step(
-      setup, task, config.train.grad_accum_steps, teacher)
+      setup, task, config.train.grad_accum_steps, teacher, frozen)
   eval_step = None
   if config.train.eval_every:
-    eval_step = step_lib.jit_eval_step(setup, task, task.prepare_eval())
+    eval_step = step_lib.jit_eval_step(setup, task, task.prepare_eval(),
+                                       frozen)
   unit, units_per_step = task.throughput()
   meter = None  # lm/run/perf.py; made at the first step, from its batch.
   pending = collections.deque()  # (step, metrics) not yet read on the host.

@@ -1,5 +1,6 @@
 """Loading a trained run back: its config, mesh and latest parameters (an
-int8 serving run's too), and a distillation teacher.
+int8 serving run's too; a LoRA run's merged into plain ones), a
+distillation teacher, and a LoRA run's frozen base.
 
 Shared by the tools that read a workdir (generate, eval, quantize) and by the
 loop (the teacher); the mesh can differ from the one that trained, since
@@ -22,8 +23,12 @@ from lm.checks import UsageError
 from lm.parallel import AXES, make_mesh, resolve_shape
 from lm.quant import serving
 from lm.run.metrics_log import log
-from lm.train import checkpoint as ckpt_lib, distill
+from lm.train import checkpoint as ckpt_lib, distill, lora
 from lm.train import state as state_lib
+
+# In a LoRA run's directory: the base run its adapters were trained on,
+# {"workdir": absolute path, "step": its checkpoint step}.
+LORA_BASE = "lora_base.json"
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -94,6 +99,8 @@ def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
   sizes = list(config.mesh.values())
   mesh = make_mesh(config.mesh, None if -1 in sizes
                    else jax.devices()[:math.prod(sizes)])
+  if lora.enabled(config):
+    return _merged(workdir, config, mesh)
   serving_dir = is_serving_dir(workdir)
   setup = state_lib.make_setup(
       serving.float_config(config) if serving_dir else config, mesh)
@@ -119,21 +126,98 @@ def load(workdir: str | Path, mesh_arg: str | None = None) -> Loaded:
   return Loaded(config=config, setup=setup, params=params, step=step)
 
 
-def params_on(workdir: str | Path, mesh, mesh_sizes: dict
+def params_on(workdir: str | Path, mesh, mesh_sizes: dict,
+              step: int | None = None
               ) -> tuple[int, state_lib.Setup, object]:
-  """(step, the run's setup on `mesh`, its latest parameters) of another
-  run, sharded by its own logical names on this run's mesh."""
+  """(step, the run's setup on `mesh`, its parameters at `step`, default
+  the latest) of another run, sharded by its own logical names on this
+  run's mesh."""
   config = load_config(workdir)
   with config.unlocked():
     config.mesh = dict(mesh_sizes)
   setup = state_lib.make_setup(config, mesh)
   ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
   try:
-    step, state = ckpt.restore_latest(setup.abstract_state,
-                                      quarantine=False, warn=log)
+    if step is None:
+      step, state = ckpt.restore_latest(setup.abstract_state,
+                                        quarantine=False, warn=log)
+    else:
+      state = ckpt.restore(setup.abstract_state, step=step)
   finally:
     ckpt.close()
   return step, setup, state.params
+
+
+def lora_base(workdir: str | Path) -> dict | None:
+  """What a LoRA run's lora_base.json records, or None without one."""
+  path = paths.resolve(workdir) / LORA_BASE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_lora_base(workdir: str | Path, base_workdir: str,
+                    step: int) -> None:
+  if jax.process_index() != 0:
+    return
+  path = paths.resolve(workdir) / LORA_BASE
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps({"workdir": str(paths.resolve(base_workdir)),
+                             "step": step}, indent=2) + "\n")
+  tmp.replace(path)  # Atomic: never a half-written file.
+
+
+def latest_step_on_disk(workdir: str | Path) -> int | None:
+  """The newest checkpoint step in a run's directory, without opening it
+  (orbax's manager would create directories in a run we only read)."""
+  directory = paths.resolve(workdir) / "checkpoints"
+  steps = [int(p.name) for p in directory.iterdir()
+           if p.name.isdigit()] if directory.is_dir() else []
+  return max(steps, default=None)
+
+
+def load_lora_base(config, setup: state_lib.Setup, step: int | None = None
+                   ) -> tuple[int, object]:
+  """(step, the frozen base of LoRA run `config` on `setup`'s mesh): the
+  parameters of config.train.init_from at `step` (default its latest),
+  quantized as config.lora.base_quant says, sharded by the rules table."""
+  step, _, params = params_on(config.train.init_from, setup.mesh,
+                              config.mesh, step)
+  shardings = setup.frozen_shardings
+  if config.lora.base_quant == "none":
+    return step, jax.device_put(params, shardings)
+  base = jax.jit(functools.partial(
+      lora.base_from, graphdef=setup.graphdef,
+      adapters_abstract=setup.abstract_state.params,
+      base_abstract=setup.frozen_abstract, lora_cfg=config.lora),
+                 out_shardings=shardings)(params)
+  return step, base
+
+
+def _merged(workdir, config, mesh) -> Loaded:
+  """A LoRA run read as the plain run it amounts to: its latest adapters
+  merged into the base they were trained on (lora_base.json), with the
+  plain model's setup and config."""
+  recorded = lora_base(workdir)
+  if recorded is None:
+    raise UsageError(f"{paths.resolve(workdir) / LORA_BASE} is missing: "
+                     "this LoRA run never started training; train it first.")
+  with config.unlocked():
+    config.train.init_from = recorded["workdir"]
+  plain = lora.plain_config(config)
+  setup = state_lib.make_setup(config, mesh)
+  plain_setup = state_lib.make_setup(plain, mesh)
+  ckpt = ckpt_lib.Checkpointer(paths.resolve(workdir) / "checkpoints")
+  with jax.set_mesh(mesh):
+    try:
+      step, state = ckpt.restore_latest(setup.abstract_state,
+                                        quarantine=False, warn=log)
+    finally:
+      ckpt.close()
+    _, base = load_lora_base(config, setup, recorded["step"])
+    params = jax.jit(functools.partial(lora.merge, setup.graphdef,
+                                       lora_cfg=config.lora),
+                     out_shardings=plain_setup.param_shardings)(
+                         state.params, base)
+  return Loaded(config=plain, setup=plain_setup, params=params, step=step)
 
 
 def load_teacher(config, mesh) -> distill.Teacher:

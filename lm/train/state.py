@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import models, quant
 from lm.parallel import rules as rules_lib
-from lm.train import optim, precision, prune
+from lm.train import lora, optim, precision, prune
 
 
 @flax.struct.dataclass
@@ -45,10 +45,22 @@ class Setup:
   seed: int = 0  # config.seed: the init key and the per-step keys.
   # (config.train.grad_reduce, grad_reduce_dtype): lm/parallel/reduce.py.
   grad_reduce: tuple[str, str] = ("auto", "float32")
+  # LoRA (lm/train/lora.py): `params` are the adapters; the frozen base is
+  # an argument of the jitted steps. Its ShapeDtypeStructs (with shardings):
+  frozen_abstract: Any = None
+  # Inside a jitted LoRA step only: the base's arrays (step.py puts them).
+  frozen: Any = None
+  # LoRA with adapter dropout: the graph that drops (`graphdef` does not).
+  train_graphdef: Any = None
 
   @property
   def param_shardings(self):
     return self.state_shardings.params
+
+  @property
+  def frozen_shardings(self):
+    return (None if self.frozen_abstract is None else
+            jax.tree.map(lambda x: x.sharding, self.frozen_abstract))
 
   def batch_sharding(self, ndim: int = 2) -> NamedSharding:
     """Rows over the batch axes (data, fsdp, expert); the other axes whole.
@@ -81,8 +93,14 @@ def make_setup(config, mesh: Mesh) -> Setup:
   the model), before anything is compiled."""
   model_cfg = models.model_config(config)
   family = models.MODELS[config.model.name]
-  graphdef, logical = logical_param_specs(model_cfg, config.model.name,
-                                          config.quant)
+  adapted = None
+  if lora.enabled(config):
+    model_cfg = lora.model_config(model_cfg)
+    adapted = lora.graphs(model_cfg, config.model.name, config.lora)
+    graphdef, logical = adapted.graphdef, adapted.adapters_logical
+  else:
+    graphdef, logical = logical_param_specs(model_cfg, config.model.name,
+                                            config.quant)
   tx, schedule = optim.make(config.optimizer, config.train.steps,
                             config.prune)
   # A family with several parameter groups (the GAN) gets one optimizer
@@ -92,8 +110,12 @@ def make_setup(config, mesh: Mesh) -> Setup:
     tx = {g: tx for g in groups}
 
   def init(key: jax.Array) -> TrainState:
-    model = family.make(model_cfg, nnx.Rngs(params=key))
-    params = nnx.to_pure_dict(nnx.state(model))
+    if adapted is not None:
+      params = lora.init_adapters(model_cfg, config.model.name, config.lora,
+                                  key)
+    else:
+      model = family.make(model_cfg, nnx.Rngs(params=key))
+      params = nnx.to_pure_dict(nnx.state(model))
     opt_state = ({g: tx[g].init(params[g]) for g in groups} if groups
                  else tx.init(params))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -127,11 +149,21 @@ def make_setup(config, mesh: Mesh) -> Setup:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract, shardings)
   init_fn = jax.jit(init, out_shardings=shardings)
+  lora_fields = {}
+  if adapted is not None:
+    lora_fields = dict(
+        frozen_abstract=jax.tree.map(
+            lambda spec, x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype,
+                sharding=rules_lib.param_sharding(mesh, spec, x.shape)),
+            adapted.base_logical, adapted.base_abstract,
+            is_leaf=lambda x: isinstance(x, P)),
+        train_graphdef=adapted.train_graphdef)
   return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                schedule=schedule, abstract_state=abstract,
                state_shardings=shardings, init_fn=init_fn, seed=config.seed,
                grad_reduce=(config.train.grad_reduce,
-                            config.train.grad_reduce_dtype))
+                            config.train.grad_reduce_dtype), **lora_fields)
 
 
 def state_from_params(setup: Setup, config, params) -> TrainState:

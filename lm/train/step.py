@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from lm.parallel import constrain, reduce as reduce_lib
-from lm.train import precision
+from lm.train import lora, precision
 from lm.train.state import Setup, TrainState
 
 # loss_fn(model, batch, key) -> (scalar float32 loss, dict of scalar metrics).
@@ -40,12 +40,19 @@ def _microbatches(batch: dict, accum_steps: int) -> dict:
 
 def grads(loss_fn: LossFn, params, graphdef, batch: dict, key: jax.Array,
           accum_steps: int = 1,
-          loss_scale: precision.LossScale | None = None):
+          loss_scale: precision.LossScale | None = None, frozen=None,
+          dropout: bool = False):
   """((loss, metrics), grads) of the batch mean, accumulated over
   `accum_steps` equal microbatches when asked (the gradients of a scaled loss
-  come back unscaled)."""
+  come back unscaled). LoRA: `params` are the adapters, `frozen` the base
+  they are merged with (no gradient: it is not an argument of the
+  differentiated function); `dropout`: the graph drops the adapters' inputs,
+  with the (micro)batch's key."""
   def loss_of(p, b, k):
-    return loss_fn(nnx.merge(graphdef, p), b, k)
+    if frozen is None:
+      return loss_fn(nnx.merge(graphdef, p), b, k)
+    return loss_fn(lora.merge_model(graphdef, p, frozen,
+                                    k if dropout else None), b, k)
 
   grad_fn = precision.value_and_grad(loss_of, loss_scale, has_aux=True)
   if accum_steps == 1:
@@ -80,8 +87,12 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
   scale = state.loss_scale
 
   def grad_fn(params, batch, key):
-    return grads(loss_fn, params, setup.graphdef, batch, key, accum_steps,
-                 scale)
+    if setup.frozen is None:
+      return grads(loss_fn, params, setup.graphdef, batch, key, accum_steps,
+                   scale)
+    return grads(loss_fn, params, setup.train_graphdef or setup.graphdef,
+                 batch, key, accum_steps, scale, frozen=setup.frozen,
+                 dropout=setup.train_graphdef is not None)
 
   mode, dtype = setup.grad_reduce
   if mode != "auto" and setup.mesh.shape["data"] > 1:
@@ -120,12 +131,23 @@ class Bound:
 
 
 def jit_train_step(setup: Setup, task, accum_steps: int = 1,
-                   teacher=None) -> Bound:
+                   teacher=None, frozen=None) -> Bound:
   """(state, batch) -> (state, metrics), state donated. The batch keeps the
   sharding `loop.global_batch` gave it. A distillation `teacher`
   (lm/train/distill.py) enters as an argument with its own shardings, so its
-  parameters are neither donated nor baked into the program."""
+  parameters are neither donated nor baked into the program; so does a LoRA
+  run's `frozen` base (lm/train/lora.py)."""
   out_shardings = (setup.state_shardings, setup.replicated())
+  if frozen is not None:
+    def fn_with_base(state, batch, frozen):
+      return task.train_step(
+          state, batch, setup=dataclasses.replace(setup, frozen=frozen),
+          accum_steps=accum_steps)
+
+    jitted = jax.jit(fn_with_base, in_shardings=(
+        setup.state_shardings, None, setup.frozen_shardings),
+                     out_shardings=out_shardings, donate_argnums=(0,))
+    return Bound(jitted, (frozen,))
   if teacher is None:
     fn = functools.partial(task.train_step, setup=setup,
                            accum_steps=accum_steps)
@@ -142,13 +164,24 @@ def jit_train_step(setup: Setup, task, accum_steps: int = 1,
   return Bound(jitted, (teacher.params,))
 
 
-def jit_eval_step(setup: Setup, task, eval_inputs=None) -> Bound:
+def jit_eval_step(setup: Setup, task, eval_inputs=None,
+                  frozen=None) -> Bound:
   """(params, batch) -> the task's eval outputs, replicated to every host.
 
   `eval_inputs` (what `task.prepare_eval()` returned: the GAN's feature
   classifier) is passed as an argument (replicated) rather than baked into
-  the compiled step as constants.
+  the compiled step as constants; so is a LoRA run's `frozen` base.
   """
+  if frozen is not None:
+    def fn_with_base(params, batch, eval_inputs, frozen):
+      return task.eval_step(lora.merge_model(setup.graphdef, params, frozen),
+                            batch, eval_inputs)
+
+    jitted = jax.jit(fn_with_base, in_shardings=(
+        setup.param_shardings, None, setup.replicated(),
+        setup.frozen_shardings), out_shardings=setup.replicated())
+    return Bound(jitted, (eval_inputs, frozen))
+
   def fn(params, batch, eval_inputs):
     return task.eval_step(nnx.merge(setup.graphdef, params), batch,
                           eval_inputs)
@@ -166,5 +199,6 @@ def compile_train_step(setup: Setup, task, accum_steps: int = 1):
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                    sharding=setup.batch_sharding(v.ndim))
            for k, v in task.batch_spec().items()}
-  return jit_train_step(setup, task, accum_steps).lower(
+  return jit_train_step(setup, task, accum_steps,
+                        frozen=setup.frozen_abstract).lower(
       setup.abstract_state, batch).compile()
