@@ -8,10 +8,12 @@ that preset), then fine-tunes it with configs/sft.py:tiny three ways, each
 on 8 simulated devices (the preset's mesh) for the preset's 150 steps:
 full SFT, LoRA rank 8 on every attention and MLP projection, and QLoRA
 (the same adapters on an int8 base). For the base and each fine-tune it
-reports the trainable parameters, the optimizer state's bytes, the median
-step time, the response-only loss on the SFT eval set (the base: evaluated
-on it untrained) and the local lm-evaluation-harness tasks' scores
-(scripts/eval_harness.py: next-line accuracy, rolling bits per byte).
+reports the trainable parameters, the bytes of the weights a step reads
+(a LoRA run: the adapters and the frozen base), the optimizer state's
+bytes, the median step time, the response-only loss on the SFT eval set
+(the base: evaluated on it untrained) and the local lm-evaluation-harness
+tasks' scores (scripts/eval_harness.py: next-line accuracy, rolling bits
+per byte).
 --steps shortens every run (a check of the script).
 """
 from __future__ import annotations
@@ -62,10 +64,15 @@ def _state_sizes(workdir: Path) -> dict:
   config.mesh = dict(data=1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1)
   mesh = make_mesh(config.mesh, jax.devices()[:1])
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()):
-    abstract = state_lib.make_setup(config, mesh).abstract_state
+    setup = state_lib.make_setup(config, mesh)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize  # noqa: E731
                             for x in jax.tree.leaves(tree))
+  abstract = setup.abstract_state
+  # The weights a step reads besides the trained ones: a LoRA run's frozen
+  # base (int8 values and their scales under QLoRA).
+  frozen = nbytes(setup.frozen_abstract) if setup.frozen_abstract else 0
   return {"trainable": state_lib.count_params(abstract.params),
+          "param_bytes": nbytes(abstract.params) + frozen,
           "opt_state_bytes": nbytes(abstract.opt_state)}
 
 
@@ -119,16 +126,18 @@ def tables(results: dict) -> dict[str, str]:
   def cell(row, key, fmt):
     return format(row[key], fmt) if key in row else "-"
   return {"runs": common.markdown(
-      ["run", "trainable parameters", "optimizer state", "step time",
+      ["run", "trainable parameters", "weights", "optimizer state",
+       "step time",
        "response loss (SFT eval)", "next-line accuracy",
        "rolling bits per byte"],
       [[r["run"], cell(r, "trainable", ","),
+        (f"{r['param_bytes'] / 1e6:.2f} MB" if "param_bytes" in r else "-"),
         (f"{r['opt_state_bytes'] / 1e6:.2f} MB" if "opt_state_bytes" in r
          else "-"),
         (f"{r['step_time_s'] * 1e3:.0f} ms" if "step_time_s" in r else "-"),
         cell(r, "response_loss", ".3f"), cell(r, "next_line_acc", ".3f"),
         cell(r, "rolling_bits_per_byte", ".3f")]
-       for r in results["runs"]], "lrrrrrr")}
+       for r in results["runs"]], "lrrrrrrr")}
 
 
 def main(argv: list[str]) -> None:

@@ -154,7 +154,7 @@ def export_run(workdir: str, out: str, *, dtype: str = "float32",
     raise UsageError(f"--workdir={workdir} is an int8 serving model; export "
                      "the float run it came from.")
   config = restore.load_config(workdir)
-  if config.model.name != "transformer" or config.task != "lm":
+  if config.model.name != "transformer" or config.task not in ("lm", "sft"):
     raise UsageError(f"--workdir={workdir} holds a {config.model.name} "
                      f"({config.task}) run; only language models export.")
   model_cfg = models.model_config(config)
