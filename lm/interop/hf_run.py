@@ -67,6 +67,17 @@ def _tokenizer_source(source: str, hf_dir: Path) -> str:
   return str(path)
 
 
+def save_step0(state, workdir: Path) -> None:
+  """A run's step-0 checkpoint of `state` (an import, a merge). Without
+  OCDBT: its host buffers would hold most of the state again."""
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False,
+                               ocdbt=False)
+  try:
+    ckpt.save(0, state, force=True)
+  finally:
+    ckpt.close()
+
+
 def copy_tokenizer(source: str, workdir: Path) -> str:
   """config.data.tokenizer for the run: "byte", or a copy of file `source`
   (with the tokenizer_config.json beside it) in WORKDIR/tokenizer/."""
@@ -120,13 +131,7 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str | None = None,
       stats = {}
       state = state_lib.state_from_params(setup, config, hf_weights.read(
           folder, specs, setup.abstract_state.params, stats))
-      # Without OCDBT: its host buffers would hold most of the state again.
-      ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False,
-                                   ocdbt=False)
-      try:
-        ckpt.save(0, state, force=True)
-      finally:
-        ckpt.close()
+      save_step0(state, workdir)
     parameters = state_lib.count_params(state.params)
     del state  # The devices' memory (the host's, on a CPU) is freed here.
   loop.write_config(config, workdir)

@@ -19,7 +19,7 @@ from lm import paths
 from lm.checks import UsageError
 from lm.interop import hf_run
 from lm.run import loop, restore
-from lm.train import checkpoint as ckpt_lib, lora, state as state_lib
+from lm.train import lora, state as state_lib
 
 SOURCE = "lora_merged.json"
 
@@ -45,13 +45,7 @@ def merge_run(workdir: str, out: str, *, mesh: str | None = None) -> dict:
   with jax.set_mesh(loaded.setup.mesh):
     state = state_lib.state_from_params(loaded.setup, loaded.config,
                                         loaded.params)
-    # Without OCDBT, as an import: no host buffers holding the state again.
-    ckpt = ckpt_lib.Checkpointer(out_dir / "checkpoints", async_save=False,
-                                 ocdbt=False)
-    try:
-      ckpt.save(0, state, force=True)
-    finally:
-      ckpt.close()
+    hf_run.save_step0(state, out_dir)
   loop.write_config(config, out_dir)
   summary = {"lora_workdir": str(paths.resolve(workdir)),
              "lora_step": loaded.step, "base": base,
