@@ -29,7 +29,8 @@ PAGES = ["README.md", *sorted(f"docs/{p}" for p in os.listdir(
 FEW_STEPS = ["--config.train.steps=2", "--config.train.log_every=1",
              "--config.train.eval_every=0", "--config.train.checkpoint_every=0",
              "--config.train.batch_size=8", "--config.optimizer.warmup_steps=0"]
-# And for an LM config (train.py, launch_local.py, inspect_sharding.py):
+# And for an LM or SFT config (train.py, launch_local.py,
+# inspect_sharding.py):
 # 64-token windows, which every preset's mesh divides (2 x sequence=8 = 16).
 SHORT_WINDOWS = ["--config.data.seq_len=64"]
 TIMEOUT = 600
@@ -68,7 +69,8 @@ def test_every_command_runs(page, data_dir, tmp_path):
     argv = shlex.split(command.replace("runs/", f"{tmp_path}/runs/"))
     if argv[1] in ("scripts/train.py", "scripts/launch_local.py"):
       argv += FEW_STEPS
-    if any(a.startswith("--config=configs/lm.py") for a in argv):
+    if any(a.startswith(("--config=configs/lm.py", "--config=configs/sft.py"))
+           for a in argv):
       argv += SHORT_WINDOWS
     argv[0] = sys.executable
     env = dict(base, LM_DATA_DIR=data_dir, **env_add)
