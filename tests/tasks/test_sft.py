@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_same_run, run_steps, tiny_config, train_script
+from conftest import assert_same_run, run_steps, tiny_config
 from lm.data import packing, sft, tokenizer as tok_lib
 from lm.tasks import language
 
@@ -100,30 +100,11 @@ def test_packed_sft_sharded_equals_one_device(sft_reference, mesh_shape,
   assert_same_run(history, state, ref_history, ref_state)
 
 
-def test_sft_run_reports_response_loss(tmp_path, data_dir):
-  """A few SFT steps on shakespeare_dialogue, fine-tuning a trained run;
-  the eval line has the response-only loss and perplexity, and the report
-  of what was truncated is printed."""
-  base = tmp_path / "base"
-  train_script(base, data_dir, "--config.train.steps=2")
-  result = train_script(
-      tmp_path / "sft", data_dir, "--config.task=sft",
-      "--config.data.packing=segments",
-      "--config.data.sft.train=shakespeare_dialogue",
-      "--config.data.sft.eval=shakespeare_dialogue",
-      f"--config.train.init_from={base}", "--config.train.steps=4",
-      "--config.train.eval_every=4")
-  assert "records used" in result.stdout and "truncated" in result.stdout
-  with open(tmp_path / "sft" / "metrics.jsonl") as f:
-    [line] = [x for x in map(json.loads, f) if x["split"] == "eval"]
-  assert np.isfinite(line["loss"])
-  assert line["perplexity"] == pytest.approx(np.exp(line["loss"]))
-  assert "bits_per_byte" not in line
-
-
-def test_packed_sft_run_resumes_exactly(tmp_path):
+def test_packed_sft_run_resumes_exactly(tmp_path, capsys):
   """Stopped and resumed, an SFT run packs the same windows and ends with
-  the same parameters, bitwise: the packer's state is in the checkpoint."""
+  the same parameters, bitwise: the packer's state is in the checkpoint.
+  Its eval line is the response loss and perplexity, and what was read is
+  reported."""
   from lm.run import loop, restore  # noqa: PLC0415
   rng = np.random.default_rng(0)
   records = tmp_path / "records.jsonl"
@@ -133,6 +114,7 @@ def test_packed_sft_run_resumes_exactly(tmp_path):
       for _ in range(200)))
   config = tiny_config("", mesh=dict(data=2, fsdp=2, tensor=2), **{
       "task": "sft", "data.packing": "segments", "train.steps": 4,
+      "train.eval_every": 4,
       "data.sft.train": str(records), "data.sft.eval": str(records)})
   loop.train(config, tmp_path / "whole")
   loop.train(config, tmp_path / "split", stop_at_step=2)
@@ -142,6 +124,12 @@ def test_packed_sft_run_resumes_exactly(tmp_path):
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [r["loss"] for r in rows if r["split"] == "train"]
   assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+  assert "200 of 200 records used" in capsys.readouterr().out
+  rows = map(json.loads, (tmp_path / "whole" / "metrics.jsonl").read_text()
+             .splitlines())
+  [line] = [r for r in rows if r["split"] == "eval"]
+  assert line["perplexity"] == pytest.approx(np.exp(line["loss"]))
+  assert "bits_per_byte" not in line
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(restore.load(tmp_path / "whole").params),
                jax.device_get(restore.load(tmp_path / "split").params))
