@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import (FAMILIES, REPO, tiny_config, train_family as train,
-                      xla_flags)
+from conftest import (FAMILIES, REPO, assert_reordered, tiny_config,
+                      train_family as train, xla_flags)
 from lm.parallel import Rules, make_mesh, rules as rules_lib
 from lm.quant import serving
 from lm.tasks.language import lm_loss
@@ -213,3 +213,17 @@ def test_quantize_and_eval_scripts(tmp_path, data_dir):
                           f"--out={tmp_path}/int8"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and "already holds a model" in again.stderr
+  # The int8 model exports as StableHLO (lm/interop/export.py) whose
+  # programs, run by the plain-jax loader, compute what it computes here.
+  from lm.interop import export  # noqa: PLC0415
+  from lm.run import restore  # noqa: PLC0415
+  export.export_stablehlo(tmp_path / "int8", tmp_path / "int8_hlo")
+  namespace = {}
+  exec(export.LOADER, namespace)  # noqa: S102 (our own loader's text)
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  got = namespace["load"](str(tmp_path / "int8_hlo"))["prefill"](tokens)[0]
+  loaded = restore.load(tmp_path / "int8", "1,1,1")
+  with jax.set_mesh(loaded.setup.mesh):
+    want = nnx.merge(loaded.setup.graphdef, loaded.params)(tokens)[0]
+  assert_reordered(np.asarray(got), np.asarray(want),
+                   reduction=config.model.d_model)
