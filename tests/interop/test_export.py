@@ -15,64 +15,61 @@ from lm.interop import export
 from lm.run import restore
 
 # Runs in a fresh interpreter where `import lm` fails: only jax and numpy.
+# For each prompt array: the prompt's logits, then one decode step of the
+# greedy next token.
 _RUN = """
 import sys
 sys.modules["lm"] = None
 {loader}
 import numpy as np
 fns = load(sys.argv[1])
-tokens = np.load(sys.argv[2])
-logits, k, v = fns["prefill"](tokens)
-step = np.argmax(np.asarray(logits)[:, -1], -1).astype(np.int32)[:, None]
-decoded, k, v = fns["decode"](step, k, v, np.int32(tokens.shape[1]))
-np.savez(sys.argv[3], prefill=np.asarray(logits), decode=np.asarray(decoded),
-         step=step)
+out = {{}}
+for i, tokens in enumerate(np.load(sys.argv[2]).values()):
+  logits, k, v = fns["prefill"](tokens)
+  step = np.argmax(np.asarray(logits)[:, -1], -1).astype(np.int32)[:, None]
+  decoded, k, v = fns["decode"](step, k, v, np.int32(tokens.shape[1]))
+  out.update({{f"prefill{{i}}": np.asarray(logits),
+              f"decode{{i}}": np.asarray(decoded), f"step{{i}}": step}})
+np.savez(sys.argv[3], **out)
 """
 
 
-def _run_loader(folder, tokens, tmp_path) -> dict:
-  np.save(tmp_path / "tokens.npy", tokens)
-  script = tmp_path / "run_export.py"
-  script.write_text(_RUN.format(loader=export.LOADER))
-  out = tmp_path / "out.npz"
-  result = subprocess.run(
-      [sys.executable, str(script), str(folder), str(tmp_path / "tokens.npy"),
-       str(out)], capture_output=True, text=True, timeout=300,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-  assert result.returncode == 0, result.stderr[-3000:]
-  return dict(np.load(out))
-
-
-@pytest.mark.parametrize("batch, length", [(2, 5), (3, 9)])
-def test_stablehlo_lm_runs_without_lm_and_matches_the_model(
-    tmp_path, batch, length):
+def test_stablehlo_lm_runs_without_lm_and_matches_the_model(tmp_path):
   run = init_run(tmp_path)
   folder = tmp_path / "export"
   about = export.export_stablehlo(run, folder)
   assert set(about["functions"]) == {"prefill", "decode"}
-  tokens = np.random.default_rng(batch).integers(
-      1, 256, (batch, length)).astype(np.int32)
-  got = _run_loader(folder, tokens, tmp_path)
-  # Ours: the full forward over the prompt and the chosen next token.
+  # One artifact, two batch sizes and prompt lengths (symbolic shapes).
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 256, shape).astype(np.int32)
+             for shape in ((2, 5), (3, 9))]
+  np.savez(tmp_path / "tokens.npz", *prompts)
+  script = tmp_path / "run_export.py"
+  script.write_text(_RUN.format(loader=export.LOADER))
+  result = subprocess.run(
+      [sys.executable, str(script), str(folder), str(tmp_path / "tokens.npz"),
+       str(tmp_path / "out.npz")], capture_output=True, text=True,
+      timeout=300, env={k: v for k, v in os.environ.items()
+                        if k != "XLA_FLAGS"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = np.load(tmp_path / "out.npz")
   loaded = restore.load(run, "1,1,1")
+  d_model = loaded.config.model.d_model
   with jax.set_mesh(loaded.setup.mesh):
     model = nnx.merge(loaded.setup.graphdef, loaded.params)
-    full = np.concatenate([tokens, got["step"]], axis=1)
-    want = np.asarray(model(full)[0])
-  # Another compile of the same float32 math: sums over d_model reorder.
-  d_model = loaded.config.model.d_model
-  assert_reordered(got["prefill"], want[:, :length], reduction=d_model)
-  assert_reordered(got["decode"][:, 0], want[:, length], reduction=d_model)
-
-
-def test_an_export_is_not_overwritten_unless_asked(tmp_path):
-  run = init_run(tmp_path)
-  folder = tmp_path / "export"
-  folder.mkdir()
-  (folder / "keep.txt").write_text("mine")
+    for i, tokens in enumerate(prompts):
+      # Ours: the full forward over the prompt and the chosen next token.
+      full = np.concatenate([tokens, got[f"step{i}"]], axis=1)
+      want = np.asarray(model(full)[0])
+      # Another compile of the same float32 math: sums over d_model reorder.
+      length = tokens.shape[1]
+      assert_reordered(got[f"prefill{i}"], want[:, :length],
+                       reduction=d_model)
+      assert_reordered(got[f"decode{i}"][:, 0], want[:, length],
+                       reduction=d_model)
+  # A second export into the folder is refused unless asked.
   with pytest.raises(UsageError, match="already holds files.*--overwrite"):
     export.export_stablehlo(run, folder)
-  assert (folder / "keep.txt").read_text() == "mine"
   export.export_stablehlo(run, folder, overwrite=True)
   assert (folder / "prefill.jaxexport").exists()
 
