@@ -7,7 +7,8 @@ lm/data/), the precision, optimizer, pruning, distillation and LoRA sections
 (lm/train/), quantization (lm/quant/qat.py), the gradient reduction
 (lm/parallel/reduce.py). The patterns of config.quant.layers and
 config.prune.layers and config.lora.layers need the model, so
-`make_setup` checks them when it builds the model (still before anything compiles).
+`make_setup` checks them when it builds the model (still before anything
+compiles).
 
 Every check runs before any data is read or anything is compiled, and every
 message names the config key and how to fix it.

@@ -56,8 +56,8 @@ def _layout(batch: dict) -> dict:
   shape = fields["inputs"].shape
   perm_L = context.zigzag_permutation(shape[1], n)
   if fields["positions"] is None:
-    fields["positions"] = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32),
-                                           shape)
+    fields["positions"] = jnp.broadcast_to(
+        jnp.arange(shape[1], dtype=jnp.int32), shape)
   return {k: None if v is None else v[:, perm_L] for k, v in fields.items()}
 
 
