@@ -155,7 +155,7 @@ def chat_template(tokenizer_spec: str) -> str:
   return template
 
 
-class _Jinja:
+class ChatTemplate:
   """A Hugging Face chat template, rendered as transformers renders it
   (sandboxed Jinja, trim_blocks and lstrip_blocks, raise_exception)."""
 
@@ -252,7 +252,7 @@ def examples(records: list[dict], config, tok, what: str
   dropped)."""
   sft_cfg = config.data.sft
   window = pipeline.seq_len(config) + 1
-  jinja = (_Jinja(chat_template(config.data.tokenizer), tok)
+  jinja = (ChatTemplate(chat_template(config.data.tokenizer), tok)
            if sft_cfg.chat_template == "tokenizer" else None)
   ids_list, trained_list = [], []
   too_long = dropped = 0

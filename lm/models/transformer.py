@@ -207,15 +207,18 @@ class Attention(nnx.Module):
     else:
       # Decoding: write this chunk's keys/values at cache_index, then attend
       # to every filled cache slot at or before each query's position.
-      start = (0, cache_index, 0, 0)
-      k_BxSxNxK = jax.lax.dynamic_update_slice(
-          cache["k"], k_BxLxNxK.astype(cache["k"].dtype), start)
-      v_BxSxNxK = jax.lax.dynamic_update_slice(
-          cache["v"], v_BxLxNxK.astype(cache["v"].dtype), start)
+      # cache_index is a scalar (every row at the same position), or one
+      # index per row (a server's slots, each request at its own position).
+      write = _cache_writer(jnp.ndim(cache_index))
+      k_BxSxNxK = write(cache["k"], k_BxLxNxK.astype(cache["k"].dtype),
+                        cache_index)
+      v_BxSxNxK = write(cache["v"], v_BxLxNxK.astype(cache["v"].dtype),
+                        cache_index)
       L, S = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
-      q_pos_L = cache_index + jnp.arange(L)
-      mask_LxS = jnp.arange(S)[None, :] <= q_pos_L[:, None]
-      mask_Bx1xLxS = mask_LxS[None, None]  # Broadcast over the batch.
+      q_pos_BxL = jnp.reshape(cache_index, (-1, 1)) + jnp.arange(L)
+      # [1 or B, 1, L, S]: broadcast over the heads (and a scalar's batch).
+      mask_Bx1xLxS = (jnp.arange(S)[None, None, None, :]
+                      <= q_pos_BxL[:, None, :, None])
       new_cache = {"k": k_BxSxNxK, "v": v_BxSxNxK}
       if (segment_ids_BxL is None) != ("segment_ids" not in cache):
         raise ValueError(
@@ -225,6 +228,8 @@ class Attention(nnx.Module):
         # Several requests packed in one row: the cache keeps each slot's
         # segment, and a query sees only its own segment's slots.
         attention.check_segments(cfg.attention_impl)
+        if jnp.ndim(cache_index):
+          raise ValueError("Segment ids need a scalar cache_index.")
         seg_BxS = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids_BxL.astype(jnp.int32),
             (0, cache_index))
@@ -236,6 +241,18 @@ class Attention(nnx.Module):
           v_BxSxNxK.astype(q_BxLxHxK.dtype), causal=False,
           mask=mask_Bx1xLxS, impl=cfg.attention_impl)
     return self.o(out_BxLxHxK), new_cache
+
+
+def _cache_writer(index_ndim: int):
+  """f(cache_BxSxNxK, new_BxLxNxK, index) writing `new` at position `index`
+  of every row (index a scalar) or at index[b] of row b (index of shape B:
+  vmapped, a scatter)."""
+  def write(cache_SxNxK, new_LxNxK, index):
+    return jax.lax.dynamic_update_slice(cache_SxNxK, new_LxNxK, (index, 0, 0))
+  if index_ndim:
+    return jax.vmap(write)
+  return lambda cache, new, index: jax.lax.dynamic_update_slice(
+      cache, new, (0, index, 0, 0))
 
 
 class Mlp(nnx.Module):
@@ -338,7 +355,8 @@ class Transformer(nnx.Module):
     positions that restart at each document."""
     cfg = self.cfg
     if positions_BxL is None:
-      start = 0 if cache_index is None else cache_index
+      # A scalar start, or one per row (a per-row cache_index).
+      start = 0 if cache_index is None else jnp.reshape(cache_index, (-1, 1))
       positions_BxL = start + jnp.broadcast_to(
           jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = self.embed(tokens_BxL)

@@ -213,7 +213,7 @@ def test_tokenizer_chat_template_renders_as_transformers(tmp_path):
   config = tiny_config("", **{"data.tokenizer": spec,
                               "data.sft.chat_template": "tokenizer"})
   tok = tok_lib.get(spec)
-  jinja = sft._Jinja(sft.chat_template(spec), tok)
+  jinja = sft.ChatTemplate(sft.chat_template(spec), tok)
   pieces = sft.spans({"messages": messages}, config.data.sft, jinja)
   reference = transformers.AutoTokenizer.from_pretrained(str(folder))
   assert "".join(p for p, _ in pieces) == reference.apply_chat_template(

@@ -1,0 +1,2 @@
+"""Serving: continuous batching (engine.py), the OpenAI-compatible HTTP API
+(api.py)."""
