@@ -43,8 +43,9 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import dataclasses  # noqa: PLC0415
   import contextlib  # noqa: PLC0415
+  import dataclasses  # noqa: PLC0415
+  import signal  # noqa: PLC0415
   from pathlib import Path  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -105,8 +106,24 @@ def main(argv):
             f"{sum(engine.compile_seconds.values()):.1f} s; chat "
             f"{'on' if render else 'off: ' + why}", flush=True)
 
+    @contextlib.contextmanager
+    def capture_signals(self):
+      # uvicorn re-raises a caught SIGTERM once it has shut down, killing
+      # the process before the engine stops and the summary prints; a
+      # drained server exits 0 instead.
+      with super().capture_signals():
+        try:
+          yield
+        finally:
+          self._captured_signals.clear()
+
     def handle_exit(self, sig, frame):
-      served.draining = True  # New requests get 503 from now on.
+      if not served.draining:
+        served.draining = True  # New requests get 503 from now on.
+        busy = engine.busy
+        print(f"{signal.Signals(sig).name}: finishing {busy} "
+              f"request{'s' if busy != 1 else ''} in flight (up to "
+              f"{_DRAIN.value:g} s), refusing new ones", flush=True)
       super().handle_exit(sig, frame)
 
   server = Server(uvicorn.Config(

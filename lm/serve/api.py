@@ -20,6 +20,7 @@ an incomplete UTF-8 character, or the start of a stop string.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -249,6 +250,10 @@ class Served:
   chat: Callable[[list[dict]], str] | None = None
   chat_why: str = ""
   draining: bool = False
+  # Choices ended, by finish reason ("length", "stop", "abort": the client
+  # went away or the server stopped), for /health.
+  finished: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -278,7 +283,8 @@ def make_app(served: Served) -> FastAPI:
   async def health():
     if served.draining:
       return JSONResponse(status_code=503, content={"status": "draining"})
-    return {"status": "ok", "busy": served.engine.busy}
+    return {"status": "ok", "busy": served.engine.busy,
+            "finished": dict(served.finished)}
 
   @app.get("/v1/models")
   async def models():
@@ -349,7 +355,7 @@ def make_app(served: Served) -> FastAPI:
     detok = _Detokenizer(tok, ids, sampling.stops)
     prompt_tokens: list[Token | None] = [None]
     served.engine.submit(request)
-    finished = False
+    finished = None  # The finish reason, once known.
     try:
       while True:
         kind, *args = await events.queue.get()
@@ -363,21 +369,20 @@ def make_app(served: Served) -> FastAPI:
           token_id, lp, top_ids, top_lps = args
           text, stopped = detok.add(token_id)
           piece = Piece(text, [Token(token_id, lp, _top(top_ids, top_lps))])
-          if stopped:
-            finished = True
+          if stopped:  # A stop string: the engine need not go on.
             request.cancel()
-            piece.finish_reason = "stop"
+            finished = piece.finish_reason = "stop"
             yield piece
             return
           yield piece
         else:
-          finished = True
-          reason = {"abort": "abort"}.get(args[0], args[0])
-          yield Piece(detok.flush(), finish_reason=reason)
+          finished = args[0]
+          yield Piece(detok.flush(), finish_reason=finished)
           return
     finally:
-      if not finished:
+      if finished is None:
         request.cancel()  # The client went away: free the slot.
+      served.finished[finished or "abort"] += 1
 
   def _top(ids, lps) -> list[tuple[int, float]]:
     return [(int(i), float(lp)) for i, lp in zip(ids, lps)]
