@@ -21,6 +21,7 @@ LAYERS = (
     ("tasks", ("lm.tasks",)),
     ("run", ("lm.run",)),
     ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
+    ("serve", ("lm.serve",)),  # Requests in, tokens out, over HTTP.
 )
 
 

@@ -34,6 +34,9 @@ FEW_STEPS = ["--config.train.steps=2", "--config.train.log_every=1",
 # 64-token windows, which every preset's mesh divides (2 x sequence=8 = 16).
 SHORT_WINDOWS = ["--config.data.seq_len=64"]
 TIMEOUT = 600
+# Servers run until stopped: tests/serve/test_server.py runs scripts/serve.py
+# (and stops it with SIGTERM) instead.
+SERVERS = ("scripts/serve.py",)
 
 
 def commands(page: str) -> list[tuple[dict, str]]:
@@ -48,7 +51,8 @@ def commands(page: str) -> list[tuple[dict, str]]:
       if line.startswith("export "):
         key, value = line[len("export "):].split("=", 1)
         env[key] = value
-      elif line.startswith("python scripts/"):
+      elif (line.startswith("python scripts/")
+            and line.split()[1] not in SERVERS):
         out.append((dict(env), line))
   return out
 
