@@ -80,14 +80,16 @@ def save_step0(state, workdir: Path) -> None:
 
 def copy_tokenizer(source: str, workdir: Path) -> str:
   """config.data.tokenizer for the run: "byte", or a copy of file `source`
-  (with the tokenizer_config.json beside it) in WORKDIR/tokenizer/."""
+  (with the tokenizer_config.json and chat template beside it: chat in
+  scripts/serve.py) in WORKDIR/tokenizer/."""
   if source == "byte":
     return "byte"
   path = Path(source)
   target = workdir / TOKENIZER_DIR
   if jax.process_index() == 0:  # One writer (a shared disk).
     target.mkdir(parents=True, exist_ok=True)
-    for sibling in ("tokenizer_config.json", "special_tokens_map.json"):
+    for sibling in ("tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja"):
       if (path.parent / sibling).exists():
         shutil.copy(path.parent / sibling, target / sibling)
     shutil.copy(path, target / path.name)
