@@ -543,7 +543,13 @@ def make_app(served: Served) -> FastAPI:
     messages = [{"role": m.role, "content": m.content if isinstance(
         m.content, str) else "".join(p.get("text", "") for p in m.content)}
                 for m in body.messages]
-    ids = encode(served.chat(messages))
+    try:
+      prompt = served.chat(messages)
+    except Exception as e:  # noqa: BLE001 - raise_exception, or Jinja's
+      # own errors (a missing key): these messages, not the server.
+      raise ApiError(400, f"the chat template failed on these messages: "
+                     f"{e}", "messages") from None
+    ids = encode(prompt)
     k = (body.top_logprobs or 0) if body.logprobs else None
     room = served.limits.max_len - len(ids)
     sampling = _sampling(
