@@ -1,5 +1,7 @@
-"""A run as portable artifacts: `jax.export` StableHLO programs with the
-weights beside them, which a few lines of plain JAX run without this code.
+"""A run as portable artifacts that run without this code: `jax.export`
+StableHLO programs with the weights beside them (here), or a TensorFlow
+SavedModel (savedmodel.py). Both export the same functions, described once
+by `prepare`.
 
 An export directory (`export_stablehlo`) holds
 
@@ -22,8 +24,10 @@ tests/interop/test_export.py runs it in a process that cannot import lm.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +38,6 @@ from lm import models
 from lm.checks import UsageError
 from lm.run import restore
 
-FORMATS = ("stablehlo",)
 FAMILIES = ("transformer", "transformer_classifier", "mlp")
 VERSION = 1
 LOADER = '''
@@ -55,19 +58,43 @@ def load(folder):
 '''
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-  if out.exists() and not out.is_dir():
-    raise UsageError(f"--out={out} is a file; give a directory.")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise UsageError(f"--out={out} already holds files; choose a new "
-                     "directory or pass --overwrite.")
+@dataclasses.dataclass(frozen=True)
+class Function:
+  """`fn(weights, *inputs)` -> the outputs `outputs` names (a tuple; the
+  array itself where there is one, as LOADER's callers get it). Each input is
+  (name, dtype, shape), the shape in jax.export's symbolic syntax ("b, l":
+  names are symbolic dimensions, numbers fixed ones, "" a scalar);
+  `constraints` bound the symbols (jax.export.SymbolicScope)."""
+  fn: Callable
+  inputs: tuple[tuple[str, str, str], ...]
+  outputs: tuple[str, ...]
+  constraints: tuple[str, ...]
+  signature: str
+
+  def input_specs(self) -> list[jax.ShapeDtypeStruct]:
+    # One scope per function: its symbols are its own (decode has no L).
+    scope = jax.export.SymbolicScope(self.constraints)
+    return [jax.ShapeDtypeStruct(
+        jax.export.symbolic_shape(shape, scope=scope), jnp.dtype(dtype))
+        for _, dtype, shape in self.inputs]
 
 
-def export_stablehlo(workdir, out, *, overwrite: bool = False) -> dict:
-  """Writes `workdir`'s latest parameters and its functions into `out`;
-  returns export.json's contents."""
-  out = Path(out).expanduser()
-  _check_out(out, overwrite)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A run's weights and functions, ready to export inside `mesh`."""
+  weights: list[np.ndarray]
+  functions: dict[str, Function]
+  about: dict
+  mesh: jax.sharding.Mesh
+
+  def weight_specs(self) -> list[jax.ShapeDtypeStruct]:
+    return [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in self.weights]
+
+
+def prepare(workdir, out, *, overwrite: bool, fmt: str) -> Prepared:
+  """Refuses a bad `out` or run (before restoring anything heavy), then
+  restores `workdir`'s latest parameters and describes its functions."""
+  _check_out(Path(out).expanduser(), overwrite)
   family = restore.load_config(workdir).model.name
   if family not in FAMILIES:
     raise UsageError(f"--workdir={workdir} holds a {family} run; "
@@ -80,39 +107,54 @@ def export_stablehlo(workdir, out, *, overwrite: bool = False) -> dict:
   def model_of(weights):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, list(weights)))
 
-  weight_specs = [jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype)
-                  for w in leaves]
-  about = {"version": VERSION, "run": str(workdir), "step": loaded.step,
-           "model": config.model.to_dict(), "task": config.task}
-  with jax.set_mesh(loaded.setup.mesh):
-    if config.model.name == "transformer":
-      functions = _lm_functions(model_of, loaded.setup.model_cfg,
-                                weight_specs)
-      about["tokenizer"] = config.data.tokenizer
-    else:
-      functions = _classifier_functions(model_of, config, weight_specs)
-  about["functions"] = {name: sig for name, (_, sig) in functions.items()}
-  serialized = {name: exported.serialize()
-                for name, (exported, _) in functions.items()}
+  about = {"format": fmt, "version": VERSION, "run": str(workdir),
+           "step": loaded.step, "model": config.model.to_dict(),
+           "task": config.task}
+  if config.model.name == "transformer":
+    functions = _lm_functions(model_of, loaded.setup.model_cfg)
+    about["tokenizer"] = config.data.tokenizer
+  else:
+    functions = _classifier_functions(model_of, config)
+  about["functions"] = {name: f.signature for name, f in functions.items()}
+  return Prepared(weights=[np.asarray(w) for w in leaves],
+                  functions=functions, about=about, mesh=loaded.setup.mesh)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out={out} is a file; give a directory.")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise UsageError(f"--out={out} already holds files; choose a new "
+                     "directory or pass --overwrite.")
+
+
+def export_stablehlo(workdir, out, *, overwrite: bool = False) -> dict:
+  """Writes `workdir`'s latest parameters and its functions into `out`;
+  returns export.json's contents."""
+  out = Path(out).expanduser()
+  prepared = prepare(workdir, out, overwrite=overwrite, fmt="stablehlo")
+  with jax.set_mesh(prepared.mesh):
+    serialized = {
+        name: jax.export.export(jax.jit(f.fn))(
+            prepared.weight_specs(), *f.input_specs()).serialize()
+        for name, f in prepared.functions.items()}
   out.mkdir(parents=True, exist_ok=True)  # Only once everything exported.
   for name, data in serialized.items():
     (out / f"{name}.jaxexport").write_bytes(data)
   np.savez(out / "weights.npz",
-           **{f"w{i:04d}": np.asarray(w) for i, w in enumerate(leaves)})
+           **{f"w{i:04d}": w for i, w in enumerate(prepared.weights)})
+  write_about(out, prepared.about)
+  return prepared.about
+
+
+def write_about(out: Path, about: dict) -> None:
   (out / "export.json").write_text(json.dumps(about, indent=1) + "\n")
-  return about
 
 
-def _lm_functions(model_of, cfg, weight_specs) -> dict:
-  # Prefill: any batch, any prompt length up to max_len; decode: any
-  # batch (its own symbolic scope: the prompt length is not among its
-  # arguments).
-  b, l = jax.export.symbolic_shape("b, l", constraints=(
-      f"l <= {cfg.max_len}",))
-  (b1,) = jax.export.symbolic_shape("b")
-  cache = jax.ShapeDtypeStruct(
-      (cfg.n_layers, b1, cfg.max_len, cfg.n_kv_heads, cfg.k),
-      jnp.dtype(cfg.dtype))
+def _lm_functions(model_of, cfg) -> dict[str, Function]:
+  cache = (f"{cfg.n_layers}, b, {cfg.max_len}, {cfg.n_kv_heads}, "
+           f"{cfg.k}")
+  dtype = jnp.dtype(cfg.dtype).name
 
   def prefill(weights, tokens_BxL):
     model = model_of(weights)
@@ -125,38 +167,40 @@ def _lm_functions(model_of, cfg, weight_specs) -> dict:
         token_Bx1, cache={"k": k, "v": v}, cache_index=index)
     return logits_Bx1xV, cache["k"], cache["v"]
 
-  exported = {
-      "prefill": jax.export.export(jax.jit(prefill))(
-          weight_specs, jax.ShapeDtypeStruct((b, l), jnp.int32)),
-      "decode": jax.export.export(jax.jit(decode))(
-          weight_specs, jax.ShapeDtypeStruct((b1, 1), jnp.int32), cache,
-          cache, jax.ShapeDtypeStruct((), jnp.int32)),
+  return {
+      # Any batch, any prompt length up to max_len.
+      "prefill": Function(
+          prefill, (("tokens", "int32", "b, l"),), ("logits", "k", "v"),
+          (f"l <= {cfg.max_len}",),
+          "(tokens int32 [B, L]) -> (logits float32 [B, L, V], "
+          "k, v [layers, B, max_len, kv_heads, head_dim])"),
+      # Any batch.
+      "decode": Function(
+          decode, (("token", "int32", "b, 1"), ("k", dtype, cache),
+                   ("v", dtype, cache), ("index", "int32", "")),
+          ("logits", "k", "v"), (),
+          "(token int32 [B, 1], k, v, index int32 []) -> "
+          "(logits float32 [B, 1, V], k, v)"),
   }
-  signatures = {
-      "prefill": "(tokens int32 [B, L]) -> (logits float32 [B, L, V], "
-                 "k, v [layers, B, max_len, kv_heads, head_dim])",
-      "decode": "(token int32 [B, 1], k, v, index int32 []) -> "
-                "(logits float32 [B, 1, V], k, v)"}
-  return {name: (exported[name], signatures[name]) for name in exported}
 
 
-def _classifier_functions(model_of, config, weight_specs) -> dict:
+def _classifier_functions(model_of, config) -> dict[str, Function]:
   cfg = models.model_config(config)
   if config.model.name == "transformer_classifier":
     # Tokens: any batch, any passage length up to max_len.
-    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(
-        "b, l", constraints=(f"l <= {cfg.max_len}",)), jnp.int32)
+    inputs = (("tokens", "int32", "b, l"),)
+    constraints = (f"l <= {cfg.max_len}",)
     signature = "(tokens int32 [B, L]) -> (logits float32 [B, classes])"
   else:
     example = models.MODELS[config.model.name].example_input(cfg)
-    b = jax.export.symbolic_shape("b")[0]
-    spec = jax.ShapeDtypeStruct((b, *example.shape[1:]), example.dtype)
-    signature = (f"(images {example.dtype.name} [B, "
-                 f"{', '.join(map(str, example.shape[1:]))}]) -> "
+    dims = ", ".join(map(str, example.shape[1:]))
+    inputs = (("images", example.dtype.name, f"b, {dims}"),)
+    constraints = ()
+    signature = (f"(images {example.dtype.name} [B, {dims}]) -> "
                  "(logits float32 [B, classes])")
 
   def logits(weights, inputs):
     return model_of(weights)(inputs)
 
-  return {"logits": (jax.export.export(jax.jit(logits))(weight_specs, spec),
-                     signature)}
+  return {"logits": Function(logits, inputs, ("logits",), constraints,
+                             signature)}
