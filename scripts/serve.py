@@ -46,6 +46,7 @@ def main(argv):
   import contextlib  # noqa: PLC0415
   import dataclasses  # noqa: PLC0415
   import signal  # noqa: PLC0415
+  import threading  # noqa: PLC0415
   from pathlib import Path  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -120,6 +121,12 @@ def main(argv):
     def handle_exit(self, sig, frame):
       if not served.draining:
         served.draining = True  # New requests get 503 from now on.
+        # At the deadline the engine aborts what is left, so each client
+        # gets an answer (a 503, or a stream's last chunk) before uvicorn
+        # cancels the handlers (a bare 500 and a traceback each).
+        stopper = threading.Timer(_DRAIN.value, engine.stop)
+        stopper.daemon = True
+        stopper.start()
         busy = engine.busy
         print(f"{signal.Signals(sig).name}: finishing {busy} "
               f"request{'s' if busy != 1 else ''} in flight (up to "
@@ -128,7 +135,7 @@ def main(argv):
 
   server = Server(uvicorn.Config(
       app, host=_HOST.value, port=_PORT.value, log_level="warning",
-      timeout_graceful_shutdown=_DRAIN.value))
+      timeout_graceful_shutdown=_DRAIN.value + 5))
   engine.start()
   try:
     server.run()

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import pydantic
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lm.serve import engine as engine_lib
@@ -62,7 +62,9 @@ def _error_body(status: int, message: str, param=None,
 
 
 class _Body(pydantic.BaseModel):
-  model_config = pydantic.ConfigDict(extra="forbid")
+  # strict: "3", true or 2.0 for an int (or "yes" for a bool) is a wrong
+  # type, refused, as docs/serving.md says; an int for a float is fine.
+  model_config = pydantic.ConfigDict(extra="forbid", strict=True)
   model: str | None = None
   max_tokens: int | None = None
   temperature: float = 1.0
@@ -89,7 +91,7 @@ class CompletionBody(_Body):
 
 
 class Message(pydantic.BaseModel):
-  model_config = pydantic.ConfigDict(extra="allow")
+  model_config = pydantic.ConfigDict(extra="allow", strict=True)
   role: Literal["system", "user", "assistant"]
   content: str | list[dict]
 
@@ -160,7 +162,10 @@ def _sampling(body: _Body, max_tokens: int | None, logprobs: int | None,
   seed = (int.from_bytes(os.urandom(4), "little") if body.seed is None
           else body.seed) % 2**31
   return Sampling(max_tokens=max_tokens, temperature=body.temperature,
-                  top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
+                  # filter_rows reads k >= V as all; an int32 either way
+                  # (a larger one would kill the engine's thread).
+                  top_k=min(max(body.top_k, 0), 2**31 - 1), top_p=body.top_p,
+                  seed=seed,
                   stops=stops, logprobs=logprobs)
 
 
@@ -207,9 +212,13 @@ class _Detokenizer:
       at = text.find(stop, max(0, self.released - len(stop) + 1))
       if at >= 0:
         return self._release(text[:at]), True
-    end = len(text) - self.hold
+    end = len(text)
     while end > self.released and text[end - 1] == "\ufffd":
       end -= 1  # An incomplete UTF-8 character may still complete.
+    # Then hold back what could start a stop string: counted before the
+    # incomplete character, which is not text yet (the stop "€é" after a
+    # complete "€" and half an "é" must not release the "€").
+    end -= self.hold
     return self._release(text[:max(end, self.released)]), False
 
   def flush(self) -> str:
@@ -283,6 +292,9 @@ def make_app(served: Served) -> FastAPI:
   async def health():
     if served.draining:
       return JSONResponse(status_code=503, content={"status": "draining"})
+    if served.engine.error is not None:
+      return JSONResponse(status_code=503, content={
+          "status": "error", "error": repr(served.engine.error)})
     return {"status": "ok", "busy": served.engine.busy,
             "finished": dict(served.finished)}
 
@@ -317,13 +329,14 @@ def make_app(served: Served) -> FastAPI:
                      kind="not_found_error", code="model_not_found")
 
   def encode(prompt) -> np.ndarray:
+    if not isinstance(prompt, str) and not all(
+        0 <= i < tok.vocab_size for i in prompt):
+      raise ApiError(400, f"the prompt holds token ids outside [0, "
+                     f"{tok.vocab_size}).", "prompt")
     ids = (tok.encode(prompt) if isinstance(prompt, str)
            else np.asarray(prompt, np.int64))
     if not ids.size:
       raise ApiError(400, "the prompt is empty.", "prompt")
-    if ids.min() < 0 or ids.max() >= tok.vocab_size:
-      raise ApiError(400, f"the prompt holds token ids outside [0, "
-                     f"{tok.vocab_size}).", "prompt")
     return ids.astype(np.int32)
 
   def check_length(ids: np.ndarray, sampling: Sampling) -> None:
@@ -354,6 +367,7 @@ def make_app(served: Served) -> FastAPI:
         prompt_logprobs=echo and sampling.logprobs is not None)
     detok = _Detokenizer(tok, ids, sampling.stops)
     prompt_tokens: list[Token | None] = [None]
+    check_engine()
     served.engine.submit(request)
     finished = None  # The finish reason, once known.
     try:
@@ -384,6 +398,12 @@ def make_app(served: Served) -> FastAPI:
         request.cancel()  # The client went away: free the slot.
       served.finished[finished or "abort"] += 1
 
+  def check_engine() -> None:
+    if served.engine.error is not None:
+      raise ApiError(503, f"the model engine stopped on an error "
+                     f"({served.engine.error!r}); restart the server.",
+                     kind="server_error")
+
   def _top(ids, lps) -> list[tuple[int, float]]:
     return [(int(i), float(lp)) for i, lp in zip(ids, lps)]
 
@@ -400,8 +420,12 @@ def make_app(served: Served) -> FastAPI:
       out["text_offset"].append(offset)
       offset += len(text)
       out["token_logprobs"].append(None if t is None else t.logprob)
-      out["top_logprobs"].append(None if t is None else {
-          token_text(j): lp for j, lp in t.top[:k]})
+      top = None
+      if t is not None:
+        top = {}
+        for j, lp in t.top[:k]:  # Most likely first: keep it on a clash.
+          top.setdefault(token_text(j), lp)
+      out["top_logprobs"].append(top)
     return out
 
   def chat_logprobs(tokens: list[Token], k: int) -> dict:
@@ -442,6 +466,30 @@ def make_app(served: Served) -> FastAPI:
       for t in tasks:
         t.cancel()
       await asyncio.gather(*tasks, return_exceptions=True)
+
+  async def until_gone(http_request: HttpRequest, consume):
+    """Awaits consume(), cancelling it (and so its engine requests) if the
+    client disconnects first; None then."""
+    async def gone():
+      # The body is read: the next message is the disconnect. (Request.
+      # is_disconnected's non-blocking poll never sees it through
+      # BaseHTTPMiddleware's receive wrapper.)
+      while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+    task = asyncio.ensure_future(consume())
+    watch = asyncio.ensure_future(gone())
+    try:
+      await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      watch.cancel()
+      if not task.done():
+        task.cancel()
+      await asyncio.gather(task, watch, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+  def aborted() -> ApiError:
+    return ApiError(503, "the server stopped before this request finished; "
+                    "retry.", kind="server_error")
 
   def sse(gen) -> StreamingResponse:
     async def body():
@@ -509,13 +557,20 @@ def make_app(served: Served) -> FastAPI:
 
     results = [dict(text="", tokens=[], prompt=None, finish=None)
                for _ in ids_list]
-    async for i, item in merged(streams):
-      if isinstance(item, tuple):
-        results[i]["prompt"] = item[1]
-      else:
-        results[i]["text"] += item.text
-        results[i]["tokens"] += item.tokens
-        results[i]["finish"] = item.finish_reason or results[i]["finish"]
+
+    async def consume():
+      async for i, item in merged(streams):
+        if isinstance(item, tuple):
+          results[i]["prompt"] = item[1]
+        else:
+          results[i]["text"] += item.text
+          results[i]["tokens"] += item.tokens
+          results[i]["finish"] = item.finish_reason or results[i]["finish"]
+      return True
+    if not await until_gone(request, consume):
+      return Response(status_code=499)  # Nobody reads it.
+    if any(r["finish"] == "abort" for r in results):
+      raise aborted()
     choices = []
     for i, (ids, r) in enumerate(zip(ids_list, results)):
       prefix = tok.decode(ids) if body.echo else ""
@@ -553,7 +608,8 @@ def make_app(served: Served) -> FastAPI:
     k = (body.top_logprobs or 0) if body.logprobs else None
     room = served.limits.max_len - len(ids)
     sampling = _sampling(
-        body, body.max_completion_tokens or body.max_tokens, k,
+        body, body.max_tokens if body.max_completion_tokens is None
+        else body.max_completion_tokens, k,
         max(1, min(room, served.limits.max_tokens)), served.limits)
     check_length(ids, sampling)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -583,10 +639,18 @@ def make_app(served: Served) -> FastAPI:
                      usage=usage(len(ids), count))
       return sse(chunks())
     text, tokens, finish = "", [], None
-    async for piece in stream:
-      text += piece.text
-      tokens += piece.tokens
-      finish = piece.finish_reason or finish
+
+    async def consume():
+      nonlocal text, tokens, finish
+      async for piece in stream:
+        text += piece.text
+        tokens += piece.tokens
+        finish = piece.finish_reason or finish
+      return True
+    if not await until_gone(request, consume):
+      return Response(status_code=499)  # Nobody reads it.
+    if finish == "abort":
+      raise aborted()
     return dict(head([{
         "index": 0, "message": {"role": "assistant", "content": text},
         "logprobs": chat_logprobs(tokens, k) if k is not None else None,

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from lm import sample
+from lm.models import moe
 
 # Alternatives reported per token: OpenAI's completions API allows <= 5.
 TOP = 5
@@ -55,8 +56,9 @@ class Request:
   ("prompt", logprobs, top_ids, top_logprobs) for positions 1.. of the
   prompt (if `prompt_logprobs`), ("token", id, logprob, top_ids,
   top_logprobs) per generated token, then once ("done", reason): "stop"
-  (an end-of-text token, not emitted), "length", or "abort" (cancelled or
-  the engine stopped)."""
+  (after a stop id, emitted too: its logprob is the last of an echoed
+  prompt's, which lm-evaluation-harness reads as the generated one and
+  drops), "length", or "abort" (cancelled or the engine stopped)."""
   prompt: np.ndarray  # int32 ids, 1 <= len.
   max_tokens: int
   emit: Callable[..., None]
@@ -71,6 +73,7 @@ class Request:
   prefilled: int = 0
   generated: int = 0
   last_token: int = 0
+  admitted: int = 0  # Admission order: prefill serves the oldest first.
 
   def cancel(self) -> None:
     """Frees the slot at the next step boundary (any thread)."""
@@ -147,7 +150,7 @@ class Engine:
                context: Callable[[], object] = None):
     """context(): a context manager the engine's thread runs in (the mesh
     and sharding rules the parameters were loaded under)."""
-    self.graphdef, self.params = graphdef, params
+    self.graphdef, self.params = dropless(graphdef, params), params
     self.max_len, self.shapes = max_len, shapes
     self.cache_len = shapes.cache_len(max_len)
     self._context = context
@@ -157,6 +160,10 @@ class Engine:
     self._stopping = False
     self._thread: threading.Thread | None = None
     self.steps = collections.Counter()  # prefill / decode steps run.
+    self._admissions = 0
+    # The exception that ended the loop, if one did: the engine is dead and
+    # every later request would be aborted unanswered.
+    self.error: BaseException | None = None
     self.compile_seconds: dict[str, float] = {}
 
   # --- Start and stop -------------------------------------------------------
@@ -172,18 +179,37 @@ class Engine:
           self.shapes.prefill_chunk
       i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa
       f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa
-      self._decode = self._compile(
-          "decode", decode_step, i32(S), i32(S), i32(S), i32(S), f32(S),
-          i32(S), f32(S))
-      self._prefill = self._compile(
-          "prefill", prefill_step, i32(b), i32(b, C), i32(b), i32(b, C),
-          i32(b), i32(b), f32(b), i32(b), f32(b))
+      decode_args = (i32(S), i32(S), i32(S), i32(S), f32(S), i32(S), f32(S))
+      prefill_args = (i32(b), i32(b, C), i32(b), i32(b, C), i32(b), i32(b),
+                      f32(b), i32(b), f32(b))
+      # Both programs must take and return the cache with one sharding: on
+      # a mesh the step's output cache is sharded as its activations (kv
+      # heads over `tensor`), and a compiled program refuses an argument
+      # sharded otherwise than it was lowered with. Take the decode step's
+      # own output sharding, place the cache there, and pin both programs'
+      # output cache to it.
+      # (On one device there is one sharding: no probe to compile.)
+      self._cache_sharding = jax.tree.map(lambda x: x.sharding, self.cache)
+      if any(len(x.sharding.device_set) > 1
+             for x in jax.tree.leaves(self.params)):
+        start = time.monotonic()
+        probe = jax.jit(functools.partial(decode_step, self.graphdef)).lower(
+            self.params, self.cache, *decode_args).compile()
+        self._cache_sharding = probe.output_shardings[0]
+        self.cache = jax.device_put(self.cache, self._cache_sharding)
+        self.compile_seconds["probe"] = time.monotonic() - start
+      self._decode = self._compile("decode", decode_step, *decode_args)
+      self._prefill = self._compile("prefill", prefill_step, *prefill_args)
 
   def _compile(self, name, fn, *args):
     start = time.monotonic()
-    compiled = jax.jit(functools.partial(fn, self.graphdef),
-                       donate_argnums=(1,)).lower(
-                           self.params, self.cache, *args).compile()
+    sharding = self._cache_sharding
+
+    def pinned(params, cache, *rest):
+      cache, *out = fn(self.graphdef, params, cache, *rest)
+      return (jax.lax.with_sharding_constraint(cache, sharding), *out)
+    compiled = jax.jit(pinned, donate_argnums=(1,)).lower(
+        self.params, self.cache, *args).compile()
     self.compile_seconds[name] = time.monotonic() - start
     return compiled
 
@@ -227,7 +253,8 @@ class Engine:
       with self._entered():
         while self._turn():
           pass
-    except Exception:  # A failed step must not leave clients waiting.
+    except Exception as e:  # A failed step must not leave clients waiting.
+      self.error = e
       log.exception("the engine stopped on an error")
       raise
     finally:
@@ -249,11 +276,17 @@ class Engine:
       for i, r in enumerate(self._slots):
         if r is None and self._waiting:
           self._slots[i] = self._waiting.popleft()
+          self._admissions += 1
+          self._slots[i].admitted = self._admissions
     for i, r in enumerate(self._slots):
       if r is not None and r.cancelled:
         self._finish(i, "abort")
-    prefilling = [i for i, r in enumerate(self._slots)
-                  if r is not None and r.prefilled < len(r.prompt)]
+    # Oldest first: by slot index, a slot that frees and refills every
+    # turn (max_tokens=1, as lm-evaluation-harness asks) would starve the
+    # prompts of higher slots for as long as requests keep coming.
+    prefilling = sorted((i for i, r in enumerate(self._slots)
+                         if r is not None and r.prefilled < len(r.prompt)),
+                        key=lambda i: self._slots[i].admitted)
     if prefilling:
       self._prefill_turn(prefilling[:self.shapes.prefill_batch])
     if any(r is not None and r.prefilled == len(r.prompt)
@@ -330,14 +363,34 @@ class Engine:
     if r.cancelled:
       self._finish(slot, "abort")
       return
-    if token in r.stop_ids:
-      self._finish(slot, "stop")
-      return
     r.generated += 1
     r.last_token = token
     r.emit("token", token, float(logprob), top_ids, top_logprobs)
-    if r.generated == r.max_tokens:
+    if token in r.stop_ids:
+      self._finish(slot, "stop")
+    elif r.generated == r.max_tokens:
       self._finish(slot, "length")
+
+
+def dropless(graphdef, params):
+  """graphdef with every MoE layer routing without capacity drops.
+
+  An MoE layer routes all the tokens of a step as one group, C slots per
+  expert: a row's token loses its expert to tokens of other rows (idle
+  rows' filler tokens too), so answers would change with the batch. With
+  capacity_factor = experts / top_k, C >= the group's tokens and no
+  choice is dropped; the parameters are the same."""
+  abstract = nnx.merge(graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  changed = False
+  for _, module in nnx.iter_graph(abstract):
+    cfg = getattr(module, "cfg", None)
+    if isinstance(cfg, moe.Config) and cfg.experts:
+      module.cfg = dataclasses.replace(
+          cfg, capacity_factor=max(cfg.capacity_factor,
+                                   cfg.experts / cfg.top_k))
+      changed = True
+  return nnx.graphdef(abstract) if changed else graphdef
 
 
 _IDLE = Request(prompt=np.zeros(1, np.int32), max_tokens=1,

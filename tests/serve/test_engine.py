@@ -92,12 +92,12 @@ def test_batched_greedy_equals_one_prompt_generate():
         top_k=20, seed=i)])[0] for i, r in enumerate(sampled)}
     assert together == alone
     assert together[0] != together[2]  # Same prompt, other seed.
-    # An end-of-text id stops a request without being emitted.
+    # An end-of-text id stops a request (emitted, for its logprob).
     first = out[0][0][0]
     stopped = _run_all(engine, [engine_lib.Request(
         prompt=prompts[0], max_tokens=12, emit=None, temperature=0.0,
         stop_ids=(first,))])
-    assert stopped[0] == ([], "stop")
+    assert stopped[0] == ([first], "stop")
   finally:
     engine.stop()
 
@@ -182,3 +182,101 @@ def test_per_row_filter_keeps_what_the_single_filter_keeps():
   for i, (k, p) in enumerate(settings):
     want = sample.filter_logits(logits[i:i + 1], top_k=k, top_p=p)
     np.testing.assert_array_equal(rows[i:i + 1] > -1e30, want > -1e30)
+
+
+def test_a_tensor_parallel_engine_equals_generate(tmp_path):
+  """On a mesh that splits the kv heads (tensor=2), the steps' output
+  cache is sharded: both compiled programs must take it back as they left
+  it (it was refused at the first decode step)."""
+  import contextlib  # noqa: PLC0415
+  import dataclasses  # noqa: PLC0415
+
+  from conftest import init_run  # noqa: PLC0415
+  from lm.run import restore  # noqa: PLC0415
+  rules = dataclasses.replace(rules_lib.Rules(), batch=None)
+  with rules_lib.use(rules):
+    loaded = restore.load(init_run(tmp_path), "1,2,2")
+  mesh = loaded.setup.mesh
+
+  @contextlib.contextmanager
+  def context():
+    with rules_lib.use(rules), jax.set_mesh(mesh):
+      yield
+  engine = engine_lib.Engine(loaded.setup.graphdef, loaded.params,
+                             loaded.config.model.max_len, SHAPES, context)
+  engine.warm_up()
+  engine.start()
+  try:
+    prompts = _prompts(4, loaded.config.model.vocab_size, seed=2)
+    out = _run_all(engine, [engine_lib.Request(
+        prompt=p, max_tokens=8, emit=None, temperature=0.0) for p in prompts])
+  finally:
+    engine.stop()
+  assert engine.error is None
+  with context():
+    for i, p in enumerate(prompts):
+      assert out[i] == (_reference(loaded.setup.graphdef, loaded.params, p,
+                                   8, temperature=0.0), "length"), i
+
+
+def test_prefill_serves_the_oldest_prompt_first():
+  """One-token requests (lm-evaluation-harness's log-likelihoods) free and
+  refill the low slots every turn: prompts in higher slots must not wait
+  for the queue to empty."""
+  model = transformer.Model(CFG, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  engine = engine_lib.Engine(graphdef, nnx.to_pure_dict(params), CFG.max_len,
+                             engine_lib.Shapes(slots=4, prefill_chunk=8,
+                                               prefill_batch=2))
+  engine.warm_up()
+  order = []
+  done = threading.Semaphore(0)
+
+  def emitter(i):
+    def emit(kind, *args):
+      if kind == "done":
+        order.append(i)
+        done.release()
+    return emit
+  n = 16
+  for i in range(n):  # Queued before the loop starts: a fixed admission.
+    engine.submit(engine_lib.Request(prompt=np.ones(5, np.int32),
+                                     max_tokens=1, emit=emitter(i),
+                                     temperature=0.0))
+  engine.start()
+  try:
+    for _ in range(n):
+      assert done.acquire(timeout=60)
+  finally:
+    engine.stop()
+  # Each prefill step finishes the two oldest.
+  assert [sorted(order[j:j + 2]) for j in range(0, n, 2)] == [
+      [j, j + 1] for j in range(0, n, 2)]
+
+
+def test_an_moe_answer_does_not_depend_on_the_batch():
+  """MoE layers route a step's tokens as one group with a capacity per
+  expert: the engine serves them without drops, so another row (or an
+  idle row's filler token) cannot take a row's expert."""
+  from lm.models import moe  # noqa: PLC0415
+  cfg = transformer.Config(vocab_size=64, max_len=40, d_model=32, n_layers=2,
+                           n_heads=4, n_kv_heads=2, d_ff=64,
+                           moe=moe.Config(experts=8, top_k=2))
+  graphdef, params = nnx.split(transformer.Model(cfg, nnx.Rngs(0)))
+  engine = engine_lib.Engine(graphdef, nnx.to_pure_dict(params), cfg.max_len,
+                             engine_lib.Shapes(slots=8, prefill_chunk=8,
+                                               prefill_batch=2))
+  engine.warm_up()
+  engine.start()
+  try:
+    prompts = _prompts(8, cfg.vocab_size, seed=3)
+
+    def request(p):
+      return engine_lib.Request(prompt=p, max_tokens=8, emit=None,
+                                temperature=0.0)
+    together = _run_all(engine, [request(p) for p in prompts])
+    alone = {i: _run_all(engine, [request(p)])[0]
+             for i, p in enumerate(prompts)}
+  finally:
+    engine.stop()
+  assert together == alone

@@ -309,3 +309,43 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_stop_strings_are_cut_whole_across_incomplete_characters():
+  """Released text + the rest == the full text cut before its first stop
+  string, byte by byte through multi-byte characters (a held-back
+  incomplete character must not count as the stop's held prefix)."""
+  from lm.serve import api  # noqa: PLC0415
+  tok = tok_lib.ByteTokenizer()
+  rng = np.random.default_rng(0)
+  alphabet = list("ab é€😀\n")
+  for _ in range(500):
+    text = "".join(rng.choice(alphabet, rng.integers(1, 12)))
+    stops = tuple({"".join(rng.choice(alphabet, rng.integers(1, 3)))
+                   for _ in range(rng.integers(0, 3))})
+    detok = api._Detokenizer(tok, tok.encode("x"), stops)
+    out, stopped = "", False
+    for t in tok.encode(text):
+      piece, stopped = detok.add(int(t))
+      out += piece
+      if stopped:
+        break
+    if not stopped:
+      out += detok.flush()
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    assert (out, stopped) == ((text[:cut], True) if cut >= 0
+                              else (text, False)), (text, stops)
+
+
+def test_a_top_k_past_int32_leaves_the_engine_running(server):
+  """The engine packs each row's top_k into an int32 array: a larger one
+  raised OverflowError in its thread, and every later request came back
+  empty with finish_reason "abort" while /health said ok."""
+  for _ in range(2):
+    response = httpx.post(f"{server}/completions", timeout=60, json=dict(
+        prompt="x", max_tokens=2, top_k=2**40))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in (
+        "length", "stop")
+  assert httpx.get(f"{server.removesuffix('/v1')}/health").json()[
+      "status"] == "ok"
