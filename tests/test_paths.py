@@ -1,9 +1,12 @@
 """Workdirs and data dirs may be URIs (gs://...): they keep their scheme, and
 metrics.jsonl is written the same way with or without append support."""
 import os
+import subprocess
+import sys
 
 import ml_collections
 
+from conftest import BASE_XLA_FLAGS
 from lm import paths
 from lm.data import pipeline
 from lm.run.metrics_log import MetricsLog
@@ -36,3 +39,27 @@ def test_metrics_file_is_the_same_when_rewritten_instead_of_appended(
     files.append((workdir / "metrics.jsonl").read_text())
   assert files[0] == files[1]
   assert len(files[0].splitlines()) == 4
+
+
+def test_tensorboard_events_of_a_local_run_need_no_tensorflow(tmp_path):
+  """TensorFlow is installed beside the tests (the SavedModel export): the
+  event writer must still not import it (seconds of start-up in every
+  training process) for a local run directory, and the events read back."""
+  code = f"""
+import sys
+from lm.run.metrics_log import MetricsLog
+log = MetricsLog({str(tmp_path)!r}, 2)
+log.write(1, "train", {{"loss": 0.5}})
+log.write(2, "train", {{"loss": 0.25}})
+log.close()
+from tensorboard.backend.event_processing import event_accumulator
+acc = event_accumulator.EventAccumulator({str(tmp_path / "tensorboard")!r})
+acc.Reload()
+print([(s.step, s.value) for s in acc.Scalars("train/loss")])
+print("tensorflow" in sys.modules)
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=300, env=dict(
+                           os.environ, XLA_FLAGS=BASE_XLA_FLAGS))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == ["[(1, 0.5), (2, 0.25)]", "False"]

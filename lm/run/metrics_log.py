@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -44,6 +45,8 @@ class MetricsLog:
       else:  # Keep what a resumed run wrote before.
         self.lines = (self.path.read_text().splitlines(keepends=True)
                       if self.path.exists() else [])
+      if not paths.is_remote(workdir):
+        _tensorboard_without_tensorflow()
       self.tb = EventFileWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
@@ -91,6 +94,18 @@ class MetricsLog:
       if self.append:
         self.jsonl.close()
       self.tb.close()
+
+
+def _tensorboard_without_tensorflow() -> None:
+  """TensorBoard's event writer imports TensorFlow when it is installed
+  (seconds of start-up) for tf.io.gfile alone; a local run directory needs
+  none of it. A module `tensorboard.compat.notf` is TensorBoard's switch to
+  its own TensorFlow stub (tensorboard/compat/__init__.py), which writes
+  local files; it must be set before TensorBoard first resolves
+  `tensorboard.compat.tf`. Remote directories keep tf.io.gfile where
+  TensorFlow is installed (the stub reaches them through fsspec)."""
+  sys.modules.setdefault("tensorboard.compat.notf",
+                         types.ModuleType("tensorboard.compat.notf"))
 
 
 def _duration(seconds: float) -> str:
