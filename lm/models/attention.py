@@ -44,6 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lm import backend as backend_lib
 from lm.models import tuning
 
 # Implementation -> the backends that can run it.
@@ -82,7 +83,7 @@ def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
     if mask is not None:
       raise ValueError("attend: pass segment ids or an explicit mask, not "
                        "both (fold the segments into the mask).")
-  if dtype == jnp.float16 and jax.default_backend() == "cpu":
+  if dtype == jnp.float16 and backend_lib.name() == "cpu":
     # float16 on XLA:CPU: jax asks for the F16_F16_F32 dot algorithm, which
     # the CPU backend cannot run in the backward pass; compute from float32
     # copies instead (same math, CPU only; GPUs run the float16 path).

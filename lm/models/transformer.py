@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm import checks
+from lm import backend as backend_lib, checks
 from lm.models import attention, layers, moe as moe_lib, tuning
 from lm.parallel import axis_size, constrain, context, pipeline
 
@@ -89,7 +89,7 @@ def check(cfg: Config, mesh: dict[str, int]) -> None:
   one_of(cfg.attention_impl, attention.BACKENDS,
          "config.model.attention_impl")
   # Known choices this backend cannot run: an error, never a silent fallback.
-  backend = jax.default_backend()
+  backend = backend_lib.name()  # The AOT target's, when compiling for one.
   for key, value, choices, needs in (
       ("remat", cfg.remat, tuning.REMAT_POLICIES, tuning.REMAT_BACKENDS),
       ("attention_impl", cfg.attention_impl, attention.BACKENDS,

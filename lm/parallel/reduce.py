@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lm import checks
+from lm import backend as backend_lib, checks
 from lm.parallel import mesh as mesh_lib, rules as rules_lib
 
 MODES = ("auto", "psum", "reduce_scatter")
@@ -51,7 +51,7 @@ def check(train_cfg, mesh: dict[str, int]) -> None:
   # XLA:CPU aborts the process (not an exception) compiling a bfloat16
   # all-reduce, so this cannot be probed; it is refused up front.
   checks.require(mode == "auto" or dtype == "float32"
-                 or jax.default_backend() != "cpu",
+                 or backend_lib.name() != "cpu",
                  "config.train.grad_reduce_dtype='bfloat16': XLA:CPU cannot "
                  "compile bfloat16 all-reduces; use 'float32' on CPU "
                  "(bfloat16 communication is for GPU/TPU).")
