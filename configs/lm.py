@@ -23,6 +23,11 @@ import ml_collections
 
 from lm import config as base_config
 
+# What Llama-3-8B and -70B share (Hugging Face config.json: vocab_size,
+# rope_theta, rms_norm_eps, tie_word_embeddings, max_position_embeddings).
+LLAMA3 = dict(vocab_size=128_256, n_kv_heads=8, max_len=8192,
+              rope_base=500_000.0, norm_eps=1e-5, tie_embeddings=False,
+              scan_layers=True, remat="full")
 SIZES = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
                  max_len=256),
@@ -38,6 +43,12 @@ SIZES = {
                  max_len=4096, remat="full"),
     "moe": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
                 max_len=256),
+    # Llama 3's published shapes, vocabulary included (128,256 rows, untied
+    # output head), so the parameter count and FLOPs are Llama 3's: a plan
+    # made with them holds for its imported weights and tokenizer. The byte
+    # tokenizer (the default) uses 256 of those rows.
+    "8b": dict(LLAMA3, d_model=4096, n_layers=32, n_heads=32, d_ff=14336),
+    "70b": dict(LLAMA3, d_model=8192, n_layers=80, n_heads=64, d_ff=28672),
 }
 # Quantized, pruned and LoRA-adapted: every attention and MLP projection;
 # the embedding (tied with the output head) stays float.
@@ -64,6 +75,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.mesh.update(data=1)
   if size == "1b":
+    c.mesh.update(data=1, fsdp=-1)
+  if size in ("8b", "70b"):
     c.mesh.update(data=1, fsdp=-1)
   if size == "long":
     c.mesh.update(data=1, sequence=-1)
