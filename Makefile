@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_DIR ?= runs/demo
-SIM8 := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# JAX_PLATFORMS=cpu: after `make test` the venv has libtpu (the AOT planner's
+# compiler), and jax would look for a TPU first, logging that it found none.
+SIM8 := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 MESH := --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
 
 .PHONY: setup data demo test bench clean

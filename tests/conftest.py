@@ -14,6 +14,12 @@ def xla_flags(devices: int = 8) -> str:
 
 
 os.environ["XLA_FLAGS"] = xla_flags()
+# The tests and every script they start run on the CPU. With libtpu installed
+# (requirements-test.txt: the TPU compiler of lm/run/aot.py), jax would
+# otherwise try a TPU first in every process, taking ~0.2 s and logging five
+# lines on stderr that it found none; the AOT tests still get TPU chips to
+# compile for (jax.experimental.topologies loads libtpu itself).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the test processes and every
 # script they start (JAX reads these variables): a program that many tests
 # compile (the tiny LM's step, in a dozen subprocess runs) compiles once.
