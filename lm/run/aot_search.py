@@ -33,10 +33,15 @@ def meshes(devices: int, axes=SEARCH_AXES) -> list[dict[str, int]]:
 
 def _prior(sizes: dict[str, int]) -> tuple:
   """The order a search compiles meshes in when it cannot compile them all:
-  FSDP and data parallelism first (no change to the model's math), then
-  the fewest and smallest tensor / stage / sequence splits."""
-  other = [sizes.get(a, 1) for a in ("tensor", "stage", "sequence")]
-  return (sum(s > 1 for s in other), math.prod(other), sizes.get("data", 1))
+  FSDP over every chip first (the presets' choice), then each other axis
+  split 2 ways, then 4 ways, ..., so a short search sees every strategy.
+  Within a size, those the compiler can estimate (data, tensor) come
+  before those it cannot (sequence: ring attention's loop; stage: the
+  pipeline's)."""
+  others = {a: s for a, s in sizes.items() if a != "fsdp" and s > 1}
+  order = ("data", "tensor", "sequence", "stage")
+  return (math.prod(others.values()), len(others),
+          sorted(order.index(a) for a in others))
 
 
 def candidates(config, tgt: Target, axes=SEARCH_AXES) -> list:
