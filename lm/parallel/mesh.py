@@ -95,7 +95,12 @@ def make_mesh(mesh_config: Mapping[str, int],
                      f"use one of {AXES}.")
   dcn = {a: int(s) for a, s in (dcn or {}).items() if int(s) != 1}
   if not dcn:
-    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    # On a TPU slice the devices are laid out along its torus; an axis that
+    # is no product of whole torus axes (data=2 x fsdp=64 on a 4x4x8 v5p)
+    # splits one, where jax.make_mesh would refuse the mesh.
+    grid = mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=types)
   # CPU and GPU devices report slice 0 (or nothing): processes are the units.
   by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
   slices = len({d.slice_index if by_slice else d.process_index

@@ -39,3 +39,25 @@ def test_batch_shares_follow_the_devices_of_each_process():
     mesh_lib.share_of({0: {0, 2}, 1: {1, 3}}, 0, 4)
   with pytest.raises(mesh_lib.ShareError, match="config.mesh"):
     mesh_lib.share_of({0: {0}, 1: {1, 2, 3}}, 0, 4)
+
+
+def test_a_tpu_slice_takes_any_mesh_of_its_chips(monkeypatch):
+  """A mesh axis that is no product of whole torus axes (2 x 64 on a
+  4x4x8 v5p slice) splits one: jax.make_mesh refused it, so training on
+  such a slice failed before its first step. The slice's chips come from
+  libtpu without hardware (as lm/run/aot.py compiles for them)."""
+  pytest.importorskip("libtpu", reason="TPU chips without hardware")
+  from jax.experimental import topologies  # noqa: PLC0415
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  devices = topologies.get_topology_desc(
+      platform="tpu", topology_name="v5p:4x4x8").devices
+  for sizes in (dict(data=2, fsdp=64), dict(data=1, fsdp=128),
+                dict(data=4, fsdp=8, tensor=4)):
+    mesh = mesh_lib.make_mesh(sizes, devices=devices)
+    assert {a: mesh.shape[a] for a in sizes} == sizes
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(128))
+  # Where whole torus axes fit, they are used as before: tensor=8 is one
+  # 8-chip ring.
+  mesh = mesh_lib.make_mesh(dict(data=16, tensor=8), devices=devices)
+  ring = [d.coords for d in mesh.devices[0, 0, 0, 0, 0, :]]
+  assert len({tuple(c[:2]) for c in ring}) == 1
