@@ -180,10 +180,12 @@ class Plan:
   def shortfall_line(self, what: str) -> str:
     """The one line that says a plan does not fit, and what to change."""
     over = (self.needed_bytes - self.hbm_bytes) / GIB
-    return (f"{what} does not fit on {self.topology}: it needs "
-            f"{self.needed_bytes / GIB:.2f} GiB per chip, {over:.2f} GiB "
-            f"over the {self.hbm_bytes / GIB:.2f} GiB of HBM the compiler "
-            f"can use. Change {', '.join(KNOBS)}.")
+    need = (f"it needs {self.needed_bytes / GIB:.2f} GiB per chip, "
+            f"{over:.2f} GiB over the {self.hbm_bytes / GIB:.2f} GiB of HBM "
+            "the compiler can use" if self.needed_bytes else
+            f"the compiler says: {self.note}")
+    return (f"{what} does not fit on {self.topology}: {need}. Change "
+            f"{', '.join(KNOBS)}.")
 
 
 def validate(config, tgt: Target):
