@@ -217,11 +217,25 @@ class Program:
   held: Callable[..., Any] = lambda setup: setup.abstract_state
 
 
+@contextlib.contextmanager
+def _not_cached():
+  """Keeps compile-only programs out of jax's persistent compilation cache
+  (tests set one): they cannot be loaded back (no chips to load them on),
+  and a pod-sized one takes tens of MB."""
+  key = "jax_persistent_cache_min_compile_time_secs"
+  before = getattr(jax.config, key)
+  jax.config.update(key, float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update(key, before)
+
+
 def compiled_or_oom(compile_fn):
   """compile_fn() timed, with the compiler's out-of-memory error returned
   in place of a program (a plan that does not fit is an answer)."""
   start = time.monotonic()
-  with _quiet_stderr():
+  with _quiet_stderr(), _not_cached():
     try:
       compiled = compile_fn()
     except jax.errors.JaxRuntimeError as e:

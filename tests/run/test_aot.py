@@ -77,6 +77,25 @@ def test_compiled_memory_is_the_state_over_the_chips(v5e_2x2):
   assert plan.state_bytes == pytest.approx(analytic, rel=0.01)
 
 
+def test_the_estimate_is_the_compilers_for_the_whole_depth(v5e_2x2):
+  """Extrapolated from one- and two-layer probes (the scanned layers are a
+  loop, whose body XLA's cost model counts once), the estimate is what the
+  compiler says of the same step with all three layers unrolled."""
+  config = tiny_config(mesh=dict(data=1, fsdp=4))
+  config.model.update(n_layers=3, d_model=128, n_heads=2, n_kv_heads=2,
+                      d_ff=256, scan_layers=True, remat="full")
+  config.precision.compute_dtype = "bfloat16"
+  plan = aot.plan(config, v5e_2x2)
+  unrolled = copy.deepcopy(config)
+  unrolled.model.scan_layers = False
+  unrolled, _ = aot.validate(unrolled, v5e_2x2)
+  _, compiled, _ = aot.train_program(unrolled, v5e_2x2)
+  cost = compiled.cost_analysis()
+  assert plan.estimate_s == pytest.approx(cost["optimal_seconds"], rel=0.05)
+  assert plan.xla_flops == pytest.approx(cost["flops"], rel=0.01)
+  assert 0 < plan.mfu < 1
+
+
 # Meshes of 8 chips whose collectives our code writes itself (the gradient
 # all-reduce of data parallelism, the pipeline's and the ring's ppermutes,
 # the experts' all_to_alls) or which XLA's CPU and TPU partitioners place
