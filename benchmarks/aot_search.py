@@ -1,0 +1,73 @@
+r"""The searches behind the 8b and 70b presets' defaults: scripts/aot_compile.py
+--search for each on a v5p and a v6e slice, every plan as the TPU compiler
+answered it.
+
+    python benchmarks/aot_search.py       (hours on a 2-core CPU; needs libtpu)
+
+Writes benchmarks/results/aot_search.json; docs/planning.md shows the best
+plan of each search and how many were compiled, fit, or left out by the
+budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks import aot, common
+
+NAME = "aot_search"
+SEARCHES = (("8b", "v5p:4x4x8"), ("8b", "v6e:16x16"), ("70b", "v5p:4x4x8"),
+            ("70b", "v6e:16x16"))
+
+
+def tables(results: dict) -> dict[str, str]:
+  rows = []
+  for r in results["searches"]:
+    plans = r["search"]
+    best = plans[0] if plans and plans[0]["fits"] else None
+    step, mfu = aot.estimate(best) if best else ("—", "—")
+    rows.append([
+        f"`{r['preset']}`", f"`{r['topology']}`", len(plans),
+        sum(p["fits"] for p in plans), r["not_compiled"],
+        (f"{aot.mesh(best)}, remat {aot.knob(best, '.remat=')}, "
+         f"microbatches {aot.knob(best, 'grad_accum')}" if best
+         else "none fits"),
+        f"{aot.gib(best['needed_bytes'])}" if best else "—", step, mfu,
+        f"{r['seconds'] / 60:.0f}"])
+  best = common.markdown(
+      ["preset", "slice", "plans compiled", "fit", "left out (budget)",
+       "best plan", "GiB per chip", "step s (compiler)", "MFU (compiler)",
+       "searched for (min)"], rows, "llrrrlrrrr")
+  rows = []
+  for r in results["searches"]:
+    for i, p in enumerate(r["search"], 1):
+      step, mfu = aot.estimate(p)
+      rows.append([f"`{r['preset']}` on `{r['topology']}`", i, aot.mesh(p),
+                   aot.knob(p, ".remat="), aot.knob(p, "grad_accum"),
+                   aot.gib(p["needed_bytes"]),
+                   "yes" if p["fits"] else "**no**", step, mfu,
+                   p["note"] if p["fits"] else ""])
+  every = common.markdown(
+      ["search", "rank", "mesh", "remat", "microbatches", "GiB per chip",
+       "fits", "step s (compiler)", "MFU (compiler)", "note"], rows,
+      "lrlllrlrrl")
+  return {"best": best, "every": every}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  common.add_out_flag(parser, NAME)
+  parser.add_argument("--search_compiles", type=int, default=10,
+                      help="Most plans each search compiles.")
+  args = parser.parse_args()
+  found = [aot.compile_plan(p, s, "--search",
+                            f"--search_compiles={args.search_compiles}")
+           for p, s in SEARCHES]
+  path = common.write(NAME, {"searches": found}, args.out)
+  text = tables(json.loads(path.read_text()))
+  print(text["best"] + "\n\n" + text["every"])
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
