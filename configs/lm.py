@@ -12,6 +12,10 @@ Presets (the part after the colon):
   long   tiny's width with 4096-token windows, ring attention over
          sequence=8 (context parallelism; each device holds 512 tokens).
   moe    tiny with 8 SwiGLU experts (top-2) per layer, split over expert=4.
+  8b     Llama-3-8B's shapes (8,030,261,248 parameters) and
+  70b    Llama-3-70B's (70,553,706,496), vocabulary included: TPU slices,
+         with the mesh and remat the TPU compiler chose (docs/planning.md;
+         plan a slice with scripts/aot_compile.py --topology=...).
 Pipeline parallelism is a mesh shape (layers must be scanned):
   --config.mesh.stage=2 --config.model.scan_layers=True
   --config.train.microbatches=4

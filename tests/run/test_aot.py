@@ -31,9 +31,9 @@ def v5e_2x4():
   return aot.target("v5e:2x4")
 
 
-def test_the_tiny_lm_compiles_for_a_v5e_slice(v5e_2x2):
-  config = tiny_config(mesh=dict(data=-1))
-  plan = aot.plan(config, v5e_2x2, estimate=False)
+def test_the_tiny_preset_compiles_for_a_v5e_slice(v5e_2x2):
+  from configs import lm  # noqa: PLC0415
+  plan = aot.plan(lm.get_config("tiny"), v5e_2x2, estimate=False)
   assert v5e_2x2.chips == len(v5e_2x2.devices) == 4
   # The compiler's own usable HBM: a little under the data sheet's 16 GiB.
   assert 0.9 * 16 * 2**30 < v5e_2x2.hbm_bytes <= 16 * 2**30
