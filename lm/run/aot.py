@@ -371,11 +371,12 @@ def _estimate(result: Plan, config, tgt: Target, program: Program,
     if isinstance(probes[key], str):
       result.note = probes[key]
       return
+    if probes[key][0] <= 0:  # No need to compile the second probe.
+      result.note = ("no estimate: the compiler's cost model gave none "
+                     f"(optimal_seconds {probes[key][0]:.3g})")
+      return
     costs.append(probes[key])
   (t1, f1), (t2, f2) = costs
-  if t1 <= 0 or t2 <= 0:
-    result.note = "no estimate: the compiler gave none"
-    return
   n = config.model.n_layers
   result.estimate_s = accum * (t1 + (n - 1) * (t2 - t1))
   result.xla_flops = accum * (f1 + (n - 1) * (f2 - f1))

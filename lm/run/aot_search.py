@@ -91,7 +91,8 @@ def search(config, tgt: Target, *, axes=SEARCH_AXES, remats=REMATS,
             f" accum={c.train.grad_accum_steps}: {e}")
         plans[key] = None
         return None
-      log(f"  [{len(plans)}] {row(plans[key])}")
+      compiled = sum(p is not None for p in plans.values())
+      log(f"  [{compiled}] {row(plans[key])}")
     return plans[key]
 
   meshes_ = candidates(config, tgt, axes)
