@@ -188,7 +188,7 @@ class Plan:
             f"{', '.join(KNOBS)}.")
 
 
-def validate(config, tgt: Target):
+def validate(config, tgt: Target) -> tuple[Any, dict[str, int]]:
   """(resolved config, mesh sizes) for the slice, before any compile:
   every config check, for a TPU, with the slice's chip and host counts."""
   with backend.target("tpu"):
@@ -231,7 +231,7 @@ def _not_cached():
     jax.config.update(key, before)
 
 
-def compiled_or_oom(compile_fn):
+def compiled_or_oom(compile_fn: Callable[[], Any]) -> tuple[Any, float]:
   """compile_fn() timed, with the compiler's out-of-memory error returned
   in place of a program (a plan that does not fit is an answer)."""
   start = time.monotonic()
@@ -254,7 +254,8 @@ def setup_for(config, tgt: Target) -> state_lib.Setup:
     return state_lib.make_setup(config, mesh)
 
 
-def train_program(config, tgt: Target):
+def train_program(config, tgt: Target
+                  ) -> tuple[state_lib.Setup, Any, float]:
   """The train step scripts/train.py runs (lm/train/step.py), compiled for
   the slice from abstract state and batch."""
   setup = setup_for(config, tgt)
