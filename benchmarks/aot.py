@@ -74,6 +74,15 @@ def gib(n: int) -> str:
   return f"{n / GIB:.1f}"
 
 
+def fits(plan: dict) -> str:
+  """yes; no; or no for a program the compiler did compile, whose
+  arguments, outputs and temporaries still add up to more than the usable
+  HBM (docs/planning.md: counted as not fitting)."""
+  if plan["fits"]:
+    return "yes"
+  return "**no** (compiled)" if plan["memory"] else "**no**"
+
+
 def estimate(plan: dict) -> tuple[str, str]:
   """(step seconds, MFU) as the tables show them: "—" for a plan that
   does not fit, "n/a" where the compiler gave no estimate."""
@@ -94,7 +103,7 @@ def tables(results: dict) -> dict[str, str]:
         f"`{r['preset']}`", f"`{r['topology']}`", r["chips"], mesh(train),
         knob(train, ".remat="), knob(train, "grad_accum"),
         f"{gib(train['needed_bytes'])} / {gib(train['hbm_bytes'])}",
-        "yes" if train["fits"] else "**no**", step, mfu,
+        fits(train), step, mfu,
         gib(decode["needed_bytes"]) if decode else "—",
         f"{r['seconds']:.0f}"])
   return {"fit": common.markdown(

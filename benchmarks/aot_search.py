@@ -45,7 +45,7 @@ def tables(results: dict) -> dict[str, str]:
       rows.append([f"`{r['preset']}` on `{r['topology']}`", i, aot.mesh(p),
                    aot.knob(p, ".remat="), aot.knob(p, "grad_accum"),
                    aot.gib(p["needed_bytes"]),
-                   "yes" if p["fits"] else "**no**", step, mfu,
+                   aot.fits(p), step, mfu,
                    p["note"] if p["fits"] else ""])
   every = common.markdown(
       ["search", "rank", "mesh", "remat", "microbatches", "GiB per chip",
