@@ -49,13 +49,18 @@ def compile_plan(preset: str, topology: str, *extra: str) -> dict:
     result = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=None,
                             stderr=subprocess.PIPE, text=True)
     seconds = time.monotonic() - start
-    if result.returncode not in (0, 1) or not out.exists():
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("error: ")]
+    refused = result.returncode == 1 and len(errors) == 1
+    if not (result.returncode == 0 or refused):
       raise RuntimeError(f"{' '.join(cmd)} exited {result.returncode}:\n"
                          + result.stderr[-4000:])
-    record = json.loads(out.read_text())
+    # Without a JSON, the config itself does not apply to the slice (e.g.
+    # its batch does not split over the chips): that line is the answer.
+    record = (json.loads(out.read_text()) if out.exists()
+              else {"topology": topology})
   record.update(preset=preset, seconds=seconds,
-                error=result.stderr.strip().splitlines()[-1]
-                if result.returncode else "")
+                error=errors[0] if result.returncode else "")
   print(f"{preset} on {topology}: {seconds:.0f} s"
         + (f" -- {record['error']}" if record["error"] else ""), flush=True)
   return record
@@ -96,6 +101,11 @@ def estimate(plan: dict) -> tuple[str, str]:
 def tables(results: dict) -> dict[str, str]:
   rows = []
   for r in results["plans"]:
+    if "train" not in r:
+      rows.append([f"`{r['preset']}`", f"`{r['topology']}`", "", "", "", "",
+                   "", "config refused: " + r["error"].removeprefix(
+                       "error: "), "", "", "", f"{r['seconds']:.0f}"])
+      continue
     train = r["train"]
     step, mfu = estimate(train)
     decode = r.get("decode")
