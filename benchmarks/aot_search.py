@@ -33,11 +33,11 @@ def tables(results: dict) -> dict[str, str]:
          f"microbatches {aot.knob(best, 'grad_accum')}" if best
          else "none fits"),
         f"{aot.gib(best['needed_bytes'])}" if best else "—", step, mfu,
-        f"{r['seconds'] / 60:.0f}"])
+        f"{r['seconds'] / 60:.0f}", f"{r['date']}, {r['commit']}"])
   best = common.markdown(
       ["preset", "slice", "plans compiled", "fit", "left out (budget)",
        "best plan", "GiB per chip", "step s (compiler)", "MFU (compiler)",
-       "searched for (min)"], rows, "llrrrlrrrr")
+       "searched for (min)", "searched on"], rows, "llrrrlrrrrl")
   rows = []
   for r in results["searches"]:
     for i, p in enumerate(r["search"], 1):
@@ -59,10 +59,32 @@ def main() -> None:
   common.add_out_flag(parser, NAME)
   parser.add_argument("--search_compiles", type=int, default=10,
                       help="Most plans each search compiles.")
+  parser.add_argument("--search_seconds", type=float, default=3600.0,
+                      help="Most seconds each search compiles for.")
+  names = [f"{p}@{s}" for p, s in SEARCHES]
+  parser.add_argument("--only", default="", help="Comma-separated "
+                      f"PRESET@SLICE of {names}: run these again and keep "
+                      "the others' records from --out (each record names "
+                      "its own commit and date).")
   args = parser.parse_args()
-  found = [aot.compile_plan(p, s, "--search",
-                            f"--search_compiles={args.search_compiles}")
-           for p, s in SEARCHES]
+  only = common.parse_only(parser, args.only, names)
+  kept = {}
+  if only:
+    old = json.loads(args.out.read_text())
+    kept = {f"{r['preset']}@{r['topology']}": r for r in old["searches"]}
+    for r in kept.values():  # Records of a run before records had these.
+      r.setdefault("commit", old["commit"])
+      r.setdefault("date", old["date"])
+  found = []
+  for name, (preset, topology) in zip(names, SEARCHES):
+    if only and name not in only:
+      found.append(kept[name])
+      continue
+    record = aot.compile_plan(
+        preset, topology, "--search",
+        f"--search_compiles={args.search_compiles}",
+        f"--search_seconds={args.search_seconds}")
+    found.append({**record, **common.provenance()})
   path = common.write(NAME, {"searches": found}, args.out)
   text = tables(json.loads(path.read_text()))
   print(text["best"] + "\n\n" + text["every"])

@@ -71,18 +71,22 @@ def add_out_flag(parser, name: str) -> None:
                       help="Results file (default: what the docs render).")
 
 
-def write(name: str, data: dict, out: Path | None = None,
-          argv: list[str] | None = None) -> Path:
-  """Writes `data` plus the command, date, machine and commit to `out`
-  (default benchmarks/results/NAME.json). Returns the path."""
+def provenance() -> dict:
+  """The commit and date a measurement is made at."""
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
   except OSError:
     commit = ""
-  record = {"command": command(argv),
-            "date": datetime.date.today().isoformat(), "commit": commit,
-            "machine": machine(), **data}
+  return {"commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def write(name: str, data: dict, out: Path | None = None,
+          argv: list[str] | None = None) -> Path:
+  """Writes `data` plus the command, date, machine and commit to `out`
+  (default benchmarks/results/NAME.json). Returns the path."""
+  record = {"command": command(argv), **provenance(), "machine": machine(),
+            **data}
   path = Path(out or RESULTS / f"{name}.json")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")

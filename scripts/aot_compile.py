@@ -40,9 +40,9 @@ _SEARCH = flags.DEFINE_boolean("search", False, "Compile mesh, remat and "
 _AXES = flags.DEFINE_list("search_axes", ["data", "fsdp", "tensor", "stage",
                                           "sequence"],
                           "Mesh axes the search splits the chips over.")
-_REMATS = flags.DEFINE_list("search_remat", ["full", "dots_no_batch", "dots",
-                                             "offload", "none"],
-                            "Remat policies the search tries.")
+_REMATS = flags.DEFINE_list("search_remat", ["full", "dots_no_batch",
+                                             "offload", "dots", "none"],
+                            "Remat policies the search tries, in order.")
 _ACCUMS = flags.DEFINE_list("search_accum", ["1", "2", "4"],
                             "config.train.grad_accum_steps the search tries.")
 _MAX = flags.DEFINE_integer("search_compiles", 24, "Most plans a search "

@@ -302,7 +302,10 @@ def plan(config, tgt: Target, program: Program = TRAIN, *,
                     if program.flops else 0.0))
   if isinstance(compiled, Exception):
     oom = _oom(str(compiled))
-    result.needed_bytes, result.hbm_bytes = oom or (0, tgt.hbm_bytes)
+    if oom:
+      # The compiler refuses on its temporaries alone; the state (its
+      # arguments) is held beside them.
+      result.needed_bytes, result.hbm_bytes = oom[0] + state, oom[1]
     result.note = str(compiled).splitlines()[0]
     return result
   result.memory = memory(compiled)

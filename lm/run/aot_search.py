@@ -16,8 +16,9 @@ from lm import checks as base_checks
 from lm.parallel import mesh as mesh_lib
 from lm.run.aot import Plan, Target, describe_mesh, plan, row, validate
 
-# Remat policies a search tries, least memory first.
-REMATS = ("full", "dots_no_batch", "dots", "offload", "none")
+# Remat policies a search tries: least memory first; "dots" (which keeps
+# the attention scores too) and "none" last.
+REMATS = ("full", "dots_no_batch", "offload", "dots", "none")
 SEARCH_AXES = ("data", "fsdp", "tensor", "stage", "sequence")
 
 
@@ -70,9 +71,11 @@ def search(config, tgt: Target, *, axes=SEARCH_AXES, remats=REMATS,
   """Compiles (mesh, remat, microbatches) variants of `config` for `tgt`
   and ranks them. Round 1: every valid mesh (`candidates`) with the
   config's remat and microbatches, in the `_prior` order, for up to half
-  the compiles. Round 2: on the `top` meshes of round 1, every remat, each
-  with the fewest microbatches (of `accums`) that fit: more only repeat
-  each weight's gathers. Stops after `max_compiles` plans or `max_seconds`.
+  the compiles. Round 2: on the `top` meshes of round 1
+  (`_most_promising`), every remat, each with the fewest microbatches (of
+  `accums`) that fit: more only repeat each weight's gathers; a remat
+  whose activations would not fit even split over the most microbatches
+  is left at that. Stops after `max_compiles` plans or `max_seconds`.
   Returns (the plans, ranked; how many candidates the budget left out)."""
   start, plans, probes = time.monotonic(), {}, {}
   left_out = 0
@@ -102,8 +105,7 @@ def search(config, tgt: Target, *, axes=SEARCH_AXES, remats=REMATS,
       left_out += len(meshes_) - i
       break
     run(c)
-  best = [p for p in ranked(plans.values()) if p.fits][:top]
-  for p in best:
+  for p in _most_promising(plans.values(), top):
     for remat in [r for r in remats if _runs_on_tpu(r)]:
       for accum in accums:
         if not budget():
@@ -116,9 +118,28 @@ def search(config, tgt: Target, *, axes=SEARCH_AXES, remats=REMATS,
           c.train.microbatches = 2 * p.mesh["stage"]
         c.model.remat, c.train.grad_accum_steps = remat, accum
         found = run(c)
-        if found is not None and found.fits:
+        if found is not None and (found.fits or _hopeless(found, accum,
+                                                           max(accums))):
           break
   return ranked(plans.values()), left_out
+
+
+def _hopeless(p: Plan, accum: int, most: int) -> bool:
+  """Whether even `most` microbatches cannot make `p` (at `accum`) fit:
+  at best its activations shrink in proportion, its state not at all."""
+  activations = max(p.needed_bytes - p.state_bytes, 0)
+  return p.state_bytes + activations * accum / most > p.hbm_bytes
+
+
+def _most_promising(plans, top: int) -> list[Plan]:
+  """Round 2's meshes: those the compiler can estimate first (a variant of
+  a mesh without an estimate cannot be ranked), then those that fit, then
+  by the estimate or, short of one, by how close they came to fitting
+  (more microbatches may make them fit)."""
+  done = [p for p in plans if p is not None]
+  return sorted(done, key=lambda p: (
+      p.estimate_s is None, not p.fits,
+      p.estimate_s if p.estimate_s is not None else p.needed_bytes))[:top]
 
 
 def _runs_on_tpu(remat: str) -> bool:

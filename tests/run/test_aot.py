@@ -165,6 +165,23 @@ def test_a_search_ranks_fitting_plans_by_the_estimate():
                                                      over]
 
 
+def test_a_search_refines_the_meshes_it_can_rank():
+  def plan(fits, estimate, needed, state=1):
+    return aot.Plan(topology="t", mesh={}, overrides=[], fits=fits,
+                    needed_bytes=needed, hbm_bytes=10, state_bytes=state,
+                    compile_s=0, estimate_s=estimate)
+  ring = plan(True, None, 5)  # Fits, but cannot be estimated.
+  near, far = plan(False, 3.0, 11), plan(False, 2.0, 30)
+  fast = plan(True, 1.0, 9)
+  assert aot_search._most_promising([ring, far, near, fast], 3) == [
+      fast, far, near]
+  assert aot_search._most_promising([ring, far, near], 2) == [far, near]
+  # 4 microbatches can at best quarter the activations, not the state.
+  assert not aot_search._hopeless(plan(False, None, 37, state=1), 1, 4)
+  assert aot_search._hopeless(plan(False, None, 38, state=1), 1, 4)
+  assert aot_search._hopeless(plan(False, None, 12, state=11), 2, 4)
+
+
 def _script(*args: str):
   env = dict(os.environ, XLA_FLAGS="")
   return subprocess.run(
