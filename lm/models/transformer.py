@@ -423,10 +423,12 @@ class Transformer(nnx.Module):
         aux_layers.append(a)
       new_cache = None if cache is None else tuple(new_layers)
       aux = jax.tree.map(lambda *a: sum(a) / len(a), *aux_layers)
-    if aux:
+    if aux and cache is None:
       # The layers' mean MoE losses and statistics, for the task's loss
       # (read with nnx.capture in lm/tasks/language.py) without changing
-      # what __call__ returns.
+      # what __call__ returns. Decoding (a cache) has no loss, and a sow
+      # there would mutate the module inside a decode loop's trace
+      # (sample.generate's lax.scan), which nnx refuses.
       self.sow(nnx.Intermediate, "moe_aux", aux)
     return self.final_norm(x_BxLxD), new_cache
 
