@@ -33,7 +33,7 @@ LayerCache = dict[str, jax.Array]
 #   False: a tuple of n_layers LayerCaches. A decode step writes each array
 #          in place (dynamic_update_slice into a donated buffer); one stacked
 #          array would be sliced per layer and re-stacked, i.e. copied whole,
-#          at every step (twice the batch-32 decode step of `bench`).
+#          at every step (docs/performance.md, log entry 11).
 #   True:  one LayerCache of [layers]-stacked arrays, as nnx.scan slices and
 #          stacks the layers (so a scanned decode step still copies it).
 Cache = tuple[LayerCache, ...] | LayerCache
