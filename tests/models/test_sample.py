@@ -43,3 +43,30 @@ def test_greedy_generate_matches_full_forward_argmax():
     logits, _ = model(tokens)
     tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1:], -1)], axis=1)
   np.testing.assert_array_equal(out, tokens[:, 5:])
+
+
+def test_greedy_generate_on_an_moe_model_matches_full_forward_argmax():
+  """configs/lm.py:moe (MoE aux losses are sown in training, never when
+  decoding: a sow inside generate's lax.scan failed). Routing without
+  capacity drops: with drops a token's output depends on which tokens
+  share its dispatch group (B x 1 when decoding, B x L in a full forward),
+  so greedy tokens could rightly differ."""
+  import dataclasses  # noqa: PLC0415
+
+  from configs import lm as lm_config  # noqa: PLC0415
+  from lm import models  # noqa: PLC0415
+  cfg = models.model_config(lm_config.get_config("moe"))
+  cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+      cfg.moe, capacity_factor=cfg.moe.experts / cfg.moe.top_k))
+  model = transformer.Model(cfg, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+  n = 6
+  out = sample.generate(graphdef, nnx.to_pure_dict(params), prompt,
+                        jax.random.key(0), max_new_tokens=n, temperature=0.0)
+  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+  tokens = prompt
+  for _ in range(n):
+    logits = forward(params, tokens)
+    tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1:], -1)], axis=1)
+  np.testing.assert_array_equal(out, tokens[:, 5:])
