@@ -28,12 +28,14 @@ uses (the affinity mask), each side in its own process
 eager, then torch.compile, then ours, `steps` steps each, the first 2 of a
 round warm-up, so the sides share the machine's drift. Compile: ours is
 `lower().compile()`; torch.compile's is its first step's time beyond a
-steady step (it compiles lazily).
+steady step (it compiles lazily), in the first round, with an empty
+inductor cache (later rounds reuse it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -70,8 +72,40 @@ def _torch(tmp: Path, dtype: str, compiled: bool, opt) -> dict:
          f"--weight_decay={opt.weight_decay}", f"--clip={opt.grad_clip_norm}"]
   if compiled:
     cmd.append("--compile")
-  out = common.run(cmd)
+  # The run's own inductor cache: the first round compiles cold, as ours.
+  env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))
+  out = common.run(cmd, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
+  """(M, K, N) of the step's projection GEMMs: forward (tokens x d_model
+  into d_model or d_ff, d_ff into d_model) and the weight gradients, which
+  contract over the tokens."""
+  D, F = cfg.d_model, cfg.d_ff
+  return [(tokens, D, D), (tokens, D, F), (tokens, F, D), (D, tokens, F),
+          (F, tokens, D)]
+
+
+def gemm_rates(dtype: str, shapes, threads: int) -> dict:
+  """GFLOP/s of one GEMM per shape: XLA:CPU (a jitted jnp.dot with a
+  float32 result, as our model's matmuls) and torch.matmul, one process
+  each."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from benchmarks.torch_step import gemm_seconds  # noqa: PLC0415
+  ours, dot = {}, jax.jit(lambda a, b: jnp.dot(
+      a, b, preferred_element_type=jnp.float32))
+  for m, k, n in shapes:
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    seconds = gemm_seconds(lambda: dot(a, b).block_until_ready())
+    ours[f"{m},{k},{n}"] = 2 * m * k * n / seconds / 1e9
+  torch = json.loads(common.run([
+      sys.executable, "-m", "benchmarks.torch_step", f"--dtype={dtype}",
+      f"--threads={threads}", "--gemms=" + ";".join(
+          f"{m},{k},{n}" for m, k, n in shapes)]).stdout.splitlines()[-1])
+  return {"xla": ours, "torch": torch["gflops"]}
 
 
 def measure(dtype: str, steps: int, rounds: int, overrides: list[str],
@@ -158,8 +192,11 @@ def measure(dtype: str, steps: int, rounds: int, overrides: list[str],
         n_steps=len(times[side]), tokens_per_s=batch * seq / step_s,
         mfu=flops / step_s / peak, loss_first=losses[side],
         compile_s=(compile_s if side == OURS else None if side == EAGER
-                   else statistics.median(compiles[side])))
-  return {"rows": rows, "params": n_params, "flops_per_step": flops,
+                   else compiles[side][0]))
+  gemms = gemm_rates(dtype, gemm_shapes(cfg, batch * seq),
+                     torch_runs[0]["threads"])
+  return {"rows": rows, "gemm_gflops": gemms, "params": n_params,
+          "flops_per_step": flops,
           "matmul_peak_gflops": peak / 1e9, "peak_source": peak_source,
           "model": {k: getattr(cfg, k) for k in (
               "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "mlp",
@@ -188,10 +225,24 @@ def tables(results: dict) -> dict[str, str]:
                    f"{100 * r['mfu']:.1f}",
                    "–" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                    f"{r['loss_first']:.5f}"])
+  gemm_rows = []
+  for dtype in DTYPES:
+    run = results["runs"].get(dtype)
+    if run is None or "gemm_gflops" not in run:
+      continue
+    xla, torch = run["gemm_gflops"]["xla"], run["gemm_gflops"]["torch"]
+    for shape in xla:
+      m, k, n = shape.split(",")
+      gemm_rows.append([dtype, f"{m} x {k} x {n}", f"{xla[shape]:,.0f}",
+                        f"{torch[shape]:,.0f}",
+                        f"{xla[shape] / torch[shape]:.2f}x"])
   return {"table": common.markdown(
       ["compute dtype", "implementation", "step time median (ms)", "tokens/s",
        "vs PyTorch eager", "MFU (%)", "compile (s)",
-       "first-step loss (same weights)"], rows, "llrrrrrr")}
+       "first-step loss (same weights)"], rows, "llrrrrrr"),
+          "gemms": common.markdown(
+      ["dtype", "GEMM M x K x N", "XLA:CPU (GFLOP/s)",
+       "PyTorch (GFLOP/s)", "XLA / PyTorch"], gemm_rows, "llrrr")}
 
 
 def main() -> None:
