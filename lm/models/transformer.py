@@ -79,6 +79,11 @@ class Config:
   # (config.train.microbatches).
   pipeline_microbatches: int = 1
   dtype: str = "float32"  # Compute dtype.
+  # The dtype every matmul's operands are widened to ("" = the compute
+  # dtype): "float32" runs bfloat16 models' GEMMs in float32 on CPUs without
+  # BF16 GEMM instructions (config.precision.cpu_bf16_dots; the results are
+  # still rounded to the compute dtype where the plain path rounds them).
+  dot_dtype: str = ""
   param_dtype: str = "float32"
 
   @property
@@ -155,7 +160,7 @@ class Attention(nnx.Module):
     D, H, N, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.k
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
-                              grad=cfg.einsum_grad)
+                              grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
     if cfg.fused_qkv:
       # Per kv head n: its G query heads, then k, then v. Query head n*G + g
       # is the one jax.nn.dot_product_attention groups with kv head n.
@@ -199,6 +204,11 @@ class Attention(nnx.Module):
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
+    if cfg.dot_dtype:
+      # Attention's matmuls in the dot dtype too; its output feeds `o`,
+      # which would widen it anyway.
+      q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = (
+          t.astype(cfg.dot_dtype) for t in (q_BxLxHxK, k_BxLxNxK, v_BxLxNxK))
     if cache is None and axis_size("sequence") > 1:
       # Context parallelism: the mask comes from the positions, since the
       # LM feeds the sequence in the zig-zag layout (lm/tasks/language.py).
@@ -269,7 +279,7 @@ class Mlp(nnx.Module):
     D, F = cfg.d_model, cfg.d_ff
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
-                              grad=cfg.einsum_grad)
+                              grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
     if cfg.mlp == "swiglu":
       self.gate = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
     self.up = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
@@ -443,7 +453,7 @@ class Model(nnx.Module):
       self.head = layers.Einsum(
           "bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
           fan_in=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          rngs=rngs, grad=cfg.einsum_grad)
+          rngs=rngs, grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
 
   def __call__(self, tokens_BxL, positions_BxL=None, cache: Cache | None = None,
                cache_index=None, segment_ids_BxL=None
@@ -452,8 +462,8 @@ class Model(nnx.Module):
                                       cache_index, segment_ids_BxL)
     if self.cfg.tie_embeddings:
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
-          "bld,vd->blv", x_BxLxD, self.transformer.embedding[...],
-          jnp.float32)
+          "bld,vd->blv", x_BxLxD.astype(self.cfg.dot_dtype or x_BxLxD.dtype),
+          self.transformer.embedding[...], jnp.float32)
     else:
       logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
