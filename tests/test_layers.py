@@ -11,7 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer (without a cycle) and any
 # layer below it.
 LAYERS = (
-    ("base", ("lm.checks", "lm.paths", "lm.distributed", "lm.metrics")),
+    ("base", ("lm.checks", "lm.paths", "lm.distributed", "lm.metrics",
+              "lm.cpu")),
     ("parallel", ("lm.parallel",)),
     ("models", ("lm.models", "lm.sample")),
     ("config", ("lm.config",)),  # The base config: needs the model families.
