@@ -77,6 +77,50 @@ def tiny_config(data_dir: str = "", **overrides) -> ml_collections.ConfigDict:
   return c
 
 
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory):
+  """A folder every xdist worker of this session shares (the parent of the
+  workers' own base folders), for what `made_once` makes."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(folder, make):
+  """`folder`, made by `make(folder)` once per session: the first test (in
+  any xdist worker) to ask makes it under a file lock, the others wait and
+  read it. A `make` that fails leaves nothing behind, so the next test to
+  ask tries again (and fails with its own message)."""
+  import pathlib  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  import filelock  # noqa: PLC0415
+  folder = pathlib.Path(folder)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with filelock.FileLock(f"{folder}.lock"):
+    done = folder.parent / f"{folder.name}.done"
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      try:
+        make(folder)
+      except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+      done.touch()
+  return folder
+
+
+@pytest.fixture(scope="session")
+def reference_run(shared_tmp, data_dir) -> str:
+  """The run directory of scripts/train.py with TRAIN_ARGS alone (10 steps,
+  evals at 5 and 10, one process on data=2 x fsdp=2 x tensor=2), trained
+  once per session for every test that compares with it or starts from it.
+  Tests read it and never write into it (copy it first)."""
+  return str(made_once(shared_tmp / "reference_run",
+                       lambda folder: train_script(folder / "run", data_dir))
+             / "run")
+
+
 def train_script(workdir, data_dir, *extra, check=True, **popen):
   """scripts/train.py with TRAIN_ARGS (+ `extra`) in a subprocess on 8
   simulated devices; with `popen` kwargs, the started Popen instead."""
