@@ -39,7 +39,8 @@ def cpu() -> dict:
   except OSError:
     pass
   return {"model": model, "cores": os.cpu_count(),
-          "avx512_bf16": "avx512_bf16" in flags}
+          "avx512_bf16": "avx512_bf16" in flags,
+          "amx_bf16": "amx_bf16" in flags}
 
 
 def machine() -> dict:

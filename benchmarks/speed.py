@@ -11,8 +11,12 @@ Runs, each as its own process, one after the other:
         --steps=22 --rounds=3 --out=TMP.json \
         --config.precision.compute_dtype=bfloat16
 
-and writes both runs' full records to benchmarks/results/speed.json (under
-`runs["float32"]` and `runs["bfloat16"]`). What each run measures (see
+then bfloat16 once more with the other CPU path of its matmuls forced
+(`--config.precision.cpu_bf16_dots`: "native" bfloat16 GEMMs, fast with
+AVX512-BF16 or AMX, or "float32" GEMMs, for CPUs without; the first
+bfloat16 run takes what `auto` picks here), so both paths are measured on
+any machine; and writes the runs' full records to
+benchmarks/results/speed.json (under `runs[NAME]`, NAME one of RUNS). What each run measures (see
 scripts/benchmark.py): one device, the bench preset (4 layers, d_model 256,
 4 heads, GELU MLP 1024, vocab 256, seq 256, batch 16); each round runs the
 reference subprocess, then our step, `steps` + 1 steps each, so both share
@@ -34,19 +38,25 @@ from pathlib import Path
 from benchmarks import common
 
 NAME = "speed"
-DTYPES = ("float32", "bfloat16")
+# Run name -> (compute dtype, config.precision.cpu_bf16_dots).
+RUNS = {"float32": ("float32", "auto"), "bfloat16": ("bfloat16", "auto"),
+        "bfloat16, other path": ("bfloat16", "other")}
 OURS, REF = "ours", "reference (ref_lm.py)"
 
 
-def measure(dtype: str, steps: int, rounds: int, input_batches: int,
-            tmp: Path) -> dict:
+def measure(dtype: str, dots: str, steps: int, rounds: int,
+            input_batches: int, tmp: Path) -> dict:
   """One scripts/benchmark.py run (its own process): its --out record."""
-  out = tmp / f"{dtype}.json"
+  if dots == "other":
+    from lm import cpu  # noqa: PLC0415
+    dots = "float32" if cpu.bf16_dots("auto") == "native" else "native"
+  out = tmp / f"{dtype}-{dots}.json"
   common.run([sys.executable, "scripts/benchmark.py",
               "--config=configs/lm.py:bench", "--compare_ref",
               f"--steps={steps}", f"--rounds={rounds}",
               f"--input_batches={input_batches}", f"--out={out}",
-              f"--config.precision.compute_dtype={dtype}"])
+              f"--config.precision.compute_dtype={dtype}",
+              f"--config.precision.cpu_bf16_dots={dots}"])
   return json.loads(out.read_text())
 
 
@@ -57,9 +67,14 @@ def _num(x, spec: str, scale: float = 1) -> str:
 
 def tables(results: dict) -> dict[str, str]:
   full, summary = [], []
-  for dtype in DTYPES:  # The JSON's keys are sorted: bfloat16 first.
-    run = results["runs"][dtype]
+  for name in RUNS:  # The JSON's keys are sorted: not the order shown.
+    run = results["runs"].get(name)
+    if run is None:
+      continue
     rows = run["rows"]
+    dtype = name.split(",")[0]
+    if run.get("bf16_dots"):  # Which GEMMs the bfloat16 matmuls ran on.
+      dtype += f", {run['bf16_dots']} GEMMs"
     for impl in (OURS, REF):
       if impl not in rows:
         continue
@@ -107,8 +122,9 @@ def main() -> None:
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     # Sequential, never concurrent: each run needs the whole machine.
-    runs = {dtype: measure(dtype, args.steps, args.rounds,
-                           args.input_batches, Path(tmp)) for dtype in DTYPES}
+    runs = {name: measure(dtype, dots, args.steps, args.rounds,
+                          args.input_batches, Path(tmp))
+            for name, (dtype, dots) in RUNS.items()}
   data = {"steps": args.steps, "rounds": args.rounds,
           "input_batches": args.input_batches, "runs": runs}
   path = common.write(NAME, data, args.out)

@@ -91,6 +91,12 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
   c.precision = dict(
       compute_dtype="float32",  # float32 | bfloat16 | float16 (loss scaling).
       param_dtype="float32",  # float32 | bfloat16: params and optimizer state.
+      # bfloat16 on a CPU: how matmuls run. native: bfloat16 operands into a
+      # float32 accumulator (fast where the CPU has AVX512-BF16 or AMX);
+      # float32: operands widened to float32 first (a float32 GEMM: for
+      # CPUs without them); auto: native iff the CPU has them. Ignored on
+      # GPU/TPU and for other compute dtypes (lm/models, model_config).
+      cpu_bf16_dots="auto",
       # float16 only (lm/train/precision.py): the starting scale, doubled
       # after `growth_interval` finite steps, halved on each overflow (not
       # below min_scale).

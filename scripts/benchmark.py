@@ -100,7 +100,7 @@ def main(argv):
   import lm.train.state  # noqa: PLC0415
   import lm.tasks  # noqa: PLC0415
   import lm.train.step  # noqa: PLC0415
-  from lm import config as config_lib  # noqa: PLC0415
+  from lm import config as config_lib, cpu  # noqa: PLC0415
   from lm.data import pipeline  # noqa: PLC0415
   from lm.models import transformer  # noqa: PLC0415
   from lm.run import perf  # noqa: PLC0415
@@ -211,6 +211,14 @@ def main(argv):
     print(f"\nours / reference tokens/s: {ratio:.2f}x")
   device = jax.devices()[0]
   command = shlex.join(["python"] + sys.argv)
+  # Which GEMMs a bfloat16 step's matmuls ran on (config.precision.
+  # cpu_bf16_dots): "bfloat16" or "float32"; None when not bfloat16 on CPU.
+  bf16_dots = None
+  if config.precision.compute_dtype == "bfloat16" and device.platform == "cpu":
+    bf16_dots = model_cfg.dot_dtype or "bfloat16"
+    print(f"bfloat16 matmuls: {bf16_dots} GEMMs (config.precision."
+          f"cpu_bf16_dots={config.precision.cpu_bf16_dots}; this CPU "
+          f"{'has' if cpu.has_bf16_gemm() else 'lacks'} AVX512-BF16/AMX)")
   print(f"\nmatmul peak ({config.precision.compute_dtype}): {peak_gflops:.1f} "
         f"GFLOP/s ({peak_source}); jax {jax.__version__}; "
         f"{jax.device_count()} x "
@@ -228,6 +236,7 @@ def main(argv):
                      device_kind=device.device_kind,
                      device_count=jax.device_count(),
                      mesh=dict(mesh.shape), steps=steps, rounds=_ROUNDS.value,
+                     bf16_dots=bf16_dots,
                      ours_step_ms=ours_ms, ref_runs=ref_runs, command=command)),
                 f, indent=1)
 

@@ -37,6 +37,15 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
+# The scripts the tests start (a hundred-odd processes) cache even their small
+# programs (jax caches only compiles over 1 s by default): a tiny train.py
+# run's init, eval and checkpoint programs compile once per suite, not once
+# per process (measured: 6.5 -> 4.7 s CPU for a run after the first). Set
+# after jax is imported, so only the child processes see it: in the test
+# processes, eager ops compile hundreds of tiny programs that would cost
+# more to write than they save (measured on tests/models: more CPU).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "scripts", "train.py")
 # scripts/train.py flags for subprocess runs: the tiny LM, 10 steps with an
@@ -83,6 +92,50 @@ def tiny_config(data_dir: str = "", **overrides) -> ml_collections.ConfigDict:
   return c
 
 
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory):
+  """A folder every xdist worker of this session shares (the parent of the
+  workers' own base folders), for what `made_once` makes."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(folder, make):
+  """`folder`, made by `make(folder)` once per session: the first test (in
+  any xdist worker) to ask makes it under a file lock, the others wait and
+  read it. A `make` that fails leaves nothing behind, so the next test to
+  ask tries again (and fails with its own message)."""
+  import pathlib  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  import filelock  # noqa: PLC0415
+  folder = pathlib.Path(folder)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with filelock.FileLock(f"{folder}.lock"):
+    done = folder.parent / f"{folder.name}.done"
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      try:
+        make(folder)
+      except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+      done.touch()
+  return folder
+
+
+@pytest.fixture(scope="session")
+def reference_run(shared_tmp, data_dir) -> str:
+  """The run directory of scripts/train.py with TRAIN_ARGS alone (10 steps,
+  evals at 5 and 10, one process on data=2 x fsdp=2 x tensor=2), trained
+  once per session for every test that compares with it or starts from it.
+  Tests read it and never write into it (copy it first)."""
+  return str(made_once(shared_tmp / "reference_run",
+                       lambda folder: train_script(folder / "run", data_dir))
+             / "run")
+
+
 def train_script(workdir, data_dir, *extra, check=True, **popen):
   """scripts/train.py with TRAIN_ARGS (+ `extra`) in a subprocess on 8
   simulated devices; with `popen` kwargs, the started Popen instead."""
@@ -109,6 +162,65 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "e2e" in item.path.parts:
       item.add_marker(pytest.mark.slow)
+
+
+# `make test` (pytest -n 2): xdist's default distribution sends each worker
+# long runs of consecutive tests, so the subprocess tests (tests/e2e, a
+# third of the suite's CPU) went to one worker in one batch, however long
+# they took. Instead each worker takes one unit of work at a time, the
+# longest first (as ranked below), so the two finish together: a unit is a
+# module (its module-scoped fixtures are made once), or one test of the
+# modules in SPLIT_MODULES, which share nothing but session fixtures.
+SPLIT_MODULES = ("tests/e2e/test_docs_commands.py", "tests/e2e/test_multihost.py",
+                 "tests/e2e/test_resume.py")
+# The slowest units, slowest first (CPU seconds with a cold compilation
+# cache on a 2-core machine, 2026-11-29: 195 ... 22). A unit not named here
+# runs after these, in collection order; a stale entry costs only balance.
+_DOCS = "tests/e2e/test_docs_commands.py::test_every_command_runs"
+_MULTIHOST = "tests/e2e/test_multihost.py::test_"
+LONGEST_FIRST = (
+    "tests/parallel/test_strategies.py", f"{_DOCS}[docs/interop.md]",
+    "tests/parallel/test_inspect.py", "tests/quant/test_quant.py",
+    "tests/models/test_families.py", "tests/models/test_perf_options.py",
+    "tests/interop/test_hf.py", f"{_DOCS}[docs/compression.md]",
+    "tests/train/test_precision.py", "tests/e2e/test_faults.py",
+    "tests/train/test_lora.py", f"{_DOCS}[docs/parallelism.md]",
+    f"{_DOCS}[README.md]", "tests/models/test_model.py",
+    "tests/serve/test_engine.py", "tests/parallel/test_pipeline.py",
+    "tests/parallel/test_context.py", "tests/parallel/test_parallel.py",
+    f"{_MULTIHOST}two_processes_equal_one_process_across_a_resume",
+    f"{_DOCS}[docs/finetuning.md]", "tests/interop/test_export.py",
+    "tests/models/test_segments.py", f"{_DOCS}[docs/evaluation.md]",
+    "tests/tasks/test_tasks.py", "tests/tasks/test_sft.py",
+    "tests/serve/test_server.py",
+    f"{_MULTIHOST}a_killed_process_ends_the_job_and_nothing_is_lost",
+    "tests/train/test_prune.py", f"{_DOCS}[docs/multihost.md]",
+    "tests/models/test_moe.py", "tests/e2e/test_resume.py::test_resume_"
+    "in_a_fresh_process_is_exact", "tests/interop/test_harness.py",
+    "tests/train/test_distill.py", "tests/run/test_cli.py")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's default distribution (`-n N` alone) in units, longest first."""
+  if config.getvalue("dist") != "load":
+    return None  # Asked for another one (--dist ...): that one.
+  from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+
+  class LongestFirst(LoadScopeScheduling):
+    """xdist's loadscope (a worker gets the next unit when it has at most
+    two tests left), with our units and order."""
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::")[0]
+      return nodeid if module in SPLIT_MODULES else module
+
+    def _assign_work_unit(self, node) -> None:
+      rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+      first = min(self.workqueue, key=lambda u: rank.get(u, len(rank)))
+      self.workqueue.move_to_end(first, last=False)
+      super()._assign_work_unit(node)
+  return LongestFirst(config, log)
 
 
 def run_steps(config: ml_collections.ConfigDict, mesh_shape: dict, batches,

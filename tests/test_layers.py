@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # layer below it.
 LAYERS = (
     ("base", ("lm.backend", "lm.checks", "lm.paths", "lm.distributed",
-              "lm.metrics")),
+              "lm.metrics", "lm.cpu")),
     ("parallel", ("lm.parallel",)),
     ("models", ("lm.models", "lm.sample")),
     ("config", ("lm.config",)),  # The base config: needs the model families.

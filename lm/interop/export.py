@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from lm import models
+from lm.models import transformer
 from lm.checks import UsageError
 from lm.run import restore
 
@@ -156,15 +157,23 @@ def _lm_functions(model_of, cfg) -> dict[str, Function]:
            f"{cfg.k}")
   dtype = jnp.dtype(cfg.dtype).name
 
+  # The exported k and v stay [layers]-stacked whatever cfg.scan_layers
+  # (the model's own cache is per layer without it): one format for every
+  # run, and nothing to gain from the per-layer one here, since a caller of
+  # an exported function (jax.export's call, TF Serving) donates no buffer:
+  # each call writes its k and v outputs anew anyway.
   def prefill(weights, tokens_BxL):
     model = model_of(weights)
     cache = model.init_cache(tokens_BxL.shape[0], cfg.max_len)
     logits_BxLxV, cache = model(tokens_BxL, cache=cache, cache_index=0)
+    cache = transformer.stack_cache(cache)
     return logits_BxLxV, cache["k"], cache["v"]
 
   def decode(weights, token_Bx1, k, v, index):
+    cache = transformer.unstack_cache(cfg, {"k": k, "v": v})
     logits_Bx1xV, cache = model_of(weights)(
-        token_Bx1, cache={"k": k, "v": v}, cache_index=index)
+        token_Bx1, cache=cache, cache_index=index)
+    cache = transformer.stack_cache(cache)
     return logits_Bx1xV, cache["k"], cache["v"]
 
   return {

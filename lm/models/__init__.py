@@ -14,6 +14,7 @@ import types
 import jax
 from flax import nnx
 
+from lm import backend, cpu
 from lm.models import gan, mlp, transformer, transformer_classifier
 
 MODELS: dict[str, types.ModuleType] = {
@@ -24,9 +25,9 @@ MODELS: dict[str, types.ModuleType] = {
 }
 
 # Config fields filled from other config sections, not set in config.model:
-# the compute and parameter dtypes (config.precision) and the pipeline's
-# microbatches (config.train.microbatches).
-DERIVED = ("dtype", "param_dtype", "pipeline_microbatches")
+# the compute, parameter and matmul dtypes (config.precision) and the
+# pipeline's microbatches (config.train.microbatches).
+DERIVED = ("dtype", "param_dtype", "pipeline_microbatches", "dot_dtype")
 
 
 def defaults(name: str) -> dict:
@@ -65,8 +66,22 @@ def model_config(config) -> object:
     # qwix intercepts jnp.einsum (QAT and int8 serving) and defines its
     # gradient; a custom VJP around it would bypass that.
     kwargs["einsum_grad"] = "autodiff"
+  if "dot_dtype" in fields:
+    kwargs["dot_dtype"] = dot_dtype(config.precision)
   return family.Config(**kwargs, dtype=config.precision.compute_dtype,
                        param_dtype=config.precision.param_dtype)
+
+
+def dot_dtype(precision) -> str:
+  """The matmul operand dtype a model config gets ("" = its compute dtype):
+  float32 for a bfloat16 model on a CPU whose bfloat16 path is "float32"
+  (config.precision.cpu_bf16_dots, resolved for this CPU by lm/cpu.py).
+  An ahead-of-time compile for a TPU never widens: its target decides."""
+  on_cpu = backend.name() == "cpu"
+  if (precision.compute_dtype == "bfloat16" and on_cpu
+      and cpu.bf16_dots(precision.get("cpu_bf16_dots", "auto")) == "float32"):
+    return "float32"
+  return ""
 
 
 def check(model_cfg, family_name: str, mesh: dict[str, int]) -> None:

@@ -72,11 +72,16 @@ class Einsum(nnx.Module):
 
   def __init__(self, equation: str, shape: Sequence[int],
                names: Sequence[str | None], *, fan_in: int, dtype, param_dtype,
-               rngs: nnx.Rngs, grad: str = "small_left", bias: int = 0):
+               rngs: nnx.Rngs, grad: str = "small_left", bias: int = 0,
+               dot_dtype: str = ""):
     """`bias`: how many trailing axes of the kernel the output has (a bias
-    of that shape is added, zero at init); 0 = no bias."""
+    of that shape is added, zero at init); 0 = no bias. `dot_dtype`: the
+    matmul's operand dtype when not the compute dtype `dtype` (float32 GEMMs
+    for a bfloat16 model on a CPU without BF16 instructions); the result is
+    still in `dtype` unless `out_dtype` asks otherwise."""
     self.equation = equation
     self.dtype = dtype
+    self.dot_dtype = dot_dtype or dtype
     self.grad = grad
     init = param_init(fan_in_normal(fan_in), *names)
     self.kernel = nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
@@ -87,8 +92,8 @@ class Einsum(nnx.Module):
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     """`out_dtype`: the result's dtype when it should not be rounded to the
     compute dtype (an activation or RoPE follows in float32)."""
-    y = einsum_for(self.grad)(self.equation, x.astype(self.dtype),
-                              self.kernel[...], out_dtype)
+    y = einsum_for(self.grad)(self.equation, x.astype(self.dot_dtype),
+                              self.kernel[...], out_dtype or self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y

@@ -26,9 +26,17 @@ from lm import backend as backend_lib, checks
 from lm.models import attention, layers, moe as moe_lib, tuning
 from lm.parallel import axis_size, constrain, context, pipeline
 
-# {"k": [layers] B x S x N x K, "v": same}, and for packed decoding the
-# keys' "segment_ids": [layers] B x S int32 (Model.init_cache(segments=True)).
-Cache = dict[str, jax.Array]
+# One layer's KV cache: {"k": B x S x N x K, "v": same}, and for packed
+# decoding the keys' "segment_ids": B x S int32 (init_cache(segments=True)).
+LayerCache = dict[str, jax.Array]
+# The model's (Model.init_cache), by cfg.scan_layers:
+#   False: a tuple of n_layers LayerCaches. A decode step writes each array
+#          in place (dynamic_update_slice into a donated buffer); one stacked
+#          array would be sliced per layer and re-stacked, i.e. copied whole,
+#          at every step (docs/performance.md, log entry 11).
+#   True:  one LayerCache of [layers]-stacked arrays, as nnx.scan slices and
+#          stacks the layers (so a scanned decode step still copies it).
+Cache = tuple[LayerCache, ...] | LayerCache
 
 OPTIMIZER_GROUPS = ()  # One optimizer state for all parameters.
 
@@ -71,6 +79,11 @@ class Config:
   # (config.train.microbatches).
   pipeline_microbatches: int = 1
   dtype: str = "float32"  # Compute dtype.
+  # The dtype every matmul's operands are widened to ("" = the compute
+  # dtype): "float32" runs bfloat16 models' GEMMs in float32 on CPUs without
+  # BF16 GEMM instructions (config.precision.cpu_bf16_dots; the results are
+  # still rounded to the compute dtype where the plain path rounds them).
+  dot_dtype: str = ""
   param_dtype: str = "float32"
 
   @property
@@ -147,7 +160,7 @@ class Attention(nnx.Module):
     D, H, N, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.k
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
-                              grad=cfg.einsum_grad)
+                              grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
     if cfg.fused_qkv:
       # Per kv head n: its G query heads, then k, then v. Query head n*G + g
       # is the one jax.nn.dot_product_attention groups with kv head n.
@@ -168,7 +181,7 @@ class Attention(nnx.Module):
                    fan_in=H * K, bias=1 * cfg.out_bias)
     self.cfg = cfg
 
-  def __call__(self, x_BxLxD, positions_BxL, cache: Cache | None,
+  def __call__(self, x_BxLxD, positions_BxL, cache: LayerCache | None,
                cache_index, segment_ids_BxL=None):
     cfg = self.cfg
     if cfg.fused_qkv:
@@ -191,6 +204,11 @@ class Attention(nnx.Module):
     q_BxLxHxK = constrain(q_BxLxHxK, "batch", "length", "act_heads", None)
     k_BxLxNxK = constrain(k_BxLxNxK, "batch", "length", "act_kv_heads", None)
     v_BxLxNxK = constrain(v_BxLxNxK, "batch", "length", "act_kv_heads", None)
+    if cfg.dot_dtype:
+      # Attention's matmuls in the dot dtype too; its output feeds `o`,
+      # which would widen it anyway.
+      q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = (
+          t.astype(cfg.dot_dtype) for t in (q_BxLxHxK, k_BxLxNxK, v_BxLxNxK))
     if cache is None and axis_size("sequence") > 1:
       # Context parallelism: the mask comes from the positions, since the
       # LM feeds the sequence in the zig-zag layout (lm/tasks/language.py).
@@ -261,7 +279,7 @@ class Mlp(nnx.Module):
     D, F = cfg.d_model, cfg.d_ff
     dense = functools.partial(layers.Einsum, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs,
-                              grad=cfg.einsum_grad)
+                              grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
     if cfg.mlp == "swiglu":
       self.gate = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
     self.up = dense("bld,df->blf", (D, F), ("embed", "mlp"), fan_in=D)
@@ -360,6 +378,8 @@ class Transformer(nnx.Module):
       positions_BxL = start + jnp.broadcast_to(
           jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = self.embed(tokens_BxL)
+    if cache is not None:
+      _check_layout(cfg, cache)
 
     # The per-token inputs travel as one argument (tuning.remat's and
     # gpipe's): the positions, or with segment ids the pair.
@@ -405,20 +425,20 @@ class Transformer(nnx.Module):
                                                    cache)
       aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_layers)
     else:
+      layer_caches = (None,) * cfg.n_layers if cache is None else cache
       new_layers, aux_layers = [], []
-      for i, block in enumerate(self.blocks):
-        layer_cache = None if cache is None else jax.tree.map(
-            lambda c: c[i], cache)
+      for block, layer_cache in zip(self.blocks, layer_caches):
         x_BxLxD, c, a = run_block(block, x_BxLxD, layer_cache, tokens_in)
         new_layers.append(c)
         aux_layers.append(a)
-      new_cache = None if cache is None else jax.tree.map(
-          lambda *c: jnp.stack(c), *new_layers)
+      new_cache = None if cache is None else tuple(new_layers)
       aux = jax.tree.map(lambda *a: sum(a) / len(a), *aux_layers)
-    if aux:
+    if aux and cache is None:
       # The layers' mean MoE losses and statistics, for the task's loss
       # (read with nnx.capture in lm/tasks/language.py) without changing
-      # what __call__ returns.
+      # what __call__ returns. Decoding (a cache) has no loss, and a sow
+      # there would mutate the module inside a decode loop's trace
+      # (sample.generate's lax.scan), which nnx refuses.
       self.sow(nnx.Intermediate, "moe_aux", aux)
     return self.final_norm(x_BxLxD), new_cache
 
@@ -433,7 +453,7 @@ class Model(nnx.Module):
       self.head = layers.Einsum(
           "bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
           fan_in=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          rngs=rngs, grad=cfg.einsum_grad)
+          rngs=rngs, grad=cfg.einsum_grad, dot_dtype=cfg.dot_dtype)
 
   def __call__(self, tokens_BxL, positions_BxL=None, cache: Cache | None = None,
                cache_index=None, segment_ids_BxL=None
@@ -442,8 +462,8 @@ class Model(nnx.Module):
                                       cache_index, segment_ids_BxL)
     if self.cfg.tie_embeddings:
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
-          "bld,vd->blv", x_BxLxD, self.transformer.embedding[...],
-          jnp.float32)
+          "bld,vd->blv", x_BxLxD.astype(self.cfg.dot_dtype or x_BxLxD.dtype),
+          self.transformer.embedding[...], jnp.float32)
     else:
       logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
@@ -452,15 +472,59 @@ class Model(nnx.Module):
 
   def init_cache(self, batch: int, length: int, dtype=None,
                  segments: bool = False) -> Cache:
-    """An empty KV cache; `segments`: also the keys' segment ids, for
-    decoding with segment_ids_BxL (several requests packed in one row)."""
+    """An empty KV cache in this model's layout (`Cache`); `segments`: also
+    the keys' segment ids, for decoding with segment_ids_BxL (several
+    requests packed in one row)."""
     cfg = self.cfg
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.k)
     dtype = dtype or cfg.dtype
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    if segments:
-      cache["segment_ids"] = jnp.zeros(shape[:3], jnp.int32)
+
+    def layer(*layers_):  # layers_: () or (n_layers,), the stacked axis.
+      shape = (*layers_, batch, length, cfg.n_kv_heads, cfg.k)
+      out = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+      if segments:
+        out["segment_ids"] = jnp.zeros(shape[:-2], jnp.int32)
+      return out
+    if cfg.scan_layers:
+      return layer(cfg.n_layers)
+    return tuple(layer() for _ in range(cfg.n_layers))
+
+
+def _check_layout(cfg: Config, cache: Cache) -> None:
+  """The other layout would fail several calls deeper with a confusing
+  shape error, or worse scan the batch axis as layers."""
+  stacked = isinstance(cache, dict)
+  if cfg.scan_layers and not stacked:
+    raise ValueError("A model with scan_layers=True takes one dict of "
+                     "[layers]-stacked caches (Model.init_cache), not "
+                     f"a {type(cache).__name__}.")
+  if not cfg.scan_layers and (stacked or len(cache) != cfg.n_layers):
+    raise ValueError(
+        f"A model with scan_layers=False takes a tuple of {cfg.n_layers} "
+        "per-layer caches (Model.init_cache), not "
+        f"{'one stacked dict' if stacked else len(cache)}.")
+
+
+def cache_batch_axis(cache: Cache) -> int:
+  """The batch axis of every array in `cache` (behind the stacked layers'
+  axis in a scanned model's)."""
+  return 1 if isinstance(cache, dict) else 0
+
+
+def stack_cache(cache: Cache) -> LayerCache:
+  """`cache` as [layers]-stacked arrays whatever its layout (a per-layer
+  cache is copied): an interface that must not depend on scan_layers
+  (lm/interop/export.py)."""
+  if isinstance(cache, dict):
     return cache
+  return jax.tree.map(lambda *c: jnp.stack(c), *cache)
+
+
+def unstack_cache(cfg: Config, stacked: LayerCache) -> Cache:
+  """stack_cache's inverse: [layers]-stacked arrays in `cfg`'s layout."""
+  if cfg.scan_layers:
+    return stacked
+  return tuple({name: a[i] for name, a in stacked.items()}
+               for i in range(cfg.n_layers))
 
 
 def flops_per_token(cfg: Config, seq_len: int) -> float:

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from lm import sample
-from lm.models import moe
+from lm.models import moe, transformer
 
 # Alternatives reported per token: OpenAI's completions API allows <= 5.
 TOP = 5
@@ -115,13 +115,15 @@ def prefill_step(graphdef, params, cache, slots_b, tokens_bxC, start_b,
   token sampled after position last_b (the prompt's last, where the
   prompt ends in this chunk)."""
   model = nnx.merge(graphdef, params)
-  rows = jax.tree.map(lambda c: c.at[:, slots_b].get(mode="clip"), cache)
+  # The slots' rows, on the batch axis of the model's cache layout.
+  at_rows = (slice(None),) * transformer.cache_batch_axis(cache) + (slots_b,)
+  rows = jax.tree.map(lambda c: c.at[at_rows].get(mode="clip"), cache)
   # A last chunk's padding can run past max_len: clamped (see above).
   positions_bxC = jnp.minimum(start_b[:, None] + jnp.arange(
       tokens_bxC.shape[1]), model.cfg.max_len - 1)
   logits_bxCxV, rows = model(tokens_bxC, positions_bxC, cache=rows,
                              cache_index=start_b)
-  cache = jax.tree.map(lambda c, r: c.at[:, slots_b].set(r, mode="drop"),
+  cache = jax.tree.map(lambda c, r: c.at[at_rows].set(r, mode="drop"),
                        cache, rows)
   prompt_out = _logprobs(logits_bxCxV, targets_bxC)
   last_bxV = jnp.take_along_axis(logits_bxCxV, last_b[:, None, None],

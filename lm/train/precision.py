@@ -31,6 +31,7 @@ from lm import checks
 
 POLICIES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
+CPU_BF16_DOTS = ("auto", "native", "float32")
 
 
 def check(precision_cfg) -> None:
@@ -39,6 +40,8 @@ def check(precision_cfg) -> None:
                 "config.precision.compute_dtype")
   checks.one_of(precision_cfg.param_dtype, PARAM_DTYPES,
                 "config.precision.param_dtype")
+  checks.one_of(precision_cfg.cpu_bf16_dots, CPU_BF16_DOTS,
+                "config.precision.cpu_bf16_dots")
 
 
 @flax.struct.dataclass

@@ -7,15 +7,14 @@ import os
 from conftest import train_script
 
 
-def test_student_trains_from_a_teacher_through_train_py(tmp_path, data_dir):
-  teacher = tmp_path / "teacher"
-  train_script(teacher, data_dir, "--config.train.steps=2",
-               "--config.train.eval_every=0")
+def test_student_trains_from_a_teacher_through_train_py(tmp_path, data_dir,
+                                                        reference_run):
+  teacher = reference_run  # TRAIN_ARGS' 10 steps, trained once per session.
   student = train_script(
       tmp_path / "student", data_dir, "--config.train.steps=4",
       "--config.train.eval_every=4", "--config.model.d_model=32",
       "--config.model.d_ff=64", f"--config.distill.teacher_workdir={teacher}")
-  assert f"distilling from {teacher} (step 2)" in student.stdout
+  assert f"distilling from {teacher} (step 10)" in student.stdout
   assert "FLOPs per step" in student.stdout
   with open(os.path.join(tmp_path, "student", "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]

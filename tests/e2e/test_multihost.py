@@ -117,12 +117,12 @@ def _assert_same_losses(reference, run):
                                    err_msg=f"{metric} at {key}")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-  """10 steps in one process with 8 devices."""
-  workdir = str(tmp_path_factory.mktemp("one_process"))
-  _one_process(workdir, data_dir)
-  return workdir
+@pytest.fixture
+def reference(reference_run):
+  """10 steps in one process with 8 devices (TRAIN_ARGS: the session's
+  shared run; ARGS' heartbeat timeout changes nothing a one-process run
+  computes)."""
+  return reference_run
 
 
 def test_two_processes_equal_one_process_across_a_resume(reference, tmp_path,

@@ -24,9 +24,10 @@ def _params(workdir, mesh_shape):
   return restore.load(workdir, mesh_arg).params
 
 
-def test_resume_in_a_fresh_process_is_exact(tmp_path, data_dir):
-  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-  _train(whole, data_dir)
+def test_resume_in_a_fresh_process_is_exact(tmp_path, data_dir,
+                                            reference_run):
+  # The uninterrupted run: TRAIN_ARGS, as every test that compares with it.
+  whole, split = reference_run, str(tmp_path / "split")
   first = _train(split, data_dir, "--stop_at_step=5")
   assert "stopped at step 5" in first.stdout
   second = _train(split, data_dir)

@@ -36,8 +36,11 @@ np.savez(sys.argv[3], **out)
 """
 
 
-def test_stablehlo_lm_runs_without_lm_and_matches_the_model(tmp_path):
-  run = init_run(tmp_path)
+@pytest.mark.parametrize("scan", [False, True])
+def test_stablehlo_lm_runs_without_lm_and_matches_the_model(tmp_path, scan):
+  # One exported k, v format whichever cache layout the model keeps
+  # (per layer, or stacked under scan_layers).
+  run = init_run(tmp_path, scan_layers=scan)
   folder = tmp_path / "export"
   about = export.export_stablehlo(run, folder)
   assert set(about["functions"]) == {"prefill", "decode"}

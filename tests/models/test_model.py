@@ -48,6 +48,46 @@ def test_kv_cache_decoding_matches_full_forward(scan):
                              atol=1e-5)
 
 
+def test_a_decode_step_writes_the_cache_in_place():
+  """Unscanned layers keep one cache per layer, which a decode step whose
+  cache is donated writes in place: every cache output aliases its input,
+  the step's scratch memory is under half the cache's size, and no
+  [layers, B, S, N, K] array is built. One stacked cache, sliced per layer
+  and stacked again (the layout before), copied all of it every step:
+  scratch above the cache's size."""
+  cfg = dataclasses.replace(CFG, max_len=256, n_layers=4)
+  model = transformer.Model(cfg, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+
+  def step(params, cache, tokens_Bx1, index):
+    return nnx.merge(graphdef, params)(tokens_Bx1, cache=cache,
+                                       cache_index=index)
+  B = 4
+  cache = model.init_cache(B, cfg.max_len)
+  compiled = jax.jit(step, donate_argnums=1).lower(
+      params, cache, jnp.zeros((B, 1), jnp.int32), jnp.int32(7)).compile()
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  memory = compiled.memory_analysis()
+  assert memory.alias_size_in_bytes == cache_bytes
+  assert memory.temp_size_in_bytes < cache_bytes / 2, memory
+  stacked = f"[{cfg.n_layers},{B},{cfg.max_len},{cfg.n_kv_heads},{cfg.k}]"
+  assert stacked not in compiled.as_text()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_cache_of_the_other_layout_is_refused(scan):
+  model = transformer.Model(dataclasses.replace(CFG, scan_layers=scan),
+                            nnx.Rngs(0))
+  other = transformer.Model(dataclasses.replace(CFG, scan_layers=not scan),
+                            nnx.Rngs(0)).init_cache(2, CFG.max_len)
+  with pytest.raises(ValueError, match=f"scan_layers={scan}"):
+    model(_tokens(), cache=other, cache_index=0)
+  # stack_cache / unstack_cache convert between the two.
+  cache = transformer.unstack_cache(model.cfg, transformer.stack_cache(other))
+  assert jax.tree.structure(cache) == jax.tree.structure(
+      model.init_cache(2, CFG.max_len))
+
+
 def test_bidirectional_encoder_sees_the_future():
   model = transformer.Model(dataclasses.replace(CFG, causal=False),
                             nnx.Rngs(0))

@@ -168,10 +168,11 @@ def test_pipeline_with_segment_ids():
   _assert_close(got, want)
 
 
-def test_kv_cache_packed_prefill_and_decode():
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_packed_prefill_and_decode(scan):
   """Two prompts packed in one row of the cache: the prefill and one decode
   step for each (both in one call) equal each prompt decoded alone."""
-  model = _model()
+  model = _model(scan_layers=scan)
   params, apply = _jitted(model)
   rng = np.random.default_rng(1)
   a, b = (rng.integers(0, CFG.vocab_size, (1, n), np.int32) for n in (5, 4))
@@ -180,7 +181,8 @@ def test_kv_cache_packed_prefill_and_decode():
   positions = np.concatenate([np.arange(na), np.arange(nb)])[None]
   segments = np.array([[1] * na + [2] * nb], np.int32)
   cache = model.init_cache(1, 16, segments=True)
-  assert cache["segment_ids"].shape == (CFG.n_layers, 1, 16)
+  stacked = transformer.stack_cache(cache)  # Either layout.
+  assert stacked["segment_ids"].shape == (CFG.n_layers, 1, 16)
   packed, cache = apply(params, tokens, positions, segments, cache, 0)
   # Next tokens: one for each request, side by side after the prompts.
   nxt = np.array([[7, 11]], np.int32)

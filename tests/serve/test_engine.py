@@ -2,6 +2,7 @@
 generate (one prompt, its own program) gives, whatever else shares the
 batch, for float and int8 serving models; a cancelled request frees its
 slot; the per-row sampler keeps the tokens the one-setting filter keeps."""
+import dataclasses
 import functools
 import threading
 
@@ -106,7 +107,6 @@ def test_int8_serving_model_batched_equals_generate(tmp_path):
   """The engine runs what restore.load gives, here an int8 serving model
   (int8 kernels + scales) on a mesh with the rules table, as serve.py."""
   import contextlib  # noqa: PLC0415
-  import dataclasses  # noqa: PLC0415
 
   from conftest import init_run  # noqa: PLC0415
   from lm.run import restore  # noqa: PLC0415
@@ -138,6 +138,26 @@ def test_int8_serving_model_batched_equals_generate(tmp_path):
     for i, p in enumerate(prompts):
       assert out[i] == (_reference(model.graphdef, params, p, 8,
                                    temperature=0.0), "length"), i
+
+
+def test_both_programs_write_the_cache_in_place():
+  """The engine donates its cache to both programs, and each writes the
+  per-layer cache in place: every cache output aliases its input, and the
+  scratch memory stays under the cache's size (under half for decode;
+  prefill also gathers its prefill_batch rows). Restacking a stacked
+  cache, or an undonated one, would copy it whole every step."""
+  cfg = dataclasses.replace(CFG, max_len=256, n_layers=4)
+  graphdef, params = nnx.split(transformer.Model(cfg, nnx.Rngs(0)))
+  engine = engine_lib.Engine(graphdef, nnx.to_pure_dict(params), cfg.max_len,
+                             engine_lib.Shapes(slots=8, prefill_chunk=16,
+                                               prefill_batch=2))
+  engine.warm_up()
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
+  for program, most in ((engine._decode, cache_bytes / 2),
+                        (engine._prefill, cache_bytes)):
+    memory = program.memory_analysis()
+    assert memory.alias_size_in_bytes == cache_bytes
+    assert memory.temp_size_in_bytes < most, memory
 
 
 def test_a_cancelled_request_frees_its_slot():
@@ -189,7 +209,6 @@ def test_a_tensor_parallel_engine_equals_generate(tmp_path):
   cache is sharded: both compiled programs must take it back as they left
   it (it was refused at the first decode step)."""
   import contextlib  # noqa: PLC0415
-  import dataclasses  # noqa: PLC0415
 
   from conftest import init_run  # noqa: PLC0415
   from lm.run import restore  # noqa: PLC0415

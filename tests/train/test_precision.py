@@ -135,3 +135,74 @@ def test_float16_run_logs_scale_and_skips(tmp_path, data_dir):
   train_lines = [x for x in lines if x["split"] == "train"]
   assert train_lines and all("loss_scale" in x and "skipped_steps" in x
                              for x in train_lines)
+
+
+def test_cpu_bf16_dots_follow_the_cpu_unless_forced(monkeypatch):
+  """auto: bfloat16 GEMMs where the CPU has AVX512-BF16 or AMX, float32
+  GEMMs elsewhere; a forced path is kept; other dtypes never widen."""
+  from lm import cpu, models  # noqa: PLC0415
+  cases = {frozenset({"avx2", "avx512f"}): "float32",
+           frozenset({"avx512f", "avx512_bf16"}): "",
+           frozenset({"avx512f", "amx_bf16"}): ""}
+  for flags, want in cases.items():
+    monkeypatch.setattr(cpu, "flags", lambda flags=flags: flags)
+    config = tiny_config(**{"precision.compute_dtype": "bfloat16"})
+    assert models.model_config(config).dot_dtype == want, flags
+    for forced, forced_want in (("native", ""), ("float32", "float32")):
+      config.precision.cpu_bf16_dots = forced
+      assert models.model_config(config).dot_dtype == forced_want
+    config = tiny_config(**{"precision.cpu_bf16_dots": "float32"})
+    assert models.model_config(config).dot_dtype == ""  # float32 model.
+  # An ahead-of-time compile for a TPU (lm/run/aot.py) on this CPU: the
+  # target's matmuls, never the host's path.
+  from lm import backend  # noqa: PLC0415
+  config = tiny_config(**{"precision.compute_dtype": "bfloat16",
+                          "precision.cpu_bf16_dots": "float32"})
+  with backend.target("tpu"):
+    assert models.model_config(config).dot_dtype == ""
+
+
+def test_a_bad_cpu_bf16_dots_names_the_key():
+  from lm import checks  # noqa: PLC0415
+  from lm.train import precision  # noqa: PLC0415
+  config = tiny_config(**{"precision.cpu_bf16_dots": "fast"})
+  with pytest.raises(checks.ConfigError,
+                     match="config.precision.cpu_bf16_dots"):
+    precision.check(config.precision)
+
+
+def _dot_operand_types(config):
+  """The operand dtypes of every dot in the compiled-for loss and gradient
+  of the tiny LM under `config`, and the loss."""
+  import re  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from lm import models  # noqa: PLC0415
+  model_cfg = models.model_config(config)
+  model = models.MODELS["transformer"].make(model_cfg, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 33)),
+                       jnp.int32)
+  loss = lambda p: lm_loss(nnx.merge(graphdef, p), {"tokens": tokens})[0]
+  fn = jax.jit(jax.value_and_grad(loss))
+  text = fn.lower(params).as_text()
+  types = re.findall(r"stablehlo\.dot_general .*?: \(tensor<[^>]*x(\w+)>, "
+                     r"tensor<[^>]*x(\w+)>\)", text)
+  return types, float(fn(params)[0])
+
+
+def test_float32_dots_widen_every_matmul_and_keep_the_loss():
+  """The float32 path leaves no bfloat16 operand in any matmul, forward or
+  backward (the native path has them), and computes the native path's loss
+  within bfloat16's rounding: the same products, summed in float32; only
+  attention's probabilities are no longer rounded to bfloat16."""
+  native = tiny_config(**{"precision.compute_dtype": "bfloat16",
+                          "precision.cpu_bf16_dots": "native"})
+  widened = tiny_config(**{"precision.compute_dtype": "bfloat16",
+                           "precision.cpu_bf16_dots": "float32"})
+  native_types, native_loss = _dot_operand_types(native)
+  widened_types, widened_loss = _dot_operand_types(widened)
+  assert any("bf16" in t for t in native_types), native_types
+  assert widened_types and not any("bf16" in t for t in widened_types), (
+      widened_types)
+  # A loss near ln(256) ~ 5.5: bfloat16 rounds relative 2^-8 per value.
+  assert abs(widened_loss - native_loss) < 2 ** -8 * abs(native_loss)
