@@ -303,12 +303,13 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
         last_log_time, last_log_step = now, s
 
   while step < total:
-    with timer.phase("data"):
-      batch = global_batch(next(data.train), setup)
-    if meter is None:
-      meter = _meter(config, task, setup, train_step, state, batch)
-    with profiler.step(step), timer.phase("step"):
-      state, metrics = train_step(state, batch)
+    with profiler.step(step):  # A marked step in a profile: input, dispatch.
+      with timer.phase("data"):
+        batch = global_batch(next(data.train), setup)
+      if meter is None:
+        meter = _meter(config, task, setup, train_step, state, batch)
+      with timer.phase("step"):
+        state, metrics = train_step(state, batch)
     step += 1
     ckpt.check_saved()  # A failed async save stops the run here.
     pending.append((step, metrics))

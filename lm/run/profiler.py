@@ -37,8 +37,9 @@ class Window:
 
   @contextlib.contextmanager
   def step(self, done: int):
-    """Around the dispatch of the step that starts with `done` steps done:
-    starts the trace at the window's first step, and marks the step."""
+    """Around the input and dispatch of the step that starts with `done`
+    steps done: starts the trace at the window's first step, and marks the
+    step (XProf's step views count input time inside the marker)."""
     if self.enabled and not self.tracing and not self.traced:
       start, stop = self.steps
       if start <= done < stop:
