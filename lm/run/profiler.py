@@ -40,7 +40,7 @@ class Window:
     """Around the input and dispatch of the step that starts with `done`
     steps done: starts the trace at the window's first step, and marks the
     step (XProf's step views count input time inside the marker)."""
-    if self.enabled and not self.tracing and not self.traced:
+    if self.enabled and not self.tracing:
       start, stop = self.steps
       if start <= done < stop:
         jax.profiler.start_trace(str(self.directory))
