@@ -17,10 +17,13 @@ counts as `data`, though the device may be busy meanwhile: this is the
 host's view, as MaxText's goodput recorder and torchtitan's data-loading
 time take it. `goodput` = step_s / wall_s.
 
-A resumed run continues the totals of its previous attempts (the last
-`time` record of metrics.jsonl), so the records describe the whole run;
-`attempts` counts the processes that trained it. Time an attempt spent
-after its last record (a process killed outright) is not in them.
+The run's totals so far are in WORKDIR/time.json, rewritten at each log
+line and at the end of each attempt (after the last eval and the last
+checkpoint's background write); metrics.jsonl gets them as a `time`
+record at each log line. A resumed run continues the totals of time.json,
+so both describe the whole run; `attempts` counts the processes that
+trained it. Time an attempt spent after its last write of time.json (a
+process killed outright) is not in them.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 SPLIT = "time"  # The records' split in metrics.jsonl.
+FILE = "time.json"
 
 
 class Breakdown:
@@ -50,6 +54,7 @@ class Breakdown:
     self.seconds = dict.fromkeys(PARTS, 0.0)
     self.before = dict.fromkeys(PARTS, 0.0)  # Of the earlier attempts.
     self.attempt = 1
+    self.path = None  # WORKDIR/time.json, once the run directory exists.
     self._stack: list[str] = []
     self._base = "startup"  # Outside every phase; `idle` after a step.
     self._thread = threading.get_ident()
@@ -63,13 +68,14 @@ class Breakdown:
     self._charge()
     jax.monitoring.unregister_event_duration_listener(self._on_event)
 
-  def resume(self, previous: dict | None) -> None:
-    """Continues the totals of `previous`, the last `time` record of the
-    attempts before this one (None: they left none, so only the count
-    goes on)."""
-    previous = previous or {}
-    self.before = {p: float(previous.get(f"{p}_s", 0.0)) for p in PARTS}
-    self.attempt = int(previous.get("attempts", 1)) + 1
+  def open(self, workdir, resumed: bool) -> None:
+    """Saves to WORKDIR/time.json from now on; a resumed run first
+    continues the totals there (none there: only the count goes on)."""
+    self.path = paths.resolve(workdir) / FILE
+    if resumed:
+      before = json.loads(self.path.read_text()) if self.path.exists() else {}
+      self.before = {p: float(before.get(f"{p}_s", 0.0)) for p in PARTS}
+      self.attempt = int(before.get("attempts", 1)) + 1
 
   def _current(self) -> str:
     return self._stack[-1] if self._stack else self._base
@@ -113,27 +119,23 @@ class Breakdown:
     out["attempts"] = self.attempt
     return out
 
-  def summary(self) -> str:
-    """One line for the end of the run."""
-    r = self.record()
-    attempts = (f", {r['attempts']} attempts" if r["attempts"] > 1 else "")
-    parts = sorted(PARTS, key=lambda p: -r[f"{p}_s"])
-    return (f"time {r['wall_s']:,.1f} s{attempts}: " + ", ".join(
-        f"{p} {r[f'{p}_s']:,.1f} s ({100 * r[f'{p}_s'] / r['wall_s']:.0f}%)"
-        for p in parts) + f" | goodput {100 * r['goodput']:.0f}%")
+  def save(self, step: int) -> dict[str, float]:
+    """The record, also written to WORKDIR/time.json (by process 0)."""
+    out = self.record()
+    if self.path is not None and jax.process_index() == 0:
+      tmp = self.path.parent / f"{FILE}.tmp"
+      tmp.write_text(json.dumps({"step": step, **out}, indent=1) + "\n")
+      tmp.replace(self.path)  # Atomic: a resume never reads half a file.
+    return out
 
 
-def previous(workdir) -> dict | None:
-  """The last `time` record in WORKDIR/metrics.jsonl, or None."""
-  path = paths.resolve(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return None
-  last = None
-  for line in path.read_text().splitlines():
-    # Cheap filter first: the file holds one line per logged step.
-    if f'"split": "{SPLIT}"' in line:
-      try:
-        last = json.loads(line)
-      except ValueError:  # A line cut short by a crash: skip it.
-        continue
-  return last
+def summary(record: dict[str, float]) -> str:
+  """One line for the end of an attempt, largest part first."""
+  wall = max(record["wall_s"], 1e-9)
+  attempts = int(record["attempts"])
+  parts = sorted(PARTS, key=lambda p: -record[f"{p}_s"])
+  return (f"time {record['wall_s']:,.1f} s"
+          + (f" over {attempts} attempts" if attempts > 1 else "") + ": "
+          + ", ".join(f"{p} {record[f'{p}_s']:,.1f} s "
+                      f"({100 * record[f'{p}_s'] / wall:.0f}%)" for p in parts)
+          + f" | goodput {100 * record['goodput']:.0f}%")

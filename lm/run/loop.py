@@ -190,8 +190,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
       write_config(config, workdir)
       ckpt = ckpt_lib.Checkpointer(
           workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
-      if ckpt.latest_step() is not None:  # A resume: continue the totals.
-        timer.resume(goodput.previous(workdir))
+      timer.open(workdir, resumed=ckpt.latest_step() is not None)
       metrics_log = MetricsLog(workdir, total,
                                sinks=wandb_sink.sinks(config, workdir))
       profiler = profiler_lib.Window(config.train.profile_steps, workdir)
@@ -201,8 +200,9 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
         profiler.close()
         with timer.phase("checkpoint"):
           ckpt.wait()  # The last save, written in the background.
-        metrics_log.write(result["step"], goodput.SPLIT, timer.record())
-        log(timer.summary())
+        record = timer.save(result["step"])  # The attempt's last word.
+        metrics_log.summary(goodput.SPLIT, record)
+        log(goodput.summary(record))
         return result
       finally:
         try:
@@ -296,7 +296,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                    / max(now - last_log_time, 1e-9))
         mean.update(meter.metrics(s - last_log_step, now - last_log_time))
         metrics_log.write(s, "train", mean)
-        metrics_log.write(s, goodput.SPLIT, timer.record())
+        metrics_log.write(s, goodput.SPLIT, timer.save(s))
         metrics_log.progress(s, mean)
         result["train"] = mean
         window.clear()

@@ -34,7 +34,8 @@ class MetricsLog:
   def __init__(self, workdir: str | Path, total_steps: int, *,
                append: bool | None = None, sinks=()):
     """`sinks`: more places for every record and eval image, each with
-    write(step, split, metrics), images(step, {name: png bytes}), close()."""
+    write(step, split, metrics), images(step, {name: png bytes}),
+    summary(split, metrics) and close()."""
     self.enabled = jax.process_index() == 0
     self.sinks = list(sinks) if self.enabled else []
     self.total_steps = total_steps
@@ -73,6 +74,12 @@ class MetricsLog:
     self.tb.flush()
     for sink in self.sinks:
       sink.write(step, split, clean)
+
+  def summary(self, split: str, metrics: dict) -> None:
+    """A run's final figures (not a step's record) for the sinks that keep
+    such a summary (W&B's run summary)."""
+    for sink in self.sinks:
+      sink.summary(split, {k: float(v) for k, v in metrics.items()})
 
   def images(self, step: int) -> None:
     """The PNGs an eval at `step` wrote (WORKDIR/images/NAME_STEP.png: GAN

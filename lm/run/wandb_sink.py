@@ -130,5 +130,8 @@ class WandbSink:
             Image.open(io.BytesIO(png)), caption=f"{name} at step {step}")
         for name, png in images.items()}})
 
+  def summary(self, split: str, metrics: dict[str, float]) -> None:
+    self.run.summary.update({f"{split}/{k}": v for k, v in metrics.items()})
+
   def close(self) -> None:
     self.run.finish()

@@ -35,16 +35,17 @@ def _gan_config(data_dir):
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory, data_dir):
-  """(workdir, seconds of each attempt): the GAN trained with W&B and a
-  profile window in two processes' worth of attempts (stopped after step 2,
-  then resumed)."""
+  """(workdir, [(seconds, WORKDIR/time.json after it) for each attempt]):
+  the GAN trained with W&B and a profile window in two attempts (stopped
+  after step 2, then resumed)."""
   workdir = tmp_path_factory.mktemp("tracking") / "gan"
-  seconds = []
+  attempts = []
   for stop in (2, None):
     start = time.monotonic()
     loop.train(_gan_config(data_dir), workdir, stop_at_step=stop)
-    seconds.append(time.monotonic() - start)
-  return workdir, seconds
+    attempts.append((time.monotonic() - start, json.loads(
+        (workdir / goodput.FILE).read_text())))
+  return workdir, attempts
 
 
 def _records(workdir, split):
@@ -106,6 +107,10 @@ def test_wandb_offline_run_has_the_config_metrics_and_samples_and_resumes(
                      for i in r.history.item})
   want = json.loads((workdir / "config.json").read_text())
   assert {k: v for k, v in config.items() if not k.startswith("_")} == want
+  summary = {i.key: json.loads(i.value_json) for r in records
+             if r.HasField("summary") for i in r.summary.update}
+  final = json.loads((workdir / goodput.FILE).read_text())
+  assert summary["time/wall_s"] == final["wall_s"]  # The run's last word.
   for split, key in (("train", "loss"), ("train", "g_loss"),
                      ("eval", "cfid"), ("time", "wall_s")):
     ours = [(r["step"], r[key]) for r in _records(workdir, split)]
@@ -141,16 +146,18 @@ def test_profile_trace_holds_the_window_steps_across_the_resume(gan_run):
   assert {"step", "data"} <= phases
 
 
-def test_time_breakdown_adds_up_and_continues_across_the_resume(
-    gan_run, capsys):
-  """A `time` record at each log line and at the end of each attempt:
-  its parts add up to wall_s, none is negative, the totals only grow and
-  carry over the resume (attempts 1, 1, 2, 2), and each attempt's share is
-  within the wall time the test measured around it."""
-  workdir, seconds = gan_run
-  records = _records(workdir, goodput.SPLIT)
-  assert [(r["step"], r["attempts"]) for r in records] == [
-      (2, 1), (2, 1), (4, 2), (4, 2)]
+def test_time_breakdown_adds_up_and_continues_across_the_resume(gan_run):
+  """A `time` record in metrics.jsonl at each log line, the totals in
+  time.json at the end of each attempt: the parts add up to wall_s, none
+  is negative, the totals only grow and carry over the resume (attempts
+  1, then 2), and each attempt's share is within the wall time the test
+  measured around it."""
+  workdir, ((seconds_1, first), (seconds_2, last)) = gan_run
+  logged = _records(workdir, goodput.SPLIT)
+  assert [(r["step"], r["attempts"]) for r in logged] == [(2, 1), (4, 2)]
+  records = [logged[0], first, logged[1], last]
+  assert (first["step"], first["attempts"], last["step"],
+          last["attempts"]) == (2, 1, 4, 2)
   parts = [f"{p}_s" for p in goodput.PARTS]
   for r in records:
     assert sum(r[p] for p in parts) == pytest.approx(r["wall_s"], rel=1e-9)
@@ -158,9 +165,8 @@ def test_time_breakdown_adds_up_and_continues_across_the_resume(
     assert r["goodput"] == pytest.approx(r["step_s"] / r["wall_s"])
   for before, after in zip(records, records[1:]):
     assert all(after[p] >= before[p] for p in parts + ["wall_s"])
-  first, last = records[1], records[-1]
-  assert first["wall_s"] <= seconds[0]
-  assert last["wall_s"] - first["wall_s"] <= seconds[1]
+  assert first["wall_s"] <= seconds_1
+  assert last["wall_s"] - first["wall_s"] <= seconds_2
   for part in ("compile", "step", "data", "checkpoint", "startup"):
     assert first[f"{part}_s"] > 0, part
   assert first["eval_s"] == 0 < last["eval_s"]  # The eval ran at step 4.
@@ -243,19 +249,21 @@ def test_nested_phases_count_once_and_startup_turns_idle_after_a_step():
   assert record["attempts"] == 1
 
 
-def test_resume_continues_the_last_time_record(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text(
-      json.dumps({"step": 2, "split": "time", "step_s": 1.0, "wall_s": 3.0,
-                  "attempts": 1}) + "\n"
-      + json.dumps({"step": 2, "split": "train", "loss": 1.0}) + "\n"
-      + json.dumps({"step": 3, "split": "time", "step_s": 2.0, "wall_s": 5.0,
-                    "idle_s": 3.0, "attempts": 2}) + "\n")
-  timer = goodput.Breakdown()
-  timer.resume(goodput.previous(tmp_path))
-  record = timer.record()
-  assert record["attempts"] == 3
-  assert record["step_s"] == 2.0 and record["idle_s"] >= 3.0
-  assert goodput.previous(tmp_path / "none") is None
+def test_a_resume_continues_the_totals_of_time_json(tmp_path):
+  (tmp_path / goodput.FILE).write_text(json.dumps(
+      {"step": 3, "step_s": 2.0, "idle_s": 3.0, "wall_s": 5.0,
+       "attempts": 2}))
+  resumed, fresh, lost = (goodput.Breakdown() for _ in range(3))
+  resumed.open(tmp_path, resumed=True)
+  fresh.open(tmp_path, resumed=False)  # A new run in the directory.
+  lost.open(tmp_path / "x", resumed=True)  # An attempt that left no file.
+  record = resumed.record()
+  assert record["attempts"] == 3 and record["step_s"] == 2.0
+  assert record["idle_s"] == 3.0 and record["wall_s"] >= 5.0
+  assert fresh.record()["attempts"] == 1 and fresh.record()["wall_s"] < 5.0
+  assert lost.record()["attempts"] == 2
+  resumed.save(4)
+  assert json.loads((tmp_path / goodput.FILE).read_text())["step"] == 4
 
 
 BAD = [
