@@ -188,11 +188,11 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
         held.enter_context(lock_lib.RunLock(workdir, log))
       data = task.make_data(*batch_share(mesh))
       write_config(config, workdir)
+      sinks = wandb_sink.sinks(config, workdir)  # W&B starts (or fails).
       ckpt = ckpt_lib.Checkpointer(
           workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
       timer.open(workdir, resumed=ckpt.latest_step() is not None)
-      metrics_log = MetricsLog(workdir, total,
-                               sinks=wandb_sink.sinks(config, workdir))
+      metrics_log = MetricsLog(workdir, total, sinks=sinks)
       profiler = profiler_lib.Window(config.train.profile_steps, workdir)
       try:
         result = _train(config, task, setup, data, ckpt, metrics_log,

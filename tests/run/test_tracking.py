@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import _gan_mlp, tiny_config
-from lm.checks import ConfigError
+from lm.checks import ConfigError, UserError
 from lm.run import goodput, loop, wandb_sink
 from lm.run.metrics_log import MetricsLog
 
@@ -298,6 +298,27 @@ def test_wandb_asked_for_without_the_package_says_how_to_install_it(
     loop.train(tiny_config(data_dir, mesh=dict(data=-1), **{"log.wandb": True}),
                tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line_naming_the_fix(
+    tmp_path, monkeypatch):
+  """Online without a login (wandb raises; faked here, the tests never try
+  the network): a UserError of one line that says how to log in or go
+  offline. The run id is kept for the next try."""
+  import wandb  # noqa: PLC0415
+
+  def init(**kwargs):
+    assert kwargs["mode"] == "online" and kwargs["resume"] == "allow"
+    raise wandb.errors.UsageError("api_key not configured (no-tty).\nmore")
+  monkeypatch.setattr(wandb, "init", init)
+  config = tiny_config(**{"log.wandb": True, "log.wandb_mode": "online"})
+  with pytest.raises(UserError) as error:
+    wandb_sink.WandbSink(config, tmp_path)
+  message = str(error.value)
+  run_id = wandb_sink.run_id(tmp_path)
+  assert "\n" not in message and f"W&B could not start run {run_id}" in message
+  assert "api_key not configured" in message and "wandb login" in message
+  assert "--config.log.wandb_mode=offline" in message
 
 
 def test_only_process_0_writes_to_wandb(tmp_path, monkeypatch):
