@@ -68,6 +68,8 @@ class Window:
     self.tracing = False
     jax.profiler.stop_trace()
     first, last = self.traced[0], self.traced[-1]
-    log(f"profile of steps {first} to {last} (step_num; "
-        f"{len(self.traced)} steps) written to {self.directory}/plugins/"
-        f"profile/: tensorboard --logdir {self.directory} (docs/tracking.md)")
+    which = (f"step_num {first}" if first == last
+             else f"step_num {first} to {last}")
+    log(f"profile of {len(self.traced)} step(s) ({which}) written to "
+        f"{self.directory}/plugins/profile/: view it with tensorboard "
+        f"--logdir {self.directory} (docs/tracking.md)")
