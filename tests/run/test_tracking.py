@@ -86,8 +86,9 @@ def test_wandb_offline_run_has_the_config_metrics_and_samples_and_resumes(
     gan_run):
   """One W&B run id for the run directory, continued by the resumed
   attempt (two offline logs of that id); its config is config.json; every
-  train and eval record of metrics.jsonl is in its history at our step; the
-  eval's sample grid is its image."""
+  train, eval and time record of metrics.jsonl is in its history at our
+  step, and its summary ends with time.json's totals; the eval's sample grid
+  is its image."""
   workdir, _ = gan_run
   run_id = json.loads((workdir / wandb_sink.RUN_FILE).read_text())["id"]
   logs = sorted(glob.glob(str(workdir / "wandb" / f"offline-run-*-{run_id}"
@@ -107,6 +108,7 @@ def test_wandb_offline_run_has_the_config_metrics_and_samples_and_resumes(
                      for i in r.history.item})
   want = json.loads((workdir / "config.json").read_text())
   assert {k: v for k, v in config.items() if not k.startswith("_")} == want
+  # The resumed attempt's log (the last one read) ends with the summary.
   summary = {i.key: json.loads(i.value_json) for r in records
              if r.HasField("summary") for i in r.summary.update}
   final = json.loads((workdir / goodput.FILE).read_text())
