@@ -134,7 +134,11 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       # A run directory whose latest parameters a new run starts from (a
       # fresh optimizer, step 0): fine-tuning, e.g. an imported model
       # (scripts/import_hf.py). Ignored when the workdir has a checkpoint.
-      init_from="")
+      init_from="",
+      # (start, stop): a jax.profiler trace of the steps from `start` done
+      # to `stop` done, e.g. (10, 13): three steps, into
+      # WORKDIR/tensorboard/plugins/profile/ (docs/tracking.md); () = off.
+      profile_steps=())
   c.data = copy.deepcopy(DATA[family])
   # Quantization-aware training, distillation and magnitude pruning: all off
   # by default; presets name the layers to quantize and prune.
@@ -161,6 +165,15 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       layers=(),  # Module-path regexes, e.g. ".*blocks/.*attn/q".
       dropout=0.0,  # On the adapters' inputs, in training.
       base_quant="none")  # none | int8 | int4 (QLoRA): the frozen base.
+  # Where metrics go besides metrics.jsonl, TensorBoard and the console
+  # (lm/run/wandb_sink.py, docs/tracking.md).
+  c.log = dict(
+      wandb=False,  # Weights & Biases: the config, metrics, eval images.
+      wandb_mode="offline",  # offline (files in WORKDIR/wandb) | online.
+      wandb_project="lm",
+      wandb_entity="",  # "" = your default entity.
+      wandb_name="",  # "" = the workdir's name.
+      wandb_tags=())
   if family == "gan":
     c.gan = dict(r1_gamma=0.0)  # R1 penalty on real images; 0 = off.
   return c

@@ -24,7 +24,7 @@ from lm import checks, config as config_lib, models, paths
 from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
 from lm.quant import qat
-from lm.run import restore
+from lm.run import restore, wandb_sink
 from lm.tasks import TASKS
 from lm.train import distill, lora, optim, precision, prune
 
@@ -54,6 +54,7 @@ def validate(config, num_devices: int | None = None,
   lora.check(config.lora)
   reduce_lib.check(config.train, mesh)
   _loop(config.train)
+  wandb_sink.check(config.log)
   _batch(config, mesh, process_count)
   _sequence(config, model_cfg, mesh)
   _moe(config)
@@ -86,6 +87,14 @@ def _loop(train) -> None:
             "(0 turns it off).")
   require(train.log_every > 0, "config.train.log_every must be > 0.")
   require(train.eval_batches > 0, "config.train.eval_batches must be > 0.")
+  window = train.profile_steps
+  require(isinstance(window, (list, tuple)) and (not window or (
+      len(window) == 2 and all(isinstance(s, int) for s in window)
+      and 0 <= window[0] < window[1] <= train.steps)),
+          f"config.train.profile_steps={window!r} must be a (start, stop) "
+          f"pair of steps with 0 <= start < stop <= config.train.steps="
+          f"{train.steps}, e.g. (10, 13) traces three steps; () turns "
+          "profiling off.")
 
 
 def _batch(config, mesh: dict[str, int], process_count: int) -> None:

@@ -26,7 +26,8 @@ from lm.checks import UserError
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
-from lm.run import checks, lock as lock_lib, perf, restore
+from lm.run import checks, goodput, lock as lock_lib, perf, profiler as \
+    profiler_lib, restore, wandb_sink
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
 from lm.train import distill, lora, prune
@@ -165,6 +166,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
   `stop_at_step` checkpoints and returns after that step, as a preemption
   would (for tests and for splitting a run into pieces).
   """
+  timer = goodput.Breakdown()  # Where the wall time goes, from here.
   config, _ = checks.validate(config)
   workdir = paths.resolve(workdir)
   if workdir.exists() and not workdir.is_dir():
@@ -176,7 +178,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
   task = tasks.get(config)
 
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()), \
-      _StopSignals() as signals:
+      _StopSignals() as signals, timer:
     # Builds the model (abstractly): bad quant/prune patterns stop here,
     # before the workdir is made or any data is read.
     setup = state_lib.make_setup(config, mesh)
@@ -186,21 +188,32 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
         held.enter_context(lock_lib.RunLock(workdir, log))
       data = task.make_data(*batch_share(mesh))
       write_config(config, workdir)
+      sinks = wandb_sink.sinks(config, workdir)  # W&B starts (or fails).
       ckpt = ckpt_lib.Checkpointer(
           workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
-      metrics_log = MetricsLog(workdir, total)
+      timer.open(workdir, resumed=ckpt.latest_step() is not None)
+      metrics_log = MetricsLog(workdir, total, sinks=sinks)
+      profiler = profiler_lib.Window(config.train.profile_steps, workdir)
       try:
-        return _train(config, task, setup, data, ckpt, metrics_log, signals,
-                      stop_at_step, workdir)
+        result = _train(config, task, setup, data, ckpt, metrics_log,
+                        signals, stop_at_step, workdir, timer, profiler)
+        profiler.close()
+        with timer.phase("checkpoint"):
+          ckpt.wait()  # The last save, written in the background.
+        record = timer.save(result["step"])  # The attempt's last word.
+        metrics_log.summary(goodput.SPLIT, record)
+        log(goodput.summary(record))
+        return result
       finally:
         try:
+          profiler.close()
           ckpt.close()
         finally:
           metrics_log.close()
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
-           stop_at_step, workdir) -> dict:
+           stop_at_step, workdir, timer, profiler) -> dict:
   total = config.train.steps
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
@@ -214,8 +227,9 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     log(f"pipeline: {stages} stages x {micro} microbatches, bubble "
         f"(S-1)/(M+S-1) = {pipeline.bubble_fraction(stages, micro):.3f}")
   if latest is not None:
-    latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
-                                        quarantine=True, warn=log)
+    with timer.phase("checkpoint"):
+      latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
+                                          quarantine=True, warn=log)
     log(f"resumed from step {latest} in {ckpt.directory}")
   elif config.train.init_from and not lora.enabled(config):
     source_step, _, params = restore.params_on(config.train.init_from,
@@ -257,7 +271,9 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     nonlocal last_log_time, last_log_step, skipped_before
     while len(pending) > keep:
       s, m = pending.popleft()
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      with timer.phase("step"):  # The host waits here for step s to end.
+        m = jax.device_get(m)
+      m = {k: float(v) for k, v in m.items()}
       # float16: a step skipped for non-finite gradients changed nothing
       # and is counted in skipped_steps; it is not an error.
       skipped = m.get("skipped_steps", 0) > skipped_before
@@ -280,25 +296,33 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                    / max(now - last_log_time, 1e-9))
         mean.update(meter.metrics(s - last_log_step, now - last_log_time))
         metrics_log.write(s, "train", mean)
+        metrics_log.write(s, goodput.SPLIT, timer.save(s))
         metrics_log.progress(s, mean)
         result["train"] = mean
         window.clear()
         last_log_time, last_log_step = now, s
 
   while step < total:
-    batch = global_batch(next(data.train), setup)
-    if meter is None:
-      meter = _meter(config, task, setup, train_step, state, batch)
-    state, metrics = train_step(state, batch)
+    with profiler.step(step):  # A marked step in a profile: input, dispatch.
+      with timer.phase("data"):
+        batch = global_batch(next(data.train), setup)
+      if meter is None:
+        meter = _meter(config, task, setup, train_step, state, batch)
+      with timer.phase("step"):
+        state, metrics = train_step(state, batch)
     step += 1
     ckpt.check_saved()  # A failed async save stops the run here.
     pending.append((step, metrics))
-    drain(keep=MAX_IN_FLIGHT)
+    # At the profile window's end, the trace waits for its steps to finish.
+    drain(keep=0 if profiler.ends_at(step) else MAX_IN_FLIGHT)
+    profiler.after(step)
     if config.train.eval_every and (step % config.train.eval_every == 0
                                     or step == total):
       drain(keep=0)
-      result["eval"] = evaluate(task, eval_step, state.params, data, setup,
-                                workdir=workdir, step=step)
+      with timer.phase("eval"):
+        result["eval"] = evaluate(task, eval_step, state.params, data, setup,
+                                  workdir=workdir, step=step)
+      metrics_log.images(step)  # What the eval drew, to TensorBoard & W&B.
       if config.prune.sparsity:  # Achieved, read from the parameters.
         layers = tuple(config.prune.layers)
         by_layer = prune.layer_sparsity(state.params, layers)
@@ -313,7 +337,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     every = config.train.checkpoint_every
     if (every and step % every == 0) or step == total or stopping:
       drain(keep=0)  # Never checkpoint a state whose loss was not checked.
-      ckpt.save(step, state, data.train, force=True)
+      with timer.phase("checkpoint"):
+        ckpt.save(step, state, data.train, force=True)
       last_saved = step
     if stopping:
       log(f"stopped at step {step}; rerun the same command to resume.")
