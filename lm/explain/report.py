@@ -103,11 +103,6 @@ def check(workdir: str, request: Request) -> Checked:
   if request.batch_size < 0:
     raise UsageError(f"--batch_size={request.batch_size} must be >= 0 "
                      "(0: every step at once).")
-  if restore.latest_step_on_disk(workdir) is None:
-    raise UsageError(
-        f"--workdir={workdir} has no checkpoint in "
-        f"{paths.resolve(workdir) / 'checkpoints'}: train the run first "
-        "(scripts/train.py saves one at the end).")
   mesh = request.mesh
   sizes = restore.parse_mesh(mesh) if mesh else dict(config.mesh)
   if sizes.get("sequence", 1) > 1 or sizes.get("stage", 1) > 1:
@@ -140,6 +135,11 @@ def check(workdir: str, request: Request) -> Checked:
     if not -1 <= request.target_class < classes:
       raise UsageError(f"--target_class={request.target_class}: use 0.."
                        f"{classes - 1}, or -1 for the predicted class.")
+  if restore.latest_step_on_disk(workdir) is None:
+    raise UsageError(
+        f"--workdir={workdir} has no checkpoint in "
+        f"{paths.resolve(workdir) / 'checkpoints'}: train the run first "
+        "(scripts/train.py saves one at the end).")
   return Checked(config=config, methods=tuple(methods), tokens=tokens,
                  mesh=mesh)
 
