@@ -10,8 +10,9 @@ Per family (`config.model.name`):
   mlp                      integrated gradients of the --target_class logit
                            (default: each image's predicted class) over the
                            pixels of the first --num_images test images
-Baselines: the zero embedding at every position (text), a black image
-(pixels; -1 after normalization). The GAN has neither a class nor a next
+Baselines: the end-of-document token's embedding at every position (text;
+not the zero embedding, see targets.py), a black image (pixels; -1 after
+normalization). The GAN has neither a class nor a next
 token to attribute, and is refused.
 
 Files, in --out (default WORKDIR/explain): attention_layer_<i>.png and
@@ -41,7 +42,7 @@ from lm.run import restore
 METHODS = ("attention", "ig")
 SUPPORTED = {"transformer": METHODS, "transformer_classifier": METHODS,
              "mlp": ("ig",)}
-TEXT_BASELINE = "the zero embedding at every position"
+TEXT_BASELINE = "the end-of-document token at every position"
 IMAGE_BASELINE = "a black image (every pixel -1)"
 
 
@@ -222,15 +223,19 @@ def _text_attributions(loaded, request: Request, ids_L, labels, out: Path
     picked = (f" (predicted: {_class_names(config)[int(np.argmax(log_probs))]}"
               f", p = {np.exp(log_probs.max()):.3f})")
 
+  baseline_id = tokenizer_lib.get(config.data.tokenizer).eos_id
+
   @jax.jit
   def attribute(params, tokens_1xL):
     model = nnx.merge(graphdef, params)
     x_LxD = model.transformer.embed(tokens_1xL)[0]
+    baseline_LxD = model.transformer.embed(
+        jnp.full_like(tokens_1xL, baseline_id))[0]
     f = (targets.lm_log_prob(model, position, target) if lm
          else targets.classifier_logit(model, target))
     return ig_lib.integrated_gradients(
-        f, x_LxD, jnp.zeros_like(x_LxD, jnp.float32), steps=request.steps,
-        rule=request.rule, batch_size=request.batch_size)
+        f, x_LxD, baseline_LxD, steps=request.steps, rule=request.rule,
+        batch_size=request.batch_size)
 
   res = ig_lib.result(*attribute(loaded.params, tokens_1xL))
   per_token_L = res.attributions.sum(axis=-1)  # Over the embedding.

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import assert_reordered, tiny_config
+from explain_models import random_model, random_params
 from lm import config as config_lib
 from lm.explain import attention_maps, forward
 from lm.models import transformer, transformer_classifier
@@ -24,32 +25,8 @@ CFG = transformer.Config(vocab_size=64, max_len=24, d_model=32, n_layers=2,
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def random_params(abstract_params, seed: int = 0):
-  """Normal values for every parameter of an abstract (eval_shape) model,
-  drawn on the host: jitted or eager, jax's initializers cost seconds of
-  XLA compile per model. Weights scaled by their first axis (the input
-  for every kernel here), norm scales near 1, biases non-zero (zero at
-  init, so a bias left out of a computation shows)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    x = rng.standard_normal(leaf.shape)
-    if "scale" in name:
-      x = 1 + 0.1 * x
-    elif "bias" in name:
-      x = 0.3 * x
-    else:
-      x = x / np.sqrt(leaf.shape[0 if "embedding" not in name else 1])
-    return x.astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, abstract_params)
-
-
 def _model(cls=transformer.Model, cfg=CFG):
-  """A random model (random_params) of family `cls`."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(cfg,
-                                                            nnx.Rngs(0))))
-  return nnx.merge(graphdef, random_params(abstract))
+  return random_model(cls, cfg)
 
 
 def _tokens(b=2, length=14):
