@@ -92,9 +92,9 @@ def check(workdir: str, request: Request) -> Checked:
   methods = request.methods or SUPPORTED[family]
   if "attention" in methods and "attention" not in SUPPORTED[family]:
     raise UsageError(
-        f"--methods={','.join(methods)}: a {family} run has no attention "
-        "layers to map; use --methods=ig (integrated-gradients pixel "
-        "attributions).")
+        f"--methods={','.join(methods)}: the {family} family has no "
+        "attention layers to map; use --methods=ig (integrated-gradients "
+        "pixel attributions).")
   if request.rule not in ig_lib.RULES:
     raise UsageError(f"--rule={request.rule!r} is unknown; use one of "
                      f"{ig_lib.RULES}.")
