@@ -52,31 +52,32 @@ def _pyplot():
 
 def attention_png(probs_HxLxL: np.ndarray, labels: list[str], layer: int,
                   path: Path) -> None:
-  """One layer's heads in a grid; rows are queries, columns keys."""
+  """One layer's heads in a grid, on one colour scale (0 to the layer's
+  largest probability); rows are queries, columns keys."""
   plt = _pyplot()
   H, L = probs_HxLxL.shape[:2]
   cols = min(H, 4)
   rows = math.ceil(H / cols)
   side = max(3.0, 0.16 * min(L, MAX_TICKS) + 1.2)
-  fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows),
+  fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 1, side * rows),
                            squeeze=False)
   every = math.ceil(L / MAX_TICKS)
   ticks = np.arange(0, L, every)
   names = [_visible(labels[t]) for t in ticks]
+  top = float(probs_HxLxL.max())
   for h, ax in enumerate(axes.flat):
     if h >= H:
       ax.axis("off")
       continue
-    image = ax.imshow(probs_HxLxL[h], cmap="viridis", vmin=0.0,
+    image = ax.imshow(probs_HxLxL[h], cmap="viridis", vmin=0.0, vmax=top,
                       interpolation="nearest")
     ax.set_title(f"layer {layer} head {h}", fontsize=9)
     ax.set_xticks(ticks, names, fontsize=6, rotation=90)
     ax.set_yticks(ticks, names, fontsize=6)
     ax.set_xlabel("key", fontsize=7)
     ax.set_ylabel("query", fontsize=7)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(
-        labelsize=6)
-  fig.tight_layout()
+  fig.colorbar(image, ax=axes, fraction=0.02, pad=0.02,
+               label="attention probability")
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

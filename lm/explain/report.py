@@ -23,6 +23,7 @@ numbers, the target, and the completeness gap).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from flax import nnx
 from lm import paths
 from lm.checks import UsageError
 from lm.data import images as images_lib, tokenizer as tokenizer_lib
-from lm.explain import attention_maps, integrated_gradients as ig_lib
+from lm.explain import attention_maps, forward, integrated_gradients as ig_lib
 from lm.explain import render, targets
 from lm.parallel import rules as rules_lib
 from lm.run import restore
@@ -166,16 +167,21 @@ def explain(workdir: str, request: Request) -> list[str]:
 
 def _text(loaded, checked: Checked, request: Request, out: Path
           ) -> list[str]:
-  config, graphdef = loaded.config, loaded.setup.graphdef
+  config = loaded.config
   tok = tokenizer_lib.get(config.data.tokenizer)
   ids_L = checked.tokens
   labels = render.token_labels(tok, ids_L)
-  tokens_1xL = jnp.asarray(ids_L[None])
+  lm = config.model.name == "transformer"
+  position = request.position % len(ids_L)
+  # One program for everything (a compile costs more than the work here).
+  results = jax.device_get(jax.jit(functools.partial(
+      _explain_text, loaded.setup.graphdef, methods=checked.methods, lm=lm,
+      position=position, target_class=request.target_class,
+      baseline_id=tok.eos_id, steps=request.steps, rule=request.rule,
+      batch_size=request.batch_size))(loaded.params, ids_L[None]))
   lines = []
   if "attention" in checked.methods:
-    probs = jax.device_get(jax.jit(
-        lambda p, t: attention_maps.maps(nnx.merge(graphdef, p), t))(
-            loaded.params, tokens_1xL))
+    probs = results["maps"]
     for layer, probs_1xHxLxL in enumerate(probs):
       render.attention_png(probs_1xHxLxL[0], labels, layer,
                            out / f"attention_layer_{layer}.png")
@@ -184,75 +190,73 @@ def _text(loaded, checked: Checked, request: Request, out: Path
     lines.append(f"attention maps: {len(probs)} layers x "
                  f"{probs[0].shape[1]} heads over {len(ids_L)} tokens -> "
                  f"{out}/attention_layer_*.png, attention.npz")
-  if "ig" in checked.methods:
-    lines += _text_attributions(loaded, request, ids_L, labels, out)
-  return lines
-
-
-def _text_attributions(loaded, request: Request, ids_L, labels, out: Path
-                       ) -> list[str]:
-  config, graphdef = loaded.config, loaded.setup.graphdef
-  lm = config.model.name == "transformer"
-  L = len(ids_L)
-  position = request.position % L
-  tokens_1xL = jnp.asarray(ids_L[None])
-
-  @jax.jit
-  def predict(params, tokens_1xL):
-    model = nnx.merge(graphdef, params)
-    if lm:
-      logits_V = model(tokens_1xL)[0][0, position]
-      return jax.nn.log_softmax(logits_V)
-    return jax.nn.log_softmax(model(tokens_1xL)[0])
-
-  log_probs = np.asarray(jax.device_get(predict(loaded.params, tokens_1xL)))
+  if "ig" not in checked.methods:
+    return lines
+  res = ig_lib.result(*results["ig"])
+  log_probs, target = np.asarray(results["log_probs"]), int(results["target"])
   if lm:
-    # The text's own next token; after the text's end, the model's pick.
-    target = (int(ids_L[position + 1]) if position + 1 < L
-              else int(np.argmax(log_probs)))
-    target_name = render.token_labels(
-        tokenizer_lib.get(config.data.tokenizer), [target])[0]
+    target_name = render.token_labels(tok, [target])[0]
     what = (f"log p({render.quoted(target_name)} | the tokens up to "
             f"position {position} {render.quoted(labels[position])})")
-    picked = "" if position + 1 < L else " (the model's most likely)"
+    picked = "" if position + 1 < len(ids_L) else " (the model's most likely)"
+    target_json = {"position": position, "token": target,
+                   "text": target_name}
   else:
-    target = (request.target_class if request.target_class >= 0
-              else int(np.argmax(log_probs)))
-    target_name = _class_names(config)[target]
+    names = _class_names(config)
+    target_name = names[target]
     what = f"the logit of class {target} ({target_name})"
-    picked = (f" (predicted: {_class_names(config)[int(np.argmax(log_probs))]}"
-              f", p = {np.exp(log_probs.max()):.3f})")
-
-  baseline_id = tokenizer_lib.get(config.data.tokenizer).eos_id
-
-  @jax.jit
-  def attribute(params, tokens_1xL):
-    model = nnx.merge(graphdef, params)
-    x_LxD = model.transformer.embed(tokens_1xL)[0]
-    baseline_LxD = model.transformer.embed(
-        jnp.full_like(tokens_1xL, baseline_id))[0]
-    f = (targets.lm_log_prob(model, position, target) if lm
-         else targets.classifier_logit(model, target))
-    return ig_lib.integrated_gradients(
-        f, x_LxD, baseline_LxD, steps=request.steps, rule=request.rule,
-        batch_size=request.batch_size)
-
-  res = ig_lib.result(*attribute(loaded.params, tokens_1xL))
+    picked = (f" (predicted: {names[int(np.argmax(log_probs))]}, "
+              f"p = {np.exp(log_probs.max()):.3f})")
+    target_json = {"class": target, "name": target_name}
   per_token_L = res.attributions.sum(axis=-1)  # Over the embedding.
-  summary = _summary(what + picked, res, request, TEXT_BASELINE)
   header = [f"step {loaded.step}: integrated gradients of {what}{picked}",
             f"f(x) {res.score:.4f}, f(baseline) {res.baseline_score:.4f}, "
             f"completeness gap {res.gap:+.2e} ({request.steps} steps)"]
   render.text_png(labels, per_token_L, header, out / "attributions.png")
   render.text_html(labels, per_token_L, header, out / "attributions.html")
   _write_json(out / "attributions.json", request, res, TEXT_BASELINE,
-              target={"position": position, "token": target,
-                      "text": target_name} if lm
-              else {"class": target, "name": target_name},
-              tokens=labels, token_ids=[int(i) for i in ids_L],
+              target=target_json, tokens=labels,
+              token_ids=[int(i) for i in ids_L],
               attributions=[float(a) for a in per_token_L])
-  return [summary, f"token attributions -> {out}/attributions.png, "
-          "attributions.html, attributions.json"]
+  return lines + [_summary(what + picked, res, request, TEXT_BASELINE),
+                  f"token attributions -> {out}/attributions.png, "
+                  "attributions.html, attributions.json"]
+
+
+def _explain_text(graphdef, params, tokens_1xL, *, methods, lm: bool,
+                  position: int, target_class: int, baseline_id: int,
+                  steps: int, rule: str, batch_size: int) -> dict:
+  """The text families' maps and integrated gradients (traced). The LM's
+  target: the text's own next token, or after its end the model's most
+  likely; a classifier's: target_class, or the predicted class."""
+  model = nnx.merge(graphdef, params)
+  out = {}
+  if "attention" in methods:
+    out["maps"] = attention_maps.maps(model, tokens_1xL)
+  if "ig" not in methods:
+    return out
+  x_1xLxD = model.transformer.embed(tokens_1xL)
+  h_1xLxD, _ = forward.run(model.transformer, x_1xLxD)
+  L = tokens_1xL.shape[1]
+  if lm:
+    logits_C = model.logits(h_1xLxD[:, position:position + 1])[0, 0]
+  else:
+    logits_C = model.classify(h_1xLxD)[0]
+  log_probs_C = jax.nn.log_softmax(logits_C)
+  if lm:
+    target = (tokens_1xL[0, position + 1] if position + 1 < L
+              else jnp.argmax(log_probs_C))
+    f = targets.lm_log_prob(model, position, target)
+  else:
+    target = target_class if target_class >= 0 else jnp.argmax(log_probs_C)
+    f = targets.classifier_logit(model, target)
+  baseline_LxD = model.transformer.embed(
+      jnp.full_like(tokens_1xL, baseline_id))[0]
+  out["ig"] = ig_lib.integrated_gradients(
+      f, x_1xLxD[0], baseline_LxD, steps=steps, rule=rule,
+      batch_size=batch_size)
+  out["log_probs"], out["target"] = log_probs_C, target
+  return out
 
 
 def _class_names(config) -> list[str]:
@@ -270,28 +274,26 @@ def _images(loaded, request: Request, out: Path) -> list[str]:
   baseline = np.float32(images_lib.BACKGROUND)
 
   @jax.jit
-  def predict(params, images_NxHxWxC):
-    return jnp.argmax(nnx.merge(graphdef, params)(images_NxHxWxC), axis=-1)
-
-  @jax.jit
-  def attribute(params, image_HxWxC, target):
-    f = targets.image_logit(nnx.merge(graphdef, params), target)
-    return ig_lib.integrated_gradients(
-        f, image_HxWxC, jnp.full_like(image_HxWxC, baseline),
-        steps=request.steps, rule=request.rule,
-        batch_size=request.batch_size)
-
-  predicted_N = np.asarray(jax.device_get(predict(loaded.params,
-                                                  images_NxHxWxC)))
-  results, titles, records = [], [], []
-  for image, label, predicted in zip(images_NxHxWxC, labels_N, predicted_N):
+  def attribute(params, image_HxWxC):
+    model = nnx.merge(graphdef, params)
+    predicted = jnp.argmax(model(image_HxWxC[None])[0])
     target = (request.target_class if request.target_class >= 0
-              else int(predicted))
-    res = ig_lib.result(*attribute(loaded.params, image, target))
+              else predicted)
+    return ig_lib.integrated_gradients(
+        targets.image_logit(model, target), image_HxWxC,
+        jnp.full_like(image_HxWxC, baseline), steps=request.steps,
+        rule=request.rule, batch_size=request.batch_size), predicted, target
+
+  results, titles, records = [], [], []
+  for image, label in zip(images_NxHxWxC, labels_N):
+    outputs, predicted, target = jax.device_get(attribute(loaded.params,
+                                                          image))
+    res = ig_lib.result(*outputs)
+    predicted, target = int(predicted), int(target)
     results.append(res)
     titles.append((f"label {label}, predicted {predicted}",
                    f"IG, class {target} (gap {100 * res.relative_gap:.2g}%)"))
-    records.append({"label": int(label), "predicted": int(predicted),
+    records.append({"label": int(label), "predicted": predicted,
                     "target_class": target, "score": res.score,
                     "baseline_score": res.baseline_score, "gap": res.gap,
                     "relative_gap": res.relative_gap,
