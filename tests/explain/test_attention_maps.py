@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import assert_reordered, tiny_config
@@ -113,10 +114,12 @@ def test_rows_sum_to_one_and_respect_causality():
         assert above.min() > 0
 
 
-def test_the_maps_come_from_the_models_own_forward_pass():
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_maps_come_from_the_models_own_forward_pass(scan):
   """The per-block forward the maps are read from ends in the model's
-  logits (a block skipped, repeated or fed the wrong input would not)."""
-  model = _model()
+  logits (a block skipped, repeated or fed the wrong input would not),
+  with the layers as a list or stacked for nnx.scan (sliced per layer)."""
+  model = _model(cfg=dataclasses.replace(CFG, scan_layers=scan))
   tokens_BxL = _tokens()
 
   @jax.jit
