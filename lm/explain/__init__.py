@@ -1,4 +1,5 @@
-"""Interpretability of trained runs (scripts/explain.py; docs/interpretability.md).
+"""Interpretability of trained runs (scripts/explain.py,
+docs/interpretability.md).
 
   forward.py               the Transformer families' forward pass from input
                            embeddings, one block at a time, keeping each

@@ -50,6 +50,12 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path: Path, dpi: int) -> None:
+  """Through the path's own open (a gs:// run directory too)."""
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
+
+
 def attention_png(probs_HxLxL: np.ndarray, labels: list[str], layer: int,
                   path: Path) -> None:
   """One layer's heads in a grid, on one colour scale (0 to the layer's
@@ -78,7 +84,7 @@ def attention_png(probs_HxLxL: np.ndarray, labels: list[str], layer: int,
     ax.set_ylabel("query", fontsize=7)
   fig.colorbar(image, ax=axes, fraction=0.02, pad=0.02,
                label="attention probability")
-  fig.savefig(path, dpi=110)
+  _save(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -137,7 +143,7 @@ def text_png(labels: list[str], scores: np.ndarray, header: list[str],
       ax.text(col, r + 0.5, shown, va="center", ha="left",
               family="monospace", fontsize=font)
       col += len(shown)
-  fig.savefig(path, dpi=120)
+  _save(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -182,5 +188,5 @@ def images_png(images_NxHxWxC: np.ndarray, attributions_NxHxWxC: np.ndarray,
       ax.set_xticks([])
       ax.set_yticks([])
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, path, dpi=110)
   plt.close(fig)

@@ -150,7 +150,8 @@ def explain(workdir: str, request: Request) -> list[str]:
   """Checks, restores the latest checkpoint, computes and writes every
   requested explanation; returns the lines to print."""
   checked = check(workdir, request)
-  out = paths.resolve(request.out or Path(paths.resolve(workdir), "explain"))
+  out = (paths.resolve(request.out) if request.out
+         else paths.resolve(workdir) / "explain")
   out.mkdir(parents=True, exist_ok=True)
   # One text or a few images: replicate the batch, keep the parameters
   # sharded as in training (as scripts/generate.py does).
@@ -185,8 +186,9 @@ def _text(loaded, checked: Checked, request: Request, out: Path
     for layer, probs_1xHxLxL in enumerate(probs):
       render.attention_png(probs_1xHxLxL[0], labels, layer,
                            out / f"attention_layer_{layer}.png")
-    np.savez(out / "attention.npz", tokens=ids_L,
-             **{f"layer_{i}": p[0] for i, p in enumerate(probs)})
+    with (out / "attention.npz").open("wb") as f:
+      np.savez(f, tokens=ids_L,
+               **{f"layer_{i}": p[0] for i, p in enumerate(probs)})
     lines.append(f"attention maps: {len(probs)} layers x "
                  f"{probs[0].shape[1]} heads over {len(ids_L)} tokens -> "
                  f"{out}/attention_layer_*.png, attention.npz")
