@@ -89,11 +89,14 @@ def attention_png(probs_HxLxL: np.ndarray, labels: list[str], layer: int,
 
 
 def _colors(scores: np.ndarray):
-  """RGBA per score on the symmetric diverging scale."""
+  """(RGBA background per score on the symmetric diverging scale, the
+  text colour that reads on it, the scale's limit)."""
   from matplotlib import colormaps, colors  # noqa: PLC0415
   limit = float(np.max(np.abs(scores), initial=0.0)) or 1.0
   norm = colors.Normalize(-limit, limit)
-  return colormaps[CMAP](norm(scores)), limit
+  # The scale's ends are dark: white text on the outer 35% either way.
+  ink = np.where(np.abs(scores) > 0.65 * limit, "white", "black")
+  return colormaps[CMAP](norm(scores)), ink, limit
 
 
 def _lines(labels: list[str]) -> list[list[tuple[int, str]]]:
@@ -120,7 +123,7 @@ def text_png(labels: list[str], scores: np.ndarray, header: list[str],
   """The text, each token on a background coloured by its score."""
   plt = _pyplot()
   from matplotlib import patches  # noqa: PLC0415
-  rgba, limit = _colors(scores)
+  rgba, ink, limit = _colors(scores)
   lines = _lines(labels)
   header = [*header, f"red raises the score, blue lowers it; full colour = "
             f"|attribution| {limit:.3g}"]
@@ -141,7 +144,7 @@ def text_png(labels: list[str], scores: np.ndarray, header: list[str],
       ax.add_patch(patches.Rectangle((col, r + 0.08), len(shown), 0.84,
                                      facecolor=rgba[i], edgecolor="none"))
       ax.text(col, r + 0.5, shown, va="center", ha="left",
-              family="monospace", fontsize=font)
+              family="monospace", fontsize=font, color=ink[i])
       col += len(shown)
   _save(fig, path, dpi=120)
   plt.close(fig)
@@ -151,12 +154,12 @@ def text_html(labels: list[str], scores: np.ndarray, header: list[str],
               path: Path) -> None:
   """The same as text_png, as an HTML page (hover a token for its value)."""
   from matplotlib import colors  # noqa: PLC0415
-  rgba, limit = _colors(scores)
+  rgba, ink, limit = _colors(scores)
   spans = []
-  for label, color, score in zip(labels, rgba, scores):
+  for label, color, text_color, score in zip(labels, rgba, ink, scores):
     shown = html.escape(label).replace("\n", VISIBLE["\n"] + "<br>")
-    spans.append(f'<span style="background:{colors.to_hex(color)}" '
-                 f'title="{score:+.4g}">{shown}</span>')
+    spans.append(f'<span style="background:{colors.to_hex(color)}; '
+                 f'color:{text_color}" title="{score:+.4g}">{shown}</span>')
   head = "".join(f"<p>{html.escape(h)}</p>" for h in header)
   path.write_text(
       "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
