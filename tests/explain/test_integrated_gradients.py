@@ -1,8 +1,8 @@
 """Integrated gradients (lm/explain/integrated_gradients.py, targets.py):
 exact where the quadrature is exact, off by the trapezoid rule's known
 error where it is not, and complete (attributions sum to f(x) - f(baseline)
-within 1% at the documented default of 50 Gauss-Legendre steps) on each
-family's model and target."""
+within 1% at the documented default of 50 Gauss-Legendre steps) on the
+LM's and the text classifier's targets."""
 import dataclasses
 
 import jax
@@ -11,7 +11,7 @@ import numpy as np
 
 from explain_models import random_model
 from lm.explain import integrated_gradients as ig, targets
-from lm.models import mlp, transformer, transformer_classifier
+from lm.models import transformer, transformer_classifier
 
 LM_CFG = transformer.Config(vocab_size=64, max_len=24, d_model=32,
                             n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -95,9 +95,10 @@ def test_complete_for_the_lms_next_token_log_prob():
                              atol=4 * EPS32 * np.sqrt(LM_CFG.d_ff))
 
 
-def test_complete_for_the_classifiers_class_logits():
-  """The encoder classifier over token embeddings, the MLP over pixels
-  from a black image; f(x) is the model's own logit."""
+def test_complete_for_the_text_classifiers_class_logit():
+  """Over the token embeddings; f(x) is the model's own logit. (The MLP's
+  pixel attributions, from a black image, are checked complete on the
+  script's run in test_explain_script.py.)"""
   cfg = transformer_classifier.Config(
       **{f.name: getattr(LM_CFG, f.name)
          for f in dataclasses.fields(transformer.Config)
@@ -115,19 +116,3 @@ def test_complete_for_the_classifiers_class_logits():
   _complete(res)
   np.testing.assert_allclose(res.score, text(tokens_1xL)[0, 2], rtol=0,
                              atol=4 * EPS32 * np.sqrt(cfg.d_ff))
-
-  images = random_model(mlp.Model, mlp.Config(width=32))
-  image_HxWxC = jax.random.uniform(jax.random.key(3), (8, 8, 1),
-                                   minval=-1, maxval=1)
-
-  @jax.jit
-  def image_ig(model, image_HxWxC):
-    return ig.integrated_gradients(targets.image_logit(model, 7),
-                                   image_HxWxC,
-                                   jnp.full_like(image_HxWxC, -1.0))
-
-  res = ig.result(*image_ig(images, image_HxWxC))
-  _complete(res)
-  assert res.attributions.shape == (8, 8, 1)
-  np.testing.assert_allclose(res.score, images(image_HxWxC[None])[0, 7],
-                             rtol=0, atol=4 * EPS32 * np.sqrt(64))
