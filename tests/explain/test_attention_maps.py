@@ -132,6 +132,37 @@ def test_the_maps_come_from_the_models_own_forward_pass(scan):
   assert_reordered(mine, want, reduction=CFG.d_ff)
 
 
+def test_every_layer_attends_with_its_map():
+  """Each layer's map times its values, through its output projection, is
+  what the layer's own attention (the chunked implementation) outputs: a
+  mask the model applies and the maps miss (a sliding window, say) fails
+  here even where the plain recomputation above would not know it."""
+  model = _model()
+  tokens_BxL = _tokens()
+
+  @jax.jit
+  def per_layer(model, tokens_BxL):
+    x_BxLxD = model.transformer.embed(tokens_BxL)
+    positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]),
+                                     tokens_BxL.shape)
+    probs = attention_maps.maps(model, tokens_BxL)
+    mine, want = [], []
+    for block, probs_BxHxLxL in zip(model.transformer.blocks, probs):
+      normed_BxLxD = block.attn_norm(x_BxLxD)
+      _, _, v_BxLxNxK = block.attn.project(normed_BxLxD, positions_BxL)
+      v_BxLxHxK = jnp.repeat(v_BxLxNxK, CFG.n_heads // CFG.n_kv_heads, 2)
+      mine.append(block.attn.o(jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL,
+                                          v_BxLxHxK)))
+      want.append(block.attn(normed_BxLxD, positions_BxL, None, None)[0])
+      x_BxLxD = block(x_BxLxD, positions_BxL)[0]
+    return mine, want
+
+  mine, want = per_layer(model, tokens_BxL)
+  assert len(mine) == CFG.n_layers
+  # Sums over the keys, then over H x K in the output projection.
+  assert_reordered(mine, want, reduction=CFG.n_heads * CFG.k * 14)
+
+
 def test_a_sharded_model_gives_one_devices_maps():
   """The same parameters sharded as training shards them on data=2 x
   fsdp=2 x tensor=2 (heads over tensor, weights over fsdp; the text's batch
