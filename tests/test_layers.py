@@ -21,6 +21,7 @@ LAYERS = (
     ("engine", ("lm.train",)),
     ("tasks", ("lm.tasks",)),
     ("run", ("lm.run",)),
+    ("explain", ("lm.explain",)),  # Attention maps, attributions of a run.
     ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
     ("serve", ("lm.serve",)),  # Requests in, tokens out, over HTTP.
 )
