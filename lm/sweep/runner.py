@@ -8,14 +8,15 @@ from typing import Callable
 
 from lm import checks, paths
 from lm.run.metrics_log import log as default_log
-from lm.sweep import report, spec, study as study_lib, trial as trial_lib
+from lm.sweep import checks as sweep_checks, report, spec, study as study_lib
+from lm.sweep import trial as trial_lib
 
 
 def run(config, sweep, workdir, *, report_only: bool = False,
         log: Callable[[str], None] = default_log) -> dict:
   """Runs (or resumes, or joins) the sweep in `workdir`; returns what
   WORKDIR/results.json holds."""
-  sweep, config, params = spec.check(sweep, config)
+  sweep, config, params = sweep_checks.check(sweep, config)
   workdir = paths.resolve(workdir)
   checks.require(not paths.is_remote(workdir) or bool(sweep.storage),
                  f"--workdir={workdir}: the default study database is a "

@@ -20,6 +20,7 @@ running trials (taking over any that go stale) before it returns.
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
 from pathlib import Path
@@ -63,21 +64,9 @@ def open_study(sweep, params: list[space_lib.Param], workdir: Path, *,
     # Workers and heartbeat threads take turns at the file; wait for the
     # lock rather than failing after sqlite's default 5 s.
     engine = {"connect_args": {"timeout": 120}}
-  try:
-    with warnings.catch_warnings():  # Heartbeats are "experimental".
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      storage = optuna.storages.RDBStorage(
-          url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
-          grace_period=sweep.stale_after_s,
-          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-              inherit_intermediate_values=True))
-  except ModuleNotFoundError as e:
-    raise ConfigError(
-        f"sweep.storage={_hide_password(url)}: its database driver is not "
-        f"installed ({e.name}); for PostgreSQL pip install psycopg2-binary "
-        "on every worker.") from e
-  except Exception as e:  # sqlalchemy's errors name the URL's problem.
-    raise ConfigError(f"sweep.storage={_hide_password(url)}: {e}") from e
+  storage = _storage(sweep, url, engine)
+  if url.startswith("sqlite:"):
+    _wal(storage.engine)
   name = sweep.study_name or Path(workdir).name
   study = optuna.create_study(
       storage=storage, study_name=name, sampler=sampler(sweep, params),
@@ -96,6 +85,51 @@ def open_study(sweep, params: list[space_lib.Param], workdir: Path, *,
   return study
 
 
+def _storage(sweep, url: str, engine: dict) -> optuna.storages.RDBStorage:
+  import sqlalchemy  # noqa: PLC0415 - Optuna's own dependency.
+  for attempt in range(5):
+    try:
+      with warnings.catch_warnings():  # Heartbeats are "experimental".
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=sweep.heartbeat_s,
+            grace_period=sweep.stale_after_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                inherit_intermediate_values=True))
+    except ModuleNotFoundError as e:
+      raise ConfigError(
+          f"sweep.storage={_hide_password(url)}: its database driver is not "
+          f"installed ({e.name}); for PostgreSQL pip install psycopg2-binary "
+          "on every worker.") from e
+    except sqlalchemy.exc.ArgumentError as e:
+      raise ConfigError(f"sweep.storage={_hide_password(url)} is not a "
+                        f"database URL ({e}); e.g. postgresql://USER:"
+                        "PASSWORD@HOST/DB, or leave it empty for SQLite.") from e
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+      # Another worker is creating the same tables right now: once it has,
+      # opening succeeds.
+      if attempt == 4:
+        raise
+      time.sleep(0.2 + random.random())
+  raise AssertionError("unreachable")
+
+
+def _wal(engine) -> None:
+  """SQLite in write-ahead-log mode with `synchronous=NORMAL`: a commit
+  no longer waits for the disk (a trial makes a few dozen), readers do not
+  block the writer (other workers, heartbeats), and a killed process loses
+  nothing committed (only a power cut could lose the last commits)."""
+  import sqlalchemy  # noqa: PLC0415 - Optuna's own dependency.
+
+  def pragmas(connection, _):
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+  sqlalchemy.event.listen(engine, "connect", pragmas)
+  engine.dispose()  # Connections made before the listener: closed.
+
+
 def _hide_password(url: str) -> str:
   head, at, tail = url.rpartition("@")
   if not at or "://" not in head:
@@ -107,10 +141,13 @@ def _hide_password(url: str) -> str:
 def sampler(sweep, params: list[space_lib.Param]) -> optuna.samplers.BaseSampler:
   if sweep.method == "grid":
     return _Grid({p.key: p.grid() for p in params}, seed=sweep.seed)
-  make = {"random": optuna.samplers.RandomSampler,
-          "tpe": optuna.samplers.TPESampler,
+  if sweep.method == "random":
+    return _SeedPerTrial(optuna.samplers.RandomSampler, sweep.seed)
+  make = {"tpe": optuna.samplers.TPESampler,
           "gp": optuna.samplers.GPSampler}[sweep.method]
-  return _SeedPerTrial(make, sweep.seed)
+  return _SeedPerTrial(
+      lambda seed: make(seed=seed, n_startup_trials=sweep.startup_trials),
+      sweep.seed)
 
 
 def pruner(config) -> optuna.pruners.BasePruner:
@@ -133,7 +170,11 @@ def slot_of(trial: optuna.trial.FrozenTrial) -> int:
 def fresh_rank(study: optuna.Study, number: int) -> int:
   """How many new trials (not retries) the study has below trial `number`:
   the new trial `number` takes the slot budget position it returns."""
-  return sum(1 for t in study.get_trials(deepcopy=False)
+  return _fresh_below(study.get_trials(deepcopy=False), number)
+
+
+def _fresh_below(trials, number: float = math.inf) -> int:
+  return sum(1 for t in trials
              if t.number < number and "failed_trial" not in t.system_attrs)
 
 
@@ -211,28 +252,28 @@ def work(study: optuna.Study, objective: Objective, *, trials: int,
 
   def run(trial: optuna.Trial) -> float:
     running[:] = [trial.number]
-    frozen = _frozen(study, trial.number)
+    every = study.get_trials(deepcopy=False)
+    frozen = next(t for t in every if t.number == trial.number)
     if ("failed_trial" not in frozen.system_attrs
-        and fresh_rank(study, trial.number) >= trials):
+        and _fresh_below(every, trial.number) >= trials):
       trial.set_user_attr(OVER_BUDGET, True)
       raise _OverBudget
     return objective(trial, slot_of(frozen))
 
   while True:
-    _fail_stale(study)
     if minutes and time.monotonic() - start > 60 * minutes:
       log(f"sweep.budget.minutes={minutes:g} has passed: this worker starts "
           "no more trials; rerun the command to go on.")
       return
-    states = [t.state for t in study.get_trials(deepcopy=False)
-              if not t.user_attrs.get(OVER_BUDGET)]
-    fresh = sum(1 for t in study.get_trials(deepcopy=False)
-                if "failed_trial" not in t.system_attrs)
-    if TrialState.WAITING not in states and fresh >= trials:
-      if TrialState.RUNNING in states:  # Elsewhere, or stale soon.
-        time.sleep(poll_s)
-        continue
-      return
+    every = study.get_trials(deepcopy=False)
+    states = {t.state for t in every if not t.user_attrs.get(OVER_BUDGET)}
+    if TrialState.WAITING not in states and _fresh_below(every) >= trials:
+      if TrialState.RUNNING not in states:
+        return
+      # Running elsewhere, or killed: wait, and take over any gone stale.
+      time.sleep(poll_s)
+      _fail_stale(study)
+      continue
     running.clear()
     try:
       study.optimize(run, n_trials=1, catch=(TrialError, _OverBudget))
