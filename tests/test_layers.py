@@ -23,6 +23,7 @@ LAYERS = (
     ("run", ("lm.run",)),
     ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
     ("serve", ("lm.serve",)),  # Requests in, tokens out, over HTTP.
+    ("sweep", ("lm.sweep",)),  # Studies whose trials are whole runs.
 )
 
 
