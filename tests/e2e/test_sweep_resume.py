@@ -26,9 +26,9 @@ def get_config():
   s.stale_after_s = 2
   return s
 '''
-# The experiment: the MLP on digits, small, with checkpoints every 5 of 60
+# The experiment: the MLP on digits, small, with checkpoints every 5 of 30
 # steps (the kill comes after the first, well before the last).
-OVERRIDES = {"model.width": 16, "model.depth": 1, "train.steps": 60,
+OVERRIDES = {"model.width": 16, "model.depth": 1, "train.steps": 30,
              "train.batch_size": 32, "train.log_every": 5,
              "train.eval_every": 30, "train.checkpoint_every": 5,
              "optimizer.warmup_steps": 0}
@@ -70,7 +70,7 @@ def test_a_killed_sweep_resumes(data_dir, tmp_path, capsys):
   assert sweep.returncode == -signal.SIGKILL, log[-3000:]
   evals = [json.loads(line) for line in (workdir / "trial_1" / "metrics.jsonl")
            .read_text().splitlines()]
-  assert max(m["step"] for m in evals) < 60, "killed after the trial ended"
+  assert max(m["step"] for m in evals) < 30, "killed after the trial ended"
   finished = (workdir / "trial_0" / "metrics.jsonl").read_bytes()
 
   capsys.readouterr()
@@ -78,7 +78,7 @@ def test_a_killed_sweep_resumes(data_dir, tmp_path, capsys):
   out = capsys.readouterr().out
   assert "trial 2 (trial 1 again)" in out
   assert "resumed from step" in out
-  assert out.count("trial 0") == 0 or "trial 0 accuracy" in out
+  assert "trial 0:" not in out  # Finished: not run again.
   assert (workdir / "trial_0" / "metrics.jsonl").read_bytes() == finished
   rows = {r["trial"]: r for r in results["trials"]}
   assert sorted(rows) == [0, 1]
@@ -88,4 +88,4 @@ def test_a_killed_sweep_resumes(data_dir, tmp_path, capsys):
           rows[1]["optimizer.learning_rate"]} == {1e-2, 3e-3}
   last = [json.loads(line) for line in (workdir / "trial_1" / "metrics.jsonl")
           .read_text().splitlines() if '"eval"' in line][-1]
-  assert last["step"] == 60 and rows[1]["value"] == last["accuracy"]
+  assert last["step"] == 30 and rows[1]["value"] == last["accuracy"]

@@ -7,17 +7,17 @@ from lm.sweep import space as space_lib, spec, study as study_lib
 CONFIG = {"optimizer": {"learning_rate": 1e-3, "warmup_steps": 0,
                         "name": "adamw"},
           "model": {"width": 32}}
+# 3 x 2 points: geometric points, and a step that stops short of high.
 GRID = dict(optimizer=dict(
     learning_rate=dict(low=1e-4, high=1e-2, points=3, log=True),
-    warmup_steps=dict(low=0, high=15, step=10),
-    name=dict(choices=("adamw", "lion"))))
+    warmup_steps=dict(low=0, high=15, step=10)))
 
 
 def sweep(method, space, trials=0, seed=0):
   """(the resolved sweep config, its searched keys)."""
   s = spec.resolve(dict(method=method, space=space, seed=seed,
                         budget=dict(trials=trials), pruner=dict(name="none"),
-                        heartbeat_s=1, stale_after_s=2, startup_trials=3))
+                        heartbeat_s=1, stale_after_s=2, startup_trials=2))
   return s, space_lib.parse(s.space, CONFIG, method)
 
 

@@ -17,16 +17,14 @@ from objectives import GRID, run, sweep
 
 def test_grid_enumerates_exactly_its_product(tmp_path):
   study = run(tmp_path, "grid", GRID)
-  want = set(itertools.product([1e-4, 1e-3, 1e-2], [0, 10],
-                               ["adamw", "lion"]))
+  want = set(itertools.product([1e-4, 1e-3, 1e-2], [0, 10]))
   got = [(t.params["optimizer.learning_rate"],
-          t.params["optimizer.warmup_steps"], t.params["optimizer.name"])
-         for t in study.trials]
-  assert len(got) == len(want) == 12
-  rounded = {(float(f"{lr:.6g}"), w, n) for lr, w, n in got}
+          t.params["optimizer.warmup_steps"]) for t in study.trials]
+  assert len(got) == len(want) == 6
+  rounded = {(float(f"{lr:.6g}"), w) for lr, w in got}
   assert rounded == want
   assert all(t.state.name == "COMPLETE" for t in study.trials)
-  assert [t.user_attrs["slot"] for t in study.trials] == list(range(12))
+  assert [t.user_attrs["slot"] for t in study.trials] == list(range(6))
 
 
 @pytest.mark.parametrize("method", ["random", "tpe"])
@@ -34,7 +32,7 @@ def test_a_seeded_sweep_repeats_its_trials(tmp_path, method):
   space = dict(optimizer=dict(
       learning_rate=dict(low=1e-4, high=1e-2, log=True),
       warmup_steps=dict(low=0, high=100)))
-  trials = 5  # TPE's first 3 (sweep.startup_trials) are random.
+  trials = 4  # TPE's first 2 (sweep.startup_trials) are random.
   runs = []
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
     (tmp_path / name).mkdir()
@@ -87,7 +85,7 @@ def test_two_workers_share_one_study(tmp_path):
   trials = [t for t in study.trials
             if not t.user_attrs.get(study_lib.OVER_BUDGET)]
   points = [tuple(sorted(t.params.items())) for t in trials]
-  assert len(points) == 12 and len(set(points)) == 12
+  assert len(points) == 6 and len(set(points)) == 6
   assert all(t.state.name == "COMPLETE" for t in trials)
   assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}
 
