@@ -68,12 +68,13 @@ def _objective(objective, config) -> None:
   metrics = list(task.EVAL_METRICS) + (["sparsity"] if config.prune.sparsity
                                        else [])
   if objective.metric not in metrics:
-    near = checks.nearest(objective.metric, metrics)
+    near = checks.nearest(objective.metric, metrics) or next(
+        (m for m in metrics if m.startswith(objective.metric)), None)
     raise ConfigError(
         f"sweep.objective.metric={objective.metric!r}: task {task.name} "
-        f"does not log it in its evals"
-        + (f"; did you mean {near!r}?" if near else "")
-        + f" Its eval metrics: {', '.join(metrics)}.")
+        "does not log it in its evals; "
+        + (f"did you mean {near!r}? " if near else "")
+        + f"its eval metrics: {', '.join(metrics)}.")
   checks.one_of(objective.direction, ("minimize", "maximize"),
                 "sweep.objective.direction")
   checks.require(config.train.eval_every > 0, "config.train.eval_every=0: "

@@ -41,7 +41,7 @@ def rows(study: optuna.Study) -> list[dict]:
     ended = t.datetime_complete and t.datetime_start
     out.append({
         "trial": slot, "state": t.state.name,
-        "value": t.value if t.value is not None else math.nan,
+        "value": t.value,  # None unless COMPLETE.
         **{name: t.params.get(name) for name in names},
         "last_step": max(t.intermediate_values, default=None),
         "attempts": attempts[slot],
@@ -74,14 +74,16 @@ def write(study: optuna.Study, workdir, *, metric: str,
   best = pick(done, key=lambda r: r["value"]) if done else None
   values = [r["value"] if r["state"] == "COMPLETE" else math.nan
             for r in table]
+  curve = [None if math.isnan(v) else v for v in study_lib.best_so_far(
+      values, study.direction.name.lower())]
   results = {
       "study": study.study_name, "metric": metric,
       "direction": study.direction.name.lower(),
       "best": best, "importances": importances(study),
-      "best_so_far": study_lib.best_so_far(values, study.direction.name.lower()),
+      "best_so_far": curve,
       "trials": table}
   _atomic(workdir / "results.json", json.dumps(
-      results, indent=2, default=str, allow_nan=True) + "\n")
+      results, indent=2, default=str) + "\n")
   buffer = io.StringIO()
   if table:
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
