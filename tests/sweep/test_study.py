@@ -133,3 +133,16 @@ def test_an_unknown_sweep_key_names_the_nearest():
   with pytest.raises(ConfigError, match=r"sweep.budget.trails is unknown; "
                      r"did you mean sweep.budget.trials\?"):
     spec.resolve(dict(budget=dict(trails=3)))
+
+
+def test_a_study_refuses_another_sweep(tmp_path):
+  """Reopening a study with another space (or objective, method, seed,
+  experiment config) is an error, not a study of mixed trials."""
+  s, params = sweep("grid", GRID)
+  study_lib.open_study(s, params, tmp_path, identity={"space": 1, "seed": 0})
+  study_lib.open_study(s, params, tmp_path, identity={"space": 1, "seed": 0})
+  with pytest.raises(ConfigError, match="was started with another seed; "
+                     "resume it with its own command, or give a new "
+                     "--workdir"):
+    study_lib.open_study(s, params, tmp_path,
+                         identity={"space": 1, "seed": 1})
