@@ -24,6 +24,7 @@ LAYERS = (
     ("explain", ("lm.explain",)),  # Attention maps, attributions of a run.
     ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
     ("serve", ("lm.serve",)),  # Requests in, tokens out, over HTTP.
+    ("sweep", ("lm.sweep",)),  # Studies whose trials are whole runs.
 )
 
 

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -159,12 +160,14 @@ def _lora_base(config, setup, workdir, resumed: bool):
   return frozen
 
 
-def train(config, workdir: str | Path, *, stop_at_step: int | None = None
-          ) -> dict:
+def train(config, workdir: str | Path, *, stop_at_step: int | None = None,
+          on_eval: Callable[[int, dict], None] | None = None) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns final metrics.
 
   `stop_at_step` checkpoints and returns after that step, as a preemption
-  would (for tests and for splitting a run into pieces).
+  would (for tests and for splitting a run into pieces). `on_eval(step,
+  metrics)` is called after each logged eval (a sweep reports it to its
+  trial); an exception it raises ends the run there (a pruned trial).
   """
   timer = goodput.Breakdown()  # Where the wall time goes, from here.
   config, _ = checks.validate(config)
@@ -196,7 +199,8 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
       profiler = profiler_lib.Window(config.train.profile_steps, workdir)
       try:
         result = _train(config, task, setup, data, ckpt, metrics_log,
-                        signals, stop_at_step, workdir, timer, profiler)
+                        signals, stop_at_step, workdir, timer, profiler,
+                        on_eval)
         profiler.close()
         with timer.phase("checkpoint"):
           ckpt.wait()  # The last save, written in the background.
@@ -213,7 +217,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
-           stop_at_step, workdir, timer, profiler) -> dict:
+           stop_at_step, workdir, timer, profiler, on_eval=None) -> dict:
   total = config.train.steps
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
@@ -332,6 +336,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             "overall": result["eval"]["sparsity"], **by_layer})
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
+      if on_eval is not None:
+        on_eval(step, result["eval"])
     # After the eval: a signal during a long eval saves this step.
     stopping = signals.stop(step) or step == stop_at_step
     every = config.train.checkpoint_every

@@ -15,6 +15,9 @@ class Task(Protocol):
   name: ClassVar[str]
   # The model families (lm/models) this task trains.
   MODELS: ClassVar[tuple[str, ...]]
+  # The metrics every eval of this task logs (`summarize`'s keys): what a
+  # sweep's objective may name (lm/sweep/spec.py checks it before any run).
+  EVAL_METRICS: ClassVar[tuple[str, ...]]
 
   def check(self, model_cfg, mesh: dict[str, int]) -> None:
     """The task's own checks: its data section against the model, and what

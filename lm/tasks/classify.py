@@ -41,6 +41,7 @@ def make_data(config, share_index: int = 0, share_count: int = 1):
 class Classification(Supervised):
   name = "classify"
   MODELS = ("mlp", "transformer_classifier")
+  EVAL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "loss")
 
   def __init__(self, config):
     self.config = config

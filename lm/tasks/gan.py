@@ -46,6 +46,7 @@ def _d_loss(model, real_BxHxWxC, fake_BxHxWxC, r1_gamma: float):
 class Gan:
   name = "gan"
   MODELS = ("gan",)
+  EVAL_METRICS = ("cfid", "classifier_score")
 
   def __init__(self, config):
     self.config = config
