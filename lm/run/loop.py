@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -29,7 +30,7 @@ from lm.parallel.mesh import batch_share, describe
 from lm.run import checks, lock as lock_lib, perf, restore
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill, lora, prune
+from lm.train import accountant, distill, lora, privacy, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 
@@ -185,13 +186,19 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
       if jax.process_index() == 0:  # One writer: the job, through process 0.
         held.enter_context(lock_lib.RunLock(workdir, log))
       data = task.make_data(*batch_share(mesh))
+      plan = None  # DP-SGD: its noise and budget (lm/train/accountant.py).
+      if privacy.enabled(config.privacy):
+        plan = accountant.plan(config, task.privacy_examples())
+        setup = dataclasses.replace(setup, privacy=privacy.from_config(
+            config, plan.noise_multiplier))
+        log(plan.describe(config))
       write_config(config, workdir)
       ckpt = ckpt_lib.Checkpointer(
           workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
       metrics_log = MetricsLog(workdir, total)
       try:
         return _train(config, task, setup, data, ckpt, metrics_log, signals,
-                      stop_at_step, workdir)
+                      stop_at_step, workdir, plan)
       finally:
         try:
           ckpt.close()
@@ -200,8 +207,10 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
-           stop_at_step, workdir) -> dict:
+           stop_at_step, workdir, plan=None) -> dict:
   total = config.train.steps
+  # A privacy budget may end the run sooner: at the last step it allows.
+  last = min(total, plan.steps) if plan else total
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
   hosts = (f" in {jax.process_count()} processes"
@@ -226,7 +235,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   else:
     state = setup.init_fn(jax.random.key(config.seed))
   step = int(jax.device_get(state.step))
-  if step >= total:
+  if step >= last:
     log(f"already trained to step {step} (config.train.steps={total}).")
   frozen = None
   if lora.enabled(config):
@@ -270,7 +279,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             "config.optimizer.grad_clip_norm, or use float32.")
       if math.isfinite(m["loss"]):
         window.append(m)
-      if window and (s % config.train.log_every == 0 or s == total):
+      if window and (s % config.train.log_every == 0 or s == last):
         now = time.time()
         mean = {k: float(np.mean([w[k] for w in window])) for k in m}
         for latest in ("learning_rate", "loss_scale", "skipped_steps"):
@@ -285,7 +294,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
         window.clear()
         last_log_time, last_log_step = now, s
 
-  while step < total:
+  while step < last:
     batch = global_batch(next(data.train), setup)
     if meter is None:
       meter = _meter(config, task, setup, train_step, state, batch)
@@ -295,7 +304,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     pending.append((step, metrics))
     drain(keep=MAX_IN_FLIGHT)
     if config.train.eval_every and (step % config.train.eval_every == 0
-                                    or step == total):
+                                    or step == last):
       drain(keep=0)
       result["eval"] = evaluate(task, eval_step, state.params, data, setup,
                                 workdir=workdir, step=step)
@@ -306,12 +315,14 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                                             layers)
         metrics_log.write(step, "sparsity", {
             "overall": result["eval"]["sparsity"], **by_layer})
+      if plan:  # Spent so far, at config.privacy.delta.
+        result["eval"]["epsilon"] = plan.epsilon(step)
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
     # After the eval: a signal during a long eval saves this step.
     stopping = signals.stop(step) or step == stop_at_step
     every = config.train.checkpoint_every
-    if (every and step % every == 0) or step == total or stopping:
+    if (every and step % every == 0) or step == last or stopping:
       drain(keep=0)  # Never checkpoint a state whose loss was not checked.
       ckpt.save(step, state, data.train, force=True)
       last_saved = step
@@ -319,6 +330,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
       log(f"stopped at step {step}; rerun the same command to resume.")
       break
   drain(keep=0)
+  if last < total and step == last:
+    log(accountant.describe_stop(plan, config))
   result["step"] = step
   result["params"] = state.params
   return result
