@@ -116,7 +116,7 @@ def test_the_noise_has_std_noise_multiplier_times_clip_over_the_batch():
   assert float(metrics["sampled"]) == 0
   x = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]
                      ).astype(np.float64)
-  n, std = x.size, noise.std / noise.expected_batch
+  n, std = x.size, 1.7 * 0.5 / 8  # sigma * C / B, written out.
   assert n > 80_000
   alpha = 1e-4  # Of a false alarm, per test statistic.
   lo, hi = stats.chi2.ppf([alpha / 2, 1 - alpha / 2], n)
