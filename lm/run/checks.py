@@ -3,8 +3,8 @@ the checks that span sections (here).
 
 Owners: the mesh (lm/parallel/mesh.py), the model's options and shapes
 (lm/models/<family>.py), the data and what a task supports (lm/tasks/ and
-lm/data/), the precision, optimizer, pruning, distillation and LoRA sections
-(lm/train/), quantization (lm/quant/qat.py), the gradient reduction
+lm/data/), the precision, optimizer, pruning, distillation, LoRA and privacy
+sections (lm/train/), quantization (lm/quant/qat.py), the gradient reduction
 (lm/parallel/reduce.py). The patterns of config.quant.layers and
 config.prune.layers and config.lora.layers need the model, so
 `make_setup` checks them when it builds the model (still before anything

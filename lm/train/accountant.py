@@ -28,8 +28,9 @@ from lm import checks
 
 class _KnownOrderWarnings(logging.Filter):
   """dp-accounting's RDP drops a fractional order (1.1, 1.2 at small
-  noise) whose series does not converge and warns at every call; the bound
-  is the minimum over the other orders. Once is enough to know."""
+  noise) whose series does not converge, and warns at every call: hundreds
+  of lines in a calibration. The bound is the minimum over the other orders
+  either way, so the warning says nothing a run can act on."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return "_compute_log_a_frac failed to converge" not in record.getMessage()
