@@ -49,6 +49,10 @@ def test_bad_privacy_settings_are_refused_naming_the_key():
                      match="noise_multiplier=1 cannot reach config.privacy."
                      "target_epsilon=0.01"):
     accountant.plan(tiny, 1438)
+  loose = checks.validate(_private(delta=0.01), num_devices=8)[0]
+  with pytest.raises(base_checks.ConfigError,
+                     match=r"config.privacy.delta=0.01 is not below 1 / 1438"):
+    accountant.plan(loose, 1438)
 
 
 def test_a_budget_stops_the_run_with_a_checkpoint(tmp_path, data_dir,

@@ -98,6 +98,14 @@ def test_every_example_is_clipped_and_the_sum_is_of_the_masked_rows():
   assert_reordered(summed, want, reduction=rows)
   assert float(sums["sampled"]) == mask.sum()
   assert float(sums["clipped"]) == np.sum(mask * big)
+  # Without a mask (sampling=shuffle) every row counts.
+  sums, summed = jax.jit(lambda p, b: privacy.clipped_sum(
+      loss, p, graphdef, b, key, clip))(params, batch)
+  want = jax.tree.map(
+      lambda *g: sum(min(1.0, clip / n) * np.asarray(x, np.float64)
+                     for n, x in zip(norms, g)), *singles)
+  assert_reordered(summed, want, reduction=rows)
+  assert float(sums["sampled"]) == rows
 
 
 def test_the_noise_has_std_noise_multiplier_times_clip_over_the_batch():
