@@ -10,7 +10,8 @@ so their noise multiplier is calibrated (RDP accountant, Poisson sampling
 at rate batch_size / training examples) to spend exactly E in the planned
 steps. Recorded: the final eval line of DIR/metrics.jsonl (the whole test
 split; `epsilon` is what the run spent), the noise multiplier the run
-logged, and the process's wall time.
+logged, and the process's wall time (in the JSON only: on a machine
+shared with other jobs it measures them too).
 
 The runs are shorter than the presets' (the per-example gradients of a
 padded Poisson batch cost several times an ordinary step on this CPU) and
@@ -107,12 +108,11 @@ def tables(results: dict) -> dict[str, str]:
                    "-" if sigma is None else f"{sigma:.3f}",
                    f"{r['eval']['accuracy']:.3f}",
                    f"{r['eval']['epsilon']:.2f}" if "epsilon" in r["eval"]
-                   else "-",
-                   f"{r['wall_s']:.0f}"])
+                   else "-"])
   return {"table": common.markdown(
       ["dataset", "training", "steps", "noise multiplier", "test accuracy",
-       f"epsilon spent (delta {results['delta']:g})", "wall time (s)"],
-      rows, "llrrrrr")}
+       f"epsilon spent (delta {results['delta']:g})"],
+      rows, "llrrrr")}
 
 
 if __name__ == "__main__":
