@@ -104,15 +104,17 @@ def tables(results: dict) -> dict[str, str]:
     for label in order:
       r = runs[label]
       sigma = r["noise_multiplier"]
-      rows.append([dataset, label, r["step"],
+      batch = [a.split("=")[1] for a in r["args"]
+               if a.startswith("--config.train.batch_size=")]
+      rows.append([dataset, label, r["step"], batch[-1] if batch else "-",
                    "-" if sigma is None else f"{sigma:.3f}",
                    f"{r['eval']['accuracy']:.3f}",
                    f"{r['eval']['epsilon']:.2f}" if "epsilon" in r["eval"]
                    else "-"])
   return {"table": common.markdown(
-      ["dataset", "training", "steps", "noise multiplier", "test accuracy",
-       f"epsilon spent (delta {results['delta']:g})"],
-      rows, "llrrrr")}
+      ["dataset", "training", "steps", "batch (expected)", "noise multiplier",
+       "test accuracy", f"epsilon spent (delta {results['delta']:g})"],
+      rows, "llrrrrr")}
 
 
 if __name__ == "__main__":
