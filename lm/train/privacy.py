@@ -16,7 +16,7 @@ rows, and the sum over the batch is XLA's usual all-reduce.
 The noise is drawn from the step's key with every parameter's global shape
 and constrained to that parameter's sharding: jax's partitionable threefry
 makes the values independent of the mesh, so any mesh adds the same noise
-(tested), once per global batch, not once per device.
+(tests/train/test_privacy.py), once per global batch, not once per device.
 
 The accountant (how much privacy that spends) is lm/train/accountant.py.
 """
