@@ -174,6 +174,24 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       wandb_entity="",  # "" = your default entity.
       wandb_name="",  # "" = the workdir's name.
       wandb_tags=())
+  # Differential privacy, DP-SGD (lm/train/privacy.py, docs/privacy.md): on
+  # when noise_multiplier or target_epsilon is > 0. Each example's gradient
+  # is clipped to clip_norm, the sum gets Gaussian noise of std
+  # noise_multiplier * clip_norm, divided by config.train.batch_size (the
+  # expected batch under Poisson sampling).
+  c.privacy = dict(
+      noise_multiplier=0.0,  # 0 with target_epsilon > 0: calibrated to it.
+      clip_norm=1.0,  # L2 norm each example's gradient is clipped to.
+      delta=1e-5,  # Epsilon is reported at this delta (< 1 / examples).
+      # > 0: the budget. With noise_multiplier: training stops (checkpoint)
+      # before the step that would exceed it; without: the noise multiplier
+      # that spends it in config.train.steps.
+      target_epsilon=0.0,
+      # poisson: each example joins each step's batch with probability
+      # batch_size / examples (what the accountant assumes) | shuffle: the
+      # task's shuffled fixed batches, accounted as if Poisson (docs).
+      sampling="poisson",
+      accountant="rdp")  # rdp | pld (dp-accounting).
   if family == "gan":
     c.gan = dict(r1_gamma=0.0)  # R1 penalty on real images; 0 = off.
   return c

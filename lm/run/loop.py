@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -31,7 +32,7 @@ from lm.run import checks, goodput, lock as lock_lib, perf, profiler as \
     profiler_lib, restore, wandb_sink
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill, lora, prune
+from lm.train import accountant, distill, lora, privacy, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 
@@ -190,6 +191,12 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None,
       if jax.process_index() == 0:  # One writer: the job, through process 0.
         held.enter_context(lock_lib.RunLock(workdir, log))
       data = task.make_data(*batch_share(mesh))
+      plan = None  # DP-SGD: its noise and budget (lm/train/accountant.py).
+      if privacy.enabled(config.privacy):
+        plan = accountant.plan(config, task.privacy_examples())
+        setup = dataclasses.replace(setup, privacy=privacy.from_config(
+            config, plan.noise_multiplier))
+        log(plan.describe(config))
       write_config(config, workdir)
       sinks = wandb_sink.sinks(config, workdir)  # W&B starts (or fails).
       ckpt = ckpt_lib.Checkpointer(
@@ -200,7 +207,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None,
       try:
         result = _train(config, task, setup, data, ckpt, metrics_log,
                         signals, stop_at_step, workdir, timer, profiler,
-                        on_eval)
+                        on_eval, plan)
         profiler.close()
         with timer.phase("checkpoint"):
           ckpt.wait()  # The last save, written in the background.
@@ -217,8 +224,11 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None,
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
-           stop_at_step, workdir, timer, profiler, on_eval=None) -> dict:
+           stop_at_step, workdir, timer, profiler, on_eval=None,
+           plan=None) -> dict:
   total = config.train.steps
+  # A privacy budget may end the run sooner: at the last step it allows.
+  last = min(total, plan.steps) if plan else total
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
   hosts = (f" in {jax.process_count()} processes"
@@ -244,7 +254,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   else:
     state = setup.init_fn(jax.random.key(config.seed))
   step = int(jax.device_get(state.step))
-  if step >= total:
+  if step >= last:
     log(f"already trained to step {step} (config.train.steps={total}).")
   frozen = None
   if lora.enabled(config):
@@ -290,7 +300,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             "config.optimizer.grad_clip_norm, or use float32.")
       if math.isfinite(m["loss"]):
         window.append(m)
-      if window and (s % config.train.log_every == 0 or s == total):
+      if window and (s % config.train.log_every == 0 or s == last):
         now = time.time()
         mean = {k: float(np.mean([w[k] for w in window])) for k in m}
         for latest in ("learning_rate", "loss_scale", "skipped_steps"):
@@ -306,7 +316,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
         window.clear()
         last_log_time, last_log_step = now, s
 
-  while step < total:
+  while step < last:
     with profiler.step(step):  # A marked step in a profile: input, dispatch.
       with timer.phase("data"):
         batch = global_batch(next(data.train), setup)
@@ -321,7 +331,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     drain(keep=0 if profiler.ends_at(step) else MAX_IN_FLIGHT)
     profiler.after(step)
     if config.train.eval_every and (step % config.train.eval_every == 0
-                                    or step == total):
+                                    or step == last):
       drain(keep=0)
       with timer.phase("eval"):
         result["eval"] = evaluate(task, eval_step, state.params, data, setup,
@@ -334,6 +344,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                                             layers)
         metrics_log.write(step, "sparsity", {
             "overall": result["eval"]["sparsity"], **by_layer})
+      if plan:  # Spent so far, at config.privacy.delta.
+        result["eval"]["epsilon"] = plan.epsilon(step)
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
       if on_eval is not None:
@@ -341,7 +353,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     # After the eval: a signal during a long eval saves this step.
     stopping = signals.stop(step) or step == stop_at_step
     every = config.train.checkpoint_every
-    if (every and step % every == 0) or step == total or stopping:
+    if (every and step % every == 0) or step == last or stopping:
       drain(keep=0)  # Never checkpoint a state whose loss was not checked.
       with timer.phase("checkpoint"):
         ckpt.save(step, state, data.train, force=True)
@@ -350,6 +362,8 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
       log(f"stopped at step {step}; rerun the same command to resume.")
       break
   drain(keep=0)
+  if last < total and step == last:
+    log(accountant.describe_stop(plan, config))
   result["step"] = step
   result["params"] = state.params
   return result

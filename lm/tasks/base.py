@@ -34,6 +34,11 @@ class Task(Protocol):
     of every global batch, rows [i*B/n, (i+1)*B/n) for (i, n) =
     lm.parallel.mesh.batch_share."""
 
+  def privacy_examples(self) -> int:
+    """How many training examples DP-SGD samples from (its accountant's
+    dataset size). Called only with config.privacy on, which lm/run/checks.py
+    allows only for the tasks that implement it (classify)."""
+
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""
 
