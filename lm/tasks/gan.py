@@ -88,6 +88,13 @@ class Gan:
   def model_flops_per_step(self, model_cfg) -> None:
     return None  # XLA's cost analysis counts them (lm/run/perf.py).
 
+  def privacy_examples(self) -> int:
+    """The GAN does not train privately (lm/run/checks.py says why before
+    this could be asked)."""
+    raise checks.ConfigError(
+        "config.privacy (DP-SGD) with config.task='gan' is not supported: "
+        "per-example clipping does not apply to the GAN's steps.")
+
   def prepare_eval(self):
     """The fixed feature classifier behind cFID: loaded from next to the
     prepared data, or trained once and stored there. Returns its params."""
