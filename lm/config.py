@@ -134,7 +134,11 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       # A run directory whose latest parameters a new run starts from (a
       # fresh optimizer, step 0): fine-tuning, e.g. an imported model
       # (scripts/import_hf.py). Ignored when the workdir has a checkpoint.
-      init_from="")
+      init_from="",
+      # (start, stop): a jax.profiler trace of the steps from `start` done
+      # to `stop` done, e.g. (10, 13): three steps, into
+      # WORKDIR/tensorboard/plugins/profile/ (docs/tracking.md); () = off.
+      profile_steps=())
   c.data = copy.deepcopy(DATA[family])
   # Quantization-aware training, distillation and magnitude pruning: all off
   # by default; presets name the layers to quantize and prune.
@@ -161,6 +165,33 @@ def base(family: str = "transformer") -> ml_collections.ConfigDict:
       layers=(),  # Module-path regexes, e.g. ".*blocks/.*attn/q".
       dropout=0.0,  # On the adapters' inputs, in training.
       base_quant="none")  # none | int8 | int4 (QLoRA): the frozen base.
+  # Where metrics go besides metrics.jsonl, TensorBoard and the console
+  # (lm/run/wandb_sink.py, docs/tracking.md).
+  c.log = dict(
+      wandb=False,  # Weights & Biases: the config, metrics, eval images.
+      wandb_mode="offline",  # offline (files in WORKDIR/wandb) | online.
+      wandb_project="lm",
+      wandb_entity="",  # "" = your default entity.
+      wandb_name="",  # "" = the workdir's name.
+      wandb_tags=())
+  # Differential privacy, DP-SGD (lm/train/privacy.py, docs/privacy.md): on
+  # when noise_multiplier or target_epsilon is > 0. Each example's gradient
+  # is clipped to clip_norm, the sum gets Gaussian noise of std
+  # noise_multiplier * clip_norm, divided by config.train.batch_size (the
+  # expected batch under Poisson sampling).
+  c.privacy = dict(
+      noise_multiplier=0.0,  # 0 with target_epsilon > 0: calibrated to it.
+      clip_norm=1.0,  # L2 norm each example's gradient is clipped to.
+      delta=1e-5,  # Epsilon is reported at this delta (< 1 / examples).
+      # > 0: the budget. With noise_multiplier: training stops (checkpoint)
+      # before the step that would exceed it; without: the noise multiplier
+      # that spends it in config.train.steps.
+      target_epsilon=0.0,
+      # poisson: each example joins each step's batch with probability
+      # batch_size / examples (what the accountant assumes) | shuffle: the
+      # task's shuffled fixed batches, accounted as if Poisson (docs).
+      sampling="poisson",
+      accountant="rdp")  # rdp | pld (dp-accounting).
   if family == "gan":
     c.gan = dict(r1_gamma=0.0)  # R1 penalty on real images; 0 = off.
   return c

@@ -21,8 +21,10 @@ LAYERS = (
     ("engine", ("lm.train",)),
     ("tasks", ("lm.tasks",)),
     ("run", ("lm.run",)),
+    ("explain", ("lm.explain",)),  # Attention maps, attributions of a run.
     ("interop", ("lm.interop",)),  # Whole runs in and out of other formats.
     ("serve", ("lm.serve",)),  # Requests in, tokens out, over HTTP.
+    ("sweep", ("lm.sweep",)),  # Studies whose trials are whole runs.
 )
 
 

@@ -143,6 +143,15 @@ def train_iterator(passages: Passages, *, batch_size: int, seed: int,
                                                    prefetch_buffer_size=2)))
 
 
+def train_source(config):
+  """(every train passage as random access to {"tokens", "label"}, None):
+  what Poisson sampling draws from (no augmentation of text)."""
+  passages = load_passages(prepare(config.data), "train",
+                           length=_seq_len(config),
+                           tok=tokenizer_lib.get(config.data.tokenizer))
+  return _PassageSource(passages), None
+
+
 @dataclasses.dataclass
 class TextClassData:
   train: object  # grain DatasetIterator: {"tokens": b x L int32, "label": b}.

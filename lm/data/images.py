@@ -147,6 +147,20 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
       share_count=share_count, pad_values={"image": BACKGROUND})
 
 
+def train_source(config):
+  """(the whole train split as random access to {"image", "label"}, the
+  per-example augmentation or None): what Poisson sampling draws from."""
+  dataset = _dataset(config.data)
+  images, labels = load_split(config.data, "train")
+  transform = None
+  if config.data.augment:
+    kw = dict(max_shift=int(config.data.max_shift),
+              max_rotation=float(config.data.max_rotation))
+    transform = lambda ex, rng: dict(  # noqa: E731
+        ex, image=augment(ex["image"], rng, **kw))
+  return Examples(normalize(images, dataset), labels), transform
+
+
 @dataclasses.dataclass
 class ImageData:
   train: object  # grain DatasetIterator: {"image": b x H x W x 1, "label": b}.

@@ -181,8 +181,10 @@ class Attention(nnx.Module):
                    fan_in=H * K, bias=1 * cfg.out_bias)
     self.cfg = cfg
 
-  def __call__(self, x_BxLxD, positions_BxL, cache: LayerCache | None,
-               cache_index, segment_ids_BxL=None):
+  def project(self, x_BxLxD, positions_BxL):
+    """(q B x L x H x K, k and v B x L x N x K) as attention reads them:
+    after RoPE, in the compute (or dot) dtype. Also what lm/explain reads
+    to recompute a layer's attention probabilities."""
     cfg = self.cfg
     if cfg.fused_qkv:
       # S = G + 2 slots per kv head; float32 for RoPE, as below.
@@ -209,6 +211,12 @@ class Attention(nnx.Module):
       # which would widen it anyway.
       q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = (
           t.astype(cfg.dot_dtype) for t in (q_BxLxHxK, k_BxLxNxK, v_BxLxNxK))
+    return q_BxLxHxK, k_BxLxNxK, v_BxLxNxK
+
+  def __call__(self, x_BxLxD, positions_BxL, cache: LayerCache | None,
+               cache_index, segment_ids_BxL=None):
+    cfg = self.cfg
+    q_BxLxHxK, k_BxLxNxK, v_BxLxNxK = self.project(x_BxLxD, positions_BxL)
     if cache is None and axis_size("sequence") > 1:
       # Context parallelism: the mask comes from the positions, since the
       # LM feeds the sequence in the zig-zag layout (lm/tasks/language.py).
@@ -460,6 +468,10 @@ class Model(nnx.Module):
                ) -> tuple[jax.Array, Cache | None]:
     x_BxLxD, cache = self.transformer(tokens_BxL, positions_BxL, cache,
                                       cache_index, segment_ids_BxL)
+    return self.logits(x_BxLxD), cache
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final hidden states -> float32 logits B x L x V (the LM head)."""
     if self.cfg.tie_embeddings:
       logits_BxLxV = layers.einsum_for(self.cfg.einsum_grad)(
           "bld,vd->blv", x_BxLxD.astype(self.cfg.dot_dtype or x_BxLxD.dtype),
@@ -468,7 +480,7 @@ class Model(nnx.Module):
       logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, "batch", "length", "act_vocab")
     # The loss and sampling read float32 logits whatever the compute dtype.
-    return logits_BxLxV.astype(jnp.float32), cache
+    return logits_BxLxV.astype(jnp.float32)
 
   def init_cache(self, batch: int, length: int, dtype=None,
                  segments: bool = False) -> Cache:

@@ -46,6 +46,10 @@ class Model(nnx.Module):
                dropout_key: jax.Array | None = None) -> jax.Array:
     del dropout_key  # The Transformer blocks have no dropout.
     x_BxLxD, _ = self.transformer(tokens_BxL)
+    return self.classify(x_BxLxD)
+
+  def classify(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final hidden states -> float32 logits B x C (pooling and head)."""
     if self.cfg.pool == "mean":
       pooled_BxD = x_BxLxD.astype(jnp.float32).mean(axis=1)
     else:

@@ -3,8 +3,8 @@ the checks that span sections (here).
 
 Owners: the mesh (lm/parallel/mesh.py), the model's options and shapes
 (lm/models/<family>.py), the data and what a task supports (lm/tasks/ and
-lm/data/), the precision, optimizer, pruning, distillation and LoRA sections
-(lm/train/), quantization (lm/quant/qat.py), the gradient reduction
+lm/data/), the precision, optimizer, pruning, distillation, LoRA and privacy
+sections (lm/train/), quantization (lm/quant/qat.py), the gradient reduction
 (lm/parallel/reduce.py). The patterns of config.quant.layers and
 config.prune.layers and config.lora.layers need the model, so
 `make_setup` checks them when it builds the model (still before anything
@@ -24,9 +24,9 @@ from lm import checks, config as config_lib, models, paths
 from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.parallel import mesh as mesh_lib, reduce as reduce_lib
 from lm.quant import qat
-from lm.run import restore
+from lm.run import restore, wandb_sink
 from lm.tasks import TASKS
-from lm.train import distill, lora, optim, precision, prune
+from lm.train import distill, lora, optim, precision, privacy, prune
 
 ConfigError = checks.ConfigError
 require = checks.require
@@ -53,10 +53,13 @@ def validate(config, num_devices: int | None = None,
   distill.check(config.distill)
   lora.check(config.lora)
   reduce_lib.check(config.train, mesh)
+  privacy.check(config.privacy, config_lib.base(config.model.name).privacy)
   _loop(config.train)
+  wandb_sink.check(config.log)
   _batch(config, mesh, process_count)
   _sequence(config, model_cfg, mesh)
   _moe(config)
+  _privacy(config, mesh)
   if distill.enabled(config):
     _teacher(config, model_cfg, task)
   if lora.enabled(config):
@@ -86,6 +89,14 @@ def _loop(train) -> None:
             "(0 turns it off).")
   require(train.log_every > 0, "config.train.log_every must be > 0.")
   require(train.eval_batches > 0, "config.train.eval_batches must be > 0.")
+  window = train.profile_steps
+  require(isinstance(window, (list, tuple)) and (not window or (
+      len(window) == 2 and all(isinstance(s, int) for s in window)
+      and 0 <= window[0] < window[1] <= train.steps)),
+          f"config.train.profile_steps={window!r} must be a (start, stop) "
+          f"pair of steps with 0 <= start < stop <= config.train.steps="
+          f"{train.steps}, e.g. (10, 13) traces three steps; () turns "
+          "profiling off.")
 
 
 def _batch(config, mesh: dict[str, int], process_count: int) -> None:
@@ -115,6 +126,49 @@ def _batch(config, mesh: dict[str, int], process_count: int) -> None:
             f"{micro} x the {shards} batch shards: every pipeline microbatch "
             "is split evenly over the data axes. Use a batch size that is a "
             f"multiple of {micro * shards}, or fewer microbatches.")
+
+
+# DP-SGD's per-example gradients are tested for the classifiers' plain
+# step on data, fsdp and tensor axes; each of these would change it.
+_NOT_PRIVATE = (
+    (lambda c, m: c.precision.compute_dtype == "float16",
+     "config.precision.compute_dtype='float16'",
+     "use float32 or bfloat16 (loss scaling skips steps the accountant "
+     "counts)"),
+    (lambda c, m: lora.enabled(c), "config.lora.rank", "set it to 0"),
+    (lambda c, m: distill.enabled(c), "config.distill.teacher_workdir",
+     "train without a teacher"),
+    (lambda c, m: c.quant.mode != "none", "config.quant.mode",
+     "set config.quant.mode='none'"),
+    (lambda c, m: c.train.grad_reduce != "auto", "config.train.grad_reduce",
+     "set config.train.grad_reduce='auto'"),
+    (lambda c, m: m["stage"] > 1 or m["sequence"] > 1 or m["expert"] > 1,
+     "config.mesh.stage/sequence/expert > 1",
+     "use the data, fsdp and tensor axes"),
+    (lambda c, m: c.data.get("balance_classes", False),
+     "config.data.balance_classes=True",
+     "set config.data.balance_classes=False (oversampling the small classes"
+     " changes each example's sampling rate, which the accountant assumes "
+     "is batch_size / examples)"))
+
+
+def _privacy(config, mesh: dict[str, int]) -> None:
+  """What DP-SGD trains (the classifiers) and combines with."""
+  if not privacy.enabled(config.privacy):
+    return
+  why = {"gan": "the GAN's generator never sees an example, and its "
+                "discriminator's step mixes real examples with generated "
+                "ones: per-example clipping does not apply",
+         "lm": "per-example gradients of the LM are not supported yet",
+         "sft": "per-example gradients of the LM are not supported yet"}
+  require(config.task == "classify",
+          f"config.privacy (DP-SGD) with config.task={config.task!r}: "
+          f"{why.get(config.task, 'not supported')}; train the classifiers "
+          "(config.task='classify') privately, or set "
+          "config.privacy.noise_multiplier=0 and target_epsilon=0.")
+  for bad, key, fix in _NOT_PRIVATE:
+    require(not bad(config, mesh),
+            f"config.privacy (DP-SGD) with {key} is not supported; {fix}.")
 
 
 def _sequence(config, model_cfg, mesh: dict[str, int]) -> None:

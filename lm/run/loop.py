@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -26,10 +28,11 @@ from lm.checks import UserError
 from lm.parallel import make_mesh, rules as rules_lib
 from lm.parallel import pipeline
 from lm.parallel.mesh import batch_share, describe
-from lm.run import checks, lock as lock_lib, perf, restore
+from lm.run import checks, goodput, lock as lock_lib, perf, profiler as \
+    profiler_lib, restore, wandb_sink
 from lm.run.metrics_log import MetricsLog, log
 from lm.train import checkpoint as ckpt_lib
-from lm.train import distill, lora, prune
+from lm.train import accountant, distill, lora, privacy, prune
 from lm.train import state as state_lib
 from lm.train import step as step_lib
 
@@ -158,13 +161,16 @@ def _lora_base(config, setup, workdir, resumed: bool):
   return frozen
 
 
-def train(config, workdir: str | Path, *, stop_at_step: int | None = None
-          ) -> dict:
+def train(config, workdir: str | Path, *, stop_at_step: int | None = None,
+          on_eval: Callable[[int, dict], None] | None = None) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns final metrics.
 
   `stop_at_step` checkpoints and returns after that step, as a preemption
-  would (for tests and for splitting a run into pieces).
+  would (for tests and for splitting a run into pieces). `on_eval(step,
+  metrics)` is called after each logged eval (a sweep reports it to its
+  trial); an exception it raises ends the run there (a pruned trial).
   """
+  timer = goodput.Breakdown()  # Where the wall time goes, from here.
   config, _ = checks.validate(config)
   workdir = paths.resolve(workdir)
   if workdir.exists() and not workdir.is_dir():
@@ -176,7 +182,7 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
   task = tasks.get(config)
 
   with jax.set_mesh(mesh), rules_lib.use(rules_lib.Rules()), \
-      _StopSignals() as signals:
+      _StopSignals() as signals, timer:
     # Builds the model (abstractly): bad quant/prune patterns stop here,
     # before the workdir is made or any data is read.
     setup = state_lib.make_setup(config, mesh)
@@ -185,23 +191,44 @@ def train(config, workdir: str | Path, *, stop_at_step: int | None = None
       if jax.process_index() == 0:  # One writer: the job, through process 0.
         held.enter_context(lock_lib.RunLock(workdir, log))
       data = task.make_data(*batch_share(mesh))
+      plan = None  # DP-SGD: its noise and budget (lm/train/accountant.py).
+      if privacy.enabled(config.privacy):
+        plan = accountant.plan(config, task.privacy_examples())
+        setup = dataclasses.replace(setup, privacy=privacy.from_config(
+            config, plan.noise_multiplier))
+        log(plan.describe(config))
       write_config(config, workdir)
+      sinks = wandb_sink.sinks(config, workdir)  # W&B starts (or fails).
       ckpt = ckpt_lib.Checkpointer(
           workdir / "checkpoints", max_to_keep=config.train.max_checkpoints)
-      metrics_log = MetricsLog(workdir, total)
+      timer.open(workdir, resumed=ckpt.latest_step() is not None)
+      metrics_log = MetricsLog(workdir, total, sinks=sinks)
+      profiler = profiler_lib.Window(config.train.profile_steps, workdir)
       try:
-        return _train(config, task, setup, data, ckpt, metrics_log, signals,
-                      stop_at_step, workdir)
+        result = _train(config, task, setup, data, ckpt, metrics_log,
+                        signals, stop_at_step, workdir, timer, profiler,
+                        on_eval, plan)
+        profiler.close()
+        with timer.phase("checkpoint"):
+          ckpt.wait()  # The last save, written in the background.
+        record = timer.save(result["step"])  # The attempt's last word.
+        metrics_log.summary(goodput.SPLIT, record)
+        log(goodput.summary(record))
+        return result
       finally:
         try:
+          profiler.close()
           ckpt.close()
         finally:
           metrics_log.close()
 
 
 def _train(config, task, setup, data, ckpt, metrics_log, signals,
-           stop_at_step, workdir) -> dict:
+           stop_at_step, workdir, timer, profiler, on_eval=None,
+           plan=None) -> dict:
   total = config.train.steps
+  # A privacy budget may end the run sooner: at the last step it allows.
+  last = min(total, plan.steps) if plan else total
   latest = ckpt.latest_step()
   n_params = state_lib.count_params(setup.abstract_state.params)
   hosts = (f" in {jax.process_count()} processes"
@@ -214,8 +241,9 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     log(f"pipeline: {stages} stages x {micro} microbatches, bubble "
         f"(S-1)/(M+S-1) = {pipeline.bubble_fraction(stages, micro):.3f}")
   if latest is not None:
-    latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
-                                        quarantine=True, warn=log)
+    with timer.phase("checkpoint"):
+      latest, state = ckpt.restore_latest(setup.abstract_state, data.train,
+                                          quarantine=True, warn=log)
     log(f"resumed from step {latest} in {ckpt.directory}")
   elif config.train.init_from and not lora.enabled(config):
     source_step, _, params = restore.params_on(config.train.init_from,
@@ -226,7 +254,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
   else:
     state = setup.init_fn(jax.random.key(config.seed))
   step = int(jax.device_get(state.step))
-  if step >= total:
+  if step >= last:
     log(f"already trained to step {step} (config.train.steps={total}).")
   frozen = None
   if lora.enabled(config):
@@ -257,7 +285,9 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
     nonlocal last_log_time, last_log_step, skipped_before
     while len(pending) > keep:
       s, m = pending.popleft()
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      with timer.phase("step"):  # The host waits here for step s to end.
+        m = jax.device_get(m)
+      m = {k: float(v) for k, v in m.items()}
       # float16: a step skipped for non-finite gradients changed nothing
       # and is counted in skipped_steps; it is not an error.
       skipped = m.get("skipped_steps", 0) > skipped_before
@@ -270,7 +300,7 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
             "config.optimizer.grad_clip_norm, or use float32.")
       if math.isfinite(m["loss"]):
         window.append(m)
-      if window and (s % config.train.log_every == 0 or s == total):
+      if window and (s % config.train.log_every == 0 or s == last):
         now = time.time()
         mean = {k: float(np.mean([w[k] for w in window])) for k in m}
         for latest in ("learning_rate", "loss_scale", "skipped_steps"):
@@ -280,25 +310,33 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                    / max(now - last_log_time, 1e-9))
         mean.update(meter.metrics(s - last_log_step, now - last_log_time))
         metrics_log.write(s, "train", mean)
+        metrics_log.write(s, goodput.SPLIT, timer.save(s))
         metrics_log.progress(s, mean)
         result["train"] = mean
         window.clear()
         last_log_time, last_log_step = now, s
 
-  while step < total:
-    batch = global_batch(next(data.train), setup)
-    if meter is None:
-      meter = _meter(config, task, setup, train_step, state, batch)
-    state, metrics = train_step(state, batch)
+  while step < last:
+    with profiler.step(step):  # A marked step in a profile: input, dispatch.
+      with timer.phase("data"):
+        batch = global_batch(next(data.train), setup)
+      if meter is None:
+        meter = _meter(config, task, setup, train_step, state, batch)
+      with timer.phase("step"):
+        state, metrics = train_step(state, batch)
     step += 1
     ckpt.check_saved()  # A failed async save stops the run here.
     pending.append((step, metrics))
-    drain(keep=MAX_IN_FLIGHT)
+    # At the profile window's end, the trace waits for its steps to finish.
+    drain(keep=0 if profiler.ends_at(step) else MAX_IN_FLIGHT)
+    profiler.after(step)
     if config.train.eval_every and (step % config.train.eval_every == 0
-                                    or step == total):
+                                    or step == last):
       drain(keep=0)
-      result["eval"] = evaluate(task, eval_step, state.params, data, setup,
-                                workdir=workdir, step=step)
+      with timer.phase("eval"):
+        result["eval"] = evaluate(task, eval_step, state.params, data, setup,
+                                  workdir=workdir, step=step)
+      metrics_log.images(step)  # What the eval drew, to TensorBoard & W&B.
       if config.prune.sparsity:  # Achieved, read from the parameters.
         layers = tuple(config.prune.layers)
         by_layer = prune.layer_sparsity(state.params, layers)
@@ -306,19 +344,26 @@ def _train(config, task, setup, data, ckpt, metrics_log, signals,
                                                             layers)
         metrics_log.write(step, "sparsity", {
             "overall": result["eval"]["sparsity"], **by_layer})
+      if plan:  # Spent so far, at config.privacy.delta.
+        result["eval"]["epsilon"] = plan.epsilon(step)
       metrics_log.write(step, "eval", result["eval"])
       metrics_log.progress(step, result["eval"], split="eval")
+      if on_eval is not None:
+        on_eval(step, result["eval"])
     # After the eval: a signal during a long eval saves this step.
     stopping = signals.stop(step) or step == stop_at_step
     every = config.train.checkpoint_every
-    if (every and step % every == 0) or step == total or stopping:
+    if (every and step % every == 0) or step == last or stopping:
       drain(keep=0)  # Never checkpoint a state whose loss was not checked.
-      ckpt.save(step, state, data.train, force=True)
+      with timer.phase("checkpoint"):
+        ckpt.save(step, state, data.train, force=True)
       last_saved = step
     if stopping:
       log(f"stopped at step {step}; rerun the same command to resume.")
       break
   drain(keep=0)
+  if last < total and step == last:
+    log(accountant.describe_stop(plan, config))
   result["step"] = step
   result["params"] = state.params
   return result

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files, a progress line.
+"""Where metrics go: metrics.jsonl, TensorBoard event files, a progress line,
+and the extra sinks a run asks for (Weights & Biases: lm/run/wandb_sink.py).
 
 Only process 0 writes (multi-host safe). TensorBoard files are written with
 the `tensorboard` package's own event writer, so no TensorFlow is needed.
@@ -31,13 +32,18 @@ SHOWN = ("loss", "perplexity", "bits_per_byte", "accuracy", "f1", "d_loss",
 class MetricsLog:
 
   def __init__(self, workdir: str | Path, total_steps: int, *,
-               append: bool | None = None):
+               append: bool | None = None, sinks=()):
+    """`sinks`: more places for every record and eval image, each with
+    write(step, split, metrics), images(step, {name: png bytes}),
+    summary(split, metrics) and close()."""
     self.enabled = jax.process_index() == 0
+    self.sinks = list(sinks) if self.enabled else []
     self.total_steps = total_steps
     self.start_time = time.time()
     self.start_step: int | None = None
     if self.enabled:
       workdir = paths.resolve(workdir)
+      self.images_dir = workdir / "images"
       self.path = workdir / "metrics.jsonl"
       self.append = not paths.is_remote(workdir) if append is None else append
       if self.append:
@@ -66,6 +72,37 @@ class MetricsLog:
     self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
                                       summary=summary))
     self.tb.flush()
+    for sink in self.sinks:
+      sink.write(step, split, clean)
+
+  def summary(self, split: str, metrics: dict) -> None:
+    """A run's final figures (not a step's record) for the sinks that keep
+    such a summary (W&B's run summary)."""
+    for sink in self.sinks:
+      sink.summary(split, {k: float(v) for k, v in metrics.items()})
+
+  def images(self, step: int) -> None:
+    """The PNGs an eval at `step` wrote (WORKDIR/images/NAME_STEP.png: GAN
+    samples, confusion matrices) to TensorBoard's images and the sinks."""
+    if not self.enabled or not self.images_dir.exists():
+      return
+    suffix = f"_{step:06d}.png"
+    pngs = {p.name.removesuffix(suffix): p.read_bytes()
+            for p in sorted(self.images_dir.glob(f"*{suffix}"))}
+    if not pngs:
+      return
+    values = []
+    for name, png in pngs.items():
+      width, height = _png_size(png)
+      values.append(summary_pb2.Summary.Value(
+          tag=f"images/{name}", image=summary_pb2.Summary.Image(
+              height=height, width=width, encoded_image_string=png)))
+    self.tb.add_event(event_pb2.Event(
+        wall_time=time.time(), step=step,
+        summary=summary_pb2.Summary(value=values)))
+    self.tb.flush()
+    for sink in self.sinks:
+      sink.images(step, pngs)
 
   def progress(self, step: int, metrics: dict, split: str = "train") -> None:
     """One human-readable line: step, loss, throughput, ETA."""
@@ -94,6 +131,13 @@ class MetricsLog:
       if self.append:
         self.jsonl.close()
       self.tb.close()
+      for sink in self.sinks:
+        sink.close()
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+  """(width, height) from a PNG's IHDR chunk, which always comes first."""
+  return (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
 
 
 def _tensorboard_without_tensorflow() -> None:

@@ -15,6 +15,9 @@ class Task(Protocol):
   name: ClassVar[str]
   # The model families (lm/models) this task trains.
   MODELS: ClassVar[tuple[str, ...]]
+  # The metrics every eval of this task logs (`summarize`'s keys): what a
+  # sweep's objective may name (lm/sweep/spec.py checks it before any run).
+  EVAL_METRICS: ClassVar[tuple[str, ...]]
 
   def check(self, model_cfg, mesh: dict[str, int]) -> None:
     """The task's own checks: its data section against the model, and what
@@ -30,6 +33,11 @@ class Task(Protocol):
     batches) and .eval (a list of host-local batches): this process's share
     of every global batch, rows [i*B/n, (i+1)*B/n) for (i, n) =
     lm.parallel.mesh.batch_share."""
+
+  def privacy_examples(self) -> int:
+    """How many training examples DP-SGD samples from (its accountant's
+    dataset size). Called only with config.privacy on, which lm/run/checks.py
+    allows only for the tasks that implement it (classify)."""
 
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""

@@ -46,6 +46,7 @@ def _d_loss(model, real_BxHxWxC, fake_BxHxWxC, r1_gamma: float):
 class Gan:
   name = "gan"
   MODELS = ("gan",)
+  EVAL_METRICS = ("cfid", "classifier_score")
 
   def __init__(self, config):
     self.config = config
@@ -86,6 +87,13 @@ class Gan:
 
   def model_flops_per_step(self, model_cfg) -> None:
     return None  # XLA's cost analysis counts them (lm/run/perf.py).
+
+  def privacy_examples(self) -> int:
+    """The GAN does not train privately (lm/run/checks.py says why before
+    this could be asked)."""
+    raise checks.ConfigError(
+        "config.privacy (DP-SGD) with config.task='gan' is not supported: "
+        "per-example clipping does not apply to the GAN's steps.")
 
   def prepare_eval(self):
     """The fixed feature classifier behind cFID: loaded from next to the

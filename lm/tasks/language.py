@@ -131,6 +131,7 @@ def check_packing(config, model_cfg) -> None:
 class LanguageModeling(Supervised):
   name = "lm"
   MODELS = ("transformer",)
+  EVAL_METRICS = ("loss", "perplexity", "bits_per_byte")
 
   def __init__(self, config):
     self.config = config

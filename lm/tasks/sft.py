@@ -20,6 +20,7 @@ from lm.tasks.language import LanguageModeling
 
 class FineTuning(LanguageModeling):
   name = "sft"
+  EVAL_METRICS = ("loss", "perplexity")
 
   def check(self, model_cfg, mesh: dict[str, int]) -> None:
     del mesh

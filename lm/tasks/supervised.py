@@ -6,6 +6,7 @@ is built from `forward` instead.
 """
 from __future__ import annotations
 
+from lm import checks
 from lm.train import distill, step as step_lib
 
 
@@ -21,3 +22,11 @@ class Supervised:
 
   def prepare_eval(self) -> None:
     return None  # The eval step needs only the parameters.
+
+  def privacy_examples(self) -> int:
+    """DP-SGD's dataset size: only the classifiers sample examples
+    (Classification overrides this); lm/run/checks.py refuses privacy for
+    the others before this could be asked."""
+    raise checks.ConfigError(
+        f"config.privacy (DP-SGD) with config.task={self.name!r} is not "
+        "supported; train the classifiers (config.task='classify') privately.")

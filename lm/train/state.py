@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import models, quant
 from lm.parallel import rules as rules_lib
-from lm.train import lora, optim, precision, prune
+from lm.train import lora, optim, precision, privacy, prune
 
 
 @flax.struct.dataclass
@@ -52,6 +52,9 @@ class Setup:
   frozen: Any = None
   # LoRA with adapter dropout: the graph that drops (`graphdef` does not).
   train_graphdef: Any = None
+  # DP-SGD (lm/train/privacy.py): the clip and noise of the private
+  # gradient; None = ordinary gradients.
+  privacy: Any = None
 
   @property
   def param_shardings(self):
@@ -163,7 +166,8 @@ def make_setup(config, mesh: Mesh) -> Setup:
                schedule=schedule, abstract_state=abstract,
                state_shardings=shardings, init_fn=init_fn, seed=config.seed,
                grad_reduce=(config.train.grad_reduce,
-                            config.train.grad_reduce_dtype), **lora_fields)
+                            config.train.grad_reduce_dtype),
+               privacy=privacy.from_config(config), **lora_fields)
 
 
 def state_from_params(setup: Setup, config, params) -> TrainState:

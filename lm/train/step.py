@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from lm.parallel import constrain, reduce as reduce_lib
-from lm.train import lora, precision
+from lm.train import lora, precision, privacy
 from lm.train.state import Setup, TrainState
 
 # loss_fn(model, batch, key) -> (scalar float32 loss, dict of scalar metrics).
@@ -95,7 +95,11 @@ def supervised_train_step(state: TrainState, batch: dict, *, setup: Setup,
                  dropout=setup.train_graphdef is not None)
 
   mode, dtype = setup.grad_reduce
-  if mode != "auto" and setup.mesh.shape["data"] > 1:
+  if setup.privacy is not None:  # DP-SGD (checked: no LoRA, no float16).
+    (loss, metrics), g = privacy.noisy_grads(
+        loss_fn, state.params, setup.graphdef, batch, key, setup.privacy,
+        accum_steps, setup.param_shardings)
+  elif mode != "auto" and setup.mesh.shape["data"] > 1:
     (loss, metrics), g = reduce_lib.explicit_grads(
         grad_fn, state.params, batch, key, mesh=setup.mesh, dtype=dtype,
         mode=mode)

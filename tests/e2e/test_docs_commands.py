@@ -4,9 +4,10 @@ docs/*.md runs as written, with a handful of steps.
 Commands run in the order the page shows them, each page in one scratch
 directory (`runs/` is rewritten to it), so a page's later commands can use
 what its earlier ones trained. A training command gets a few steps and a
-small batch appended, and an LM config short windows; a generating command
-a few tokens, and a harness evaluation a few documents (the last value of a
-repeated flag wins); everything else runs unchanged. The environment is the
+small batch appended (a sweep also two trials), and an LM config short
+windows; a generating command a few tokens, and a harness evaluation a few
+documents (the last value of a repeated flag wins); everything else runs
+unchanged. The environment is the
 test's with the caller's XLA_FLAGS, not the suite's 8 simulated devices: a
 page that needs several devices says so with an `export XLA_FLAGS=...` line,
 which applies to the commands after it.
@@ -47,6 +48,9 @@ SHORT_WINDOWS = ["--config.data.seq_len=64"]
 FEW_TOKENS = ["--max_new_tokens=16"]
 # And to scripts/eval_harness.py: a few documents per task.
 FEW_DOCUMENTS = ["--limit=5"]
+# And to scripts/sweep.py (after FEW_STEPS): two trials, each with an eval
+# after its first step (a sweep's objective is an eval metric).
+FEW_TRIALS = ["--sweep.budget.trials=2", "--config.train.eval_every=1"]
 TIMEOUT = 600
 # Servers run until stopped: tests/serve/test_server.py runs scripts/serve.py
 # (and stops it with SIGTERM) instead.
@@ -102,8 +106,11 @@ def shared_prefix(page: str) -> int:
 def _run(page: str, env_add: dict, command: str, root, data_dir: str) -> None:
   """One command of `page`, with `runs/` in `root`."""
   argv = shlex.split(command.replace("runs/", f"{root}/runs/"))
-  if argv[1] in ("scripts/train.py", "scripts/launch_local.py"):
+  if argv[1] in ("scripts/train.py", "scripts/launch_local.py",
+                 "scripts/sweep.py"):
     argv += FEW_STEPS
+  if argv[1] == "scripts/sweep.py":
+    argv += FEW_TRIALS
   if any(a.startswith(("--config=configs/lm.py", "--config=configs/sft.py"))
          for a in argv):
     argv += SHORT_WINDOWS

@@ -1,0 +1,129 @@
+r"""Time to quality: validation bits per byte against wall-clock seconds, for
+the demo's recipe and the faster one, on the demo's mesh (8 simulated CPU
+devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
+
+    python benchmarks/time_to_quality.py [--only=demo,fast]
+
+Each recipe is scripts/train.py in a fresh run directory; the clock starts
+when the process is launched (so it counts start-up, compilation and the
+evals, not only the steps) and each eval's time is when its line reaches
+our pipe. Writes benchmarks/results/time_to_quality.json and the curve,
+time_to_quality.png next to it. Run on a quiet machine: the figures are
+wall-clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common, demo
+
+NAME = "time_to_quality"
+GOAL_BPB = 2.2
+GOAL_S = 300
+# name -> (what it changes, the overrides on top of the demo's command).
+RECIPES = {
+    "demo": ("`make demo`: configs/lm.py:tiny as it is (float32, batch 32, "
+             "400 steps)", []),
+    "fast": ("bfloat16 compute, batch 8, 1,800 steps",
+             ["--config.precision.compute_dtype=bfloat16",
+              "--config.train.batch_size=8", "--config.train.steps=1800",
+              "--config.train.eval_every=450",
+              # The demo's 8 eval batches of 32: the same 256 windows.
+              "--config.train.eval_batches=32"]),
+}
+EVAL_LINE = re.compile(r"step\s+(\d+)/\d+ \| eval \|")
+
+
+def train(overrides: list[str], workdir: Path) -> list[dict]:
+  """Trains one recipe; every eval of its metrics.jsonl with `seconds`, the
+  wall-clock from launch to that eval's line on stdout."""
+  cmd = [sys.executable, "-u", "scripts/train.py", f"--workdir={workdir}",
+         *demo.ARGS, *overrides]
+  env = dict(common.simulated_devices(), PYTHONUNBUFFERED="1")
+  seconds = {}
+  start = time.monotonic()
+  with subprocess.Popen(cmd, cwd=common.REPO, env=env, text=True,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT) as proc:
+    tail = []
+    for line in proc.stdout:
+      tail = (tail + [line])[-40:]
+      if match := EVAL_LINE.search(line):
+        seconds[int(match.group(1))] = time.monotonic() - start
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                       + "".join(tail))
+  evals = [json.loads(s) for s in
+           (workdir / "metrics.jsonl").read_text().splitlines() if s]
+  return [{"step": e["step"], "seconds": seconds[e["step"]],
+           "bits_per_byte": e["bits_per_byte"]}
+          for e in evals if e["split"] == "eval"]
+
+
+def plot(results: dict, path: Path) -> None:
+  import matplotlib  # noqa: PLC0415  (slow: not at import)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for name, run in results["runs"].items():
+    ax.plot([e["seconds"] / 60 for e in run["evals"]],
+            [e["bits_per_byte"] for e in run["evals"]], marker="o",
+            label=f"{name}: {RECIPES[name][0].split(':')[0]}")
+  ax.axhline(GOAL_BPB, color="grey", ls="--", lw=0.8)
+  ax.axvline(GOAL_S / 60, color="grey", ls=":", lw=0.8)
+  ax.set_xlabel("wall-clock minutes from launch (2-core CPU, 8 simulated "
+                "devices)")
+  ax.set_ylabel("validation bits per byte")
+  ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default=",".join(RECIPES),
+                      help="Comma-separated recipes to run.")
+  common.add_out_flag(parser, NAME)
+  args = parser.parse_args()
+  names = common.parse_only(parser, args.only, RECIPES)
+  runs = {}
+  for name in names:
+    with tempfile.TemporaryDirectory() as tmp:
+      runs[name] = {"overrides": RECIPES[name][1],
+                    "evals": train(RECIPES[name][1], Path(tmp) / "run")}
+    last = runs[name]["evals"][-1]
+    print(f"{name}: {last['bits_per_byte']:.3f} bits per byte at step "
+          f"{last['step']}, {last['seconds']:.0f} s", flush=True)
+  path = common.write(NAME, {"runs": runs}, args.out)
+  plot(json.loads(path.read_text()), path.with_suffix(".png"))
+  print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def tables(results: dict) -> dict[str, str]:
+  rows = []
+  for name, run in results["runs"].items():
+    last = run["evals"][-1]
+    reached = next((e for e in run["evals"]
+                    if e["bits_per_byte"] <= GOAL_BPB), None)
+    rows.append([
+        f"`{name}`", RECIPES[name][0], last["step"],
+        f"{last['bits_per_byte']:.3f}", f"{last['seconds'] / 60:.1f}",
+        (f"{reached['seconds'] / 60:.1f} (step {reached['step']})"
+         if reached else "not reached")])
+  return {"table": common.markdown(
+      ["recipe", "what", "steps", "final bits per byte",
+       "minutes to the final eval", f"minutes to ≤ {GOAL_BPB}"], rows,
+      "llrrrr")}
+
+
+if __name__ == "__main__":
+  main()

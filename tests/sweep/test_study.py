@@ -1,0 +1,148 @@
+"""The study and its worker loop with a pure-Python objective (no
+training): the grid, seeded samplers, two workers on one SQLite study, and
+the sweep config's checks."""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+from lm.checks import ConfigError
+from lm.sweep import spec, study as study_lib
+from objectives import GRID, run, sweep
+
+
+def test_grid_enumerates_exactly_its_product(tmp_path):
+  study = run(tmp_path, "grid", GRID)
+  want = set(itertools.product([1e-4, 1e-3, 1e-2], [0, 10]))
+  got = [(t.params["optimizer.learning_rate"],
+          t.params["optimizer.warmup_steps"]) for t in study.trials]
+  assert len(got) == len(want) == 6
+  rounded = {(float(f"{lr:.6g}"), w) for lr, w in got}
+  assert rounded == want
+  assert all(t.state.name == "COMPLETE" for t in study.trials)
+  assert [t.user_attrs["slot"] for t in study.trials] == list(range(6))
+
+
+@pytest.mark.parametrize("method", ["random", "tpe"])
+def test_a_seeded_sweep_repeats_its_trials(tmp_path, method):
+  space = dict(optimizer=dict(
+      learning_rate=dict(low=1e-4, high=1e-2, log=True),
+      warmup_steps=dict(low=0, high=100)))
+  trials = 4  # TPE's first 2 (sweep.startup_trials) are random.
+  runs = []
+  for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    (tmp_path / name).mkdir()
+    study = run(tmp_path / name, method, space, trials, seed)
+    runs.append([t.params for t in study.trials])
+  assert len(runs[0]) == trials
+  assert runs[0] == runs[1]
+  assert runs[0] != runs[2]
+  assert len({p["optimizer.learning_rate"] for p in runs[0]}) == trials
+
+
+WORKER = textwrap.dedent("""
+    import pathlib, sys, time
+    from objectives import GRID, quadratic, sweep
+    from lm.sweep import spec, study as study_lib
+    folder = pathlib.Path({folder!r})
+    s, params = sweep("grid", GRID)
+    study = study_lib.open_study(s, params, folder, identity={{}})
+    (folder / f"ready_{{sys.argv[1]}}").touch()
+    for _ in range(1200):  # Start together (or fail in a minute).
+      if len(list(folder.glob("ready_*"))) == 2:
+        break
+      time.sleep(0.05)
+    else:
+      sys.exit("the other worker never opened the study")
+    objective = quadratic(params, "grid")
+    def slow(trial, slot):
+      trial.set_user_attr("worker", sys.argv[1])
+      time.sleep(0.2)  # Long enough for the other worker to ask meanwhile.
+      return objective(trial, slot)
+    study_lib.work(study, slow, trials=spec.grid_size(params),
+                   log=lambda _: None)
+""")
+
+
+def test_two_workers_share_one_study(tmp_path):
+  """Two processes on one SQLite study: every grid point runs once, none
+  is lost, and both took trials."""
+  code = WORKER.format(folder=str(tmp_path))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO, os.path.join(REPO, "tests", "sweep")]))
+  workers = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=REPO,
+                              env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  for w in workers:
+    _, err = w.communicate(timeout=300)
+    assert w.returncode == 0, err[-3000:]
+  s, params = sweep("grid", GRID)
+  study = study_lib.open_study(s, params, tmp_path, identity={})
+  trials = [t for t in study.trials
+            if not t.user_attrs.get(study_lib.OVER_BUDGET)]
+  points = [tuple(sorted(t.params.items())) for t in trials]
+  assert len(points) == 6 and len(set(points)) == 6
+  assert all(t.state.name == "COMPLETE" for t in trials)
+  assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}
+
+
+def test_best_so_far():
+  nan = float("nan")
+  assert study_lib.best_so_far([3.0, nan, 1.0, 2.0], "minimize")[1:] == [
+      3.0, 1.0, 1.0]
+  assert study_lib.best_so_far([1.0, 3.0, 2.0], "maximize") == [1.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("space, message", [
+    (dict(optimizer=dict(learning_rat=dict(low=1e-4, high=1e-2))),
+     "sweep.space.optimizer.learning_rat: config.optimizer.learning_rat is "
+     "not a key of the config; did you mean optimizer.learning_rate?"),
+    (dict(optimizer=dict(learning_rate=dict(low=1e-3, high=1e-3))),
+     "sweep.space.optimizer.learning_rate: the range low=0.001 high=0.001 "
+     "is empty"),
+    (dict(optimizer=dict(learning_rate=dict(low=1e-2, high=1e-4))),
+     "is inverted; swap them (low=0.0001, high=0.01)"),
+    (dict(optimizer=dict(warmup_steps=dict(low=0, high=10.5))),
+     "sweep.space.optimizer.warmup_steps.high=10.5: config.optimizer."
+     "warmup_steps is int"),
+    (dict(optimizer=dict(learning_rate=dict(choices=()))),
+     "sweep.space.optimizer.learning_rate.choices=() is empty"),
+    (dict(optimizer=dict(learning_rate=dict(low=1e-4, hihg=1e-2))),
+     "sweep.space.optimizer.learning_rate.hihg is unknown; did you mean "
+     "sweep.space.optimizer.learning_rate.high?"),
+    (dict(optimizer=dict(learning_rate=dict(low=0.0, high=1e-2, log=True))),
+     "log=True needs low > 0"),
+])
+def test_a_bad_space_names_the_key_and_the_fix(space, message):
+  with pytest.raises(ConfigError) as e:
+    sweep("random", space)
+  assert message in str(e.value)
+
+
+def test_a_grid_range_needs_its_points():
+  with pytest.raises(ConfigError, match="a grid needs its values: points=N"):
+    sweep("grid", dict(optimizer=dict(
+        learning_rate=dict(low=1e-4, high=1e-2, log=True))))
+
+
+def test_an_unknown_sweep_key_names_the_nearest():
+  with pytest.raises(ConfigError, match=r"sweep.budget.trails is unknown; "
+                     r"did you mean sweep.budget.trials\?"):
+    spec.resolve(dict(budget=dict(trails=3)))
+
+
+def test_a_study_refuses_another_sweep(tmp_path):
+  """Reopening a study with another space (or objective, method, seed,
+  experiment config) is an error, not a study of mixed trials."""
+  s, params = sweep("grid", GRID)
+  study_lib.open_study(s, params, tmp_path, identity={"space": 1, "seed": 0})
+  study_lib.open_study(s, params, tmp_path, identity={"space": 1, "seed": 0})
+  with pytest.raises(ConfigError, match="was started with another seed; "
+                     "resume it with its own command, or give a new "
+                     "--workdir"):
+    study_lib.open_study(s, params, tmp_path,
+                         identity={"space": 1, "seed": 1})
