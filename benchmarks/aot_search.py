@@ -33,7 +33,10 @@ def tables(results: dict) -> dict[str, str]:
          f"microbatches {aot.knob(best, 'grad_accum')}" if best
          else "none fits"),
         f"{aot.gib(best['needed_bytes'])}" if best else "—", step, mfu,
-        f"{r['seconds'] / 60:.0f}", f"{r['date']}, {r['commit']}"])
+        f"{r['seconds'] / 60:.0f}",
+        # A record from before records had their own: the file's.
+        f"{r.get('date', results['date'])}, "
+        f"{r.get('commit', results['commit'])}"])
   best = common.markdown(
       ["preset", "slice", "plans compiled", "fit", "left out (budget)",
        "best plan", "GiB per chip", "step s (compiler)", "MFU (compiler)",

@@ -30,15 +30,21 @@ def program(slots: int, cache_len: int) -> aot.Program:
 def _compile(config, tgt: aot.Target, slots: int, cache_len: int):
   setup = aot.setup_for(config, tgt)
   cfg, mesh = setup.model_cfg, setup.mesh
-  shape = (cfg.n_layers, slots, cache_len, cfg.n_kv_heads, cfg.k)
+  # The cache in the model's own layout (Model.init_cache): one stacked
+  # [layers, ...] dict for scanned layers, else a tuple of per-layer dicts.
+  layers = (cfg.n_layers,) if cfg.scan_layers else ()
+  shape = (*layers, slots, cache_len, cfg.n_kv_heads, cfg.k)
   with rules_lib.use(RULES):
     # The engine pins the cache to the decode step's own output sharding
     # (kv heads over `tensor`, as the activations); here it is given.
     spec = rules_lib.fit_spec(rules_lib.current()(
-        None, "batch", None, "act_kv_heads", None), shape, mesh)
-  cache_sharding = NamedSharding(mesh, spec)
-  cache = {k: jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=cache_sharding)
+        *(None,) * len(layers), "batch", None, "act_kv_heads", None), shape,
+        mesh)
+  layer_sharding = NamedSharding(mesh, spec)
+  layer = {k: jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=layer_sharding)
            for k in ("k", "v")}
+  cache = layer if cfg.scan_layers else (layer,) * cfg.n_layers
+  cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
   replicated = NamedSharding(mesh, P())
   per_slot = [jax.ShapeDtypeStruct((slots,), dtype, sharding=replicated)
               for dtype in (jnp.int32,) * 4 + (jnp.float32, jnp.int32,
