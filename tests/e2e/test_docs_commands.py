@@ -119,8 +119,9 @@ def _run(page: str, env_add: dict, command: str, root, data_dir: str) -> None:
   if argv[1] == "scripts/eval_harness.py":
     argv += FEW_DOCUMENTS
   argv[0] = sys.executable
-  env = dict(os.environ, XLA_FLAGS=BASE_XLA_FLAGS, LM_DATA_DIR=data_dir,
-             **env_add)
+  # The page's own exports (e.g. XLA_FLAGS for 8 devices) win.
+  env = {**os.environ, "XLA_FLAGS": BASE_XLA_FLAGS, "LM_DATA_DIR": data_dir,
+         **env_add}
   start, cpu = time.monotonic(), _children_cpu()
   result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT)
