@@ -72,7 +72,7 @@ def _run_dir(path, config, checkpoint_too=False):
      "--text is 33 tokens, longer than the model's context "
      "(config.model.max_len=32); shorten it."),
     ("lm", report.Request(text="ROMEO."), "has no checkpoint in"),
-    ("moe", report.Request(mesh="data=2,expert=4"),
+    ("moe", report.Request(text="ROMEO.", mesh="data=2,expert=4"),
      "--mesh=data=2,expert=4: explain.py runs the layers one at a time on "
      "one text, without context, pipeline or expert parallelism; drop the "
      "sequence, stage and expert axes."),
@@ -150,10 +150,10 @@ def _check_text_outputs(out, n_layers, n_heads, text, causal):
 
 
 def test_explain_writes_a_text_classifiers_maps_and_attributions(tmp_path):
-  config = _text()
+  config = _text()  # 2 layers of 4 heads.
   workdir = _run_dir(tmp_path / "text", config, checkpoint_too=True)
   text = "ROMEO. But soft"  # 15 bytes; the model's context is 16.
-  printed = _explain(workdir, f"--text={text}")
+  printed = _explain(workdir, f"--text={text}", devices=1)
   assert "attention maps: 2 layers x 4 heads over 15 tokens" in printed
   written = _check_text_outputs(tmp_path / "text" / "explain", n_layers=2,
                                 n_heads=4, text=text, causal=False)
