@@ -4,8 +4,8 @@ python scripts/sweep.py --config=configs/mlp_digits.py \
     --sweep=configs/sweeps/mlp_digits.py --workdir=sweeps/mlp_digits
 
 Trials run in WORKDIR/trial_K; the study lives in WORKDIR/study.db (or
---sweep.storage=postgresql://..., shared by workers on several machines:
-run the same command on each). Rerunning the command resumes: finished
+--sweep.storage=postgresql+psycopg://..., shared by workers on several
+machines: run the same command on each). Rerunning the command resumes: finished
 trials are kept and a half-finished one continues from its checkpoint.
 Results: WORKDIR/results.csv, results.json and plots/*.png (docs/sweeps.md).
 Override the experiment with --config.x=y and the sweep with --sweep.x=y.

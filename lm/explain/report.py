@@ -107,11 +107,16 @@ def check(workdir: str, request: Request) -> Checked:
                      "(0: every step at once).")
   mesh = request.mesh
   sizes = restore.parse_mesh(mesh) if mesh else dict(config.mesh)
-  if sizes.get("sequence", 1) > 1 or sizes.get("stage", 1) > 1:
+  # One text, its layers run one at a time: no context, pipeline or expert
+  # parallelism (an MoE layer routes the text's tokens as one group, as
+  # scripts/generate.py does; expert parallelism splits a batch's rows).
+  if any(sizes.get(axis, 1) != 1 for axis in ("sequence", "stage",
+                                              "expert")):
     if mesh:
       raise UsageError(f"--mesh={mesh}: explain.py runs the layers one at a "
-                       "time, without context or pipeline parallelism; drop "
-                       "the sequence and stage axes.")
+                       "time on one text, without context, pipeline or "
+                       "expert parallelism; drop the sequence, stage and "
+                       "expert axes.")
     mesh = "1,-1,1"  # The training mesh had them: FSDP over every device.
   tokens = None
   if family == "mlp":

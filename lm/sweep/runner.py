@@ -21,7 +21,7 @@ def run(config, sweep, workdir, *, report_only: bool = False,
   checks.require(not paths.is_remote(workdir) or bool(sweep.storage),
                  f"--workdir={workdir}: the default study database is a "
                  "SQLite file in the workdir, which needs a local disk; set "
-                 "sweep.storage to a database URL (postgresql://...).")
+                 "sweep.storage to a database URL (postgresql+psycopg://...).")
   checks.require(not workdir.exists() or workdir.is_dir(),
                  f"--workdir={workdir} is a file; give a directory.")
   workdir.mkdir(parents=True, exist_ok=True)

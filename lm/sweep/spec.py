@@ -49,8 +49,9 @@ def base() -> ml_collections.ConfigDict:
       warmup_steps=0,  # median: no pruning before this training step.
       min_resource=0,  # halving: steps of the first rung; 0 = Optuna's auto.
       reduction_factor=3)  # halving: 1 / the fraction promoted per rung.
-  # "" = sqlite:///WORKDIR/study.db; a postgresql://USER:PASSWORD@HOST/DB
-  # URL lets workers on several machines share the study (WORKSPACE.md).
+  # "" = sqlite:///WORKDIR/study.db; a postgresql+psycopg://USER:PASSWORD@
+  # HOST/DB URL lets workers on several machines share the study
+  # (WORKSPACE.md; pip install "psycopg[binary]").
   s.storage = ""
   s.study_name = ""  # "" = the name of --workdir.
   # A running trial's worker records a heartbeat every heartbeat_s; a trial

@@ -40,6 +40,12 @@ Objective = Callable[[optuna.Trial, int], float]
 OVER_BUDGET = "over_budget"
 
 
+# The pip package of a database driver SQLAlchemy imports by module name.
+# A bare postgresql:// URL means SQLAlchemy's default PostgreSQL driver:
+# psycopg (3) from SQLAlchemy 2.1 on, psycopg2 before.
+DRIVERS = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary"}
+
+
 class TrialError(Exception):
   """A trial's own bad outcome (a diverged loss): it is recorded as FAIL
   and the sweep goes on."""
@@ -96,15 +102,19 @@ def _storage(sweep, url: str, engine: dict) -> optuna.storages.RDBStorage:
             grace_period=sweep.stale_after_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                 inherit_intermediate_values=True))
-    except ModuleNotFoundError as e:
+    except ImportError as e:
+      # Optuna wraps the driver's ModuleNotFoundError in an ImportError.
+      missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+      name = getattr(missing, "name", None) or "its driver"
       raise ConfigError(
           f"sweep.storage={_hide_password(url)}: its database driver is not "
-          f"installed ({e.name}); for PostgreSQL pip install psycopg2-binary "
-          "on every worker.") from e
+          f"installed ({name}); pip install {DRIVERS.get(name, name)} on "
+          "every worker.") from e
     except sqlalchemy.exc.ArgumentError as e:
-      raise ConfigError(f"sweep.storage={_hide_password(url)} is not a "
-                        f"database URL ({e}); e.g. postgresql://USER:"
-                        "PASSWORD@HOST/DB, or leave it empty for SQLite.") from e
+      raise ConfigError(
+          f"sweep.storage={_hide_password(url)} is not a database URL "
+          f"({e}); e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB, or "
+          "leave it empty for SQLite.") from e
     except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
       # Another worker is creating the same tables right now: once it has,
       # opening succeeds.

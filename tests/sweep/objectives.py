@@ -13,11 +13,12 @@ GRID = dict(optimizer=dict(
     warmup_steps=dict(low=0, high=15, step=10)))
 
 
-def sweep(method, space, trials=0, seed=0):
+def sweep(method, space, trials=0, seed=0, storage=""):
   """(the resolved sweep config, its searched keys)."""
   s = spec.resolve(dict(method=method, space=space, seed=seed,
                         budget=dict(trials=trials), pruner=dict(name="none"),
-                        heartbeat_s=1, stale_after_s=2, startup_trials=2))
+                        heartbeat_s=1, stale_after_s=2, startup_trials=2,
+                        storage=storage))
   return s, space_lib.parse(s.space, CONFIG, method)
 
 

@@ -1,18 +1,23 @@
 """The study and its worker loop with a pure-Python objective (no
-training): the grid, seeded samplers, two workers on one SQLite study, and
-the sweep config's checks."""
+training): the grid, seeded samplers (the Gaussian process too), the
+wall-clock budget, two workers on one SQLite or PostgreSQL study, and the
+sweep config's checks."""
 import itertools
 import os
 import subprocess
 import sys
 import textwrap
+import time
+import types
 
+import optuna
 import pytest
 
+import postgres
 from conftest import REPO
 from lm.checks import ConfigError
 from lm.sweep import spec, study as study_lib
-from objectives import GRID, run, sweep
+from objectives import GRID, quadratic, run, sweep
 
 
 def test_grid_enumerates_exactly_its_product(tmp_path):
@@ -27,21 +32,62 @@ def test_grid_enumerates_exactly_its_product(tmp_path):
   assert [t.user_attrs["slot"] for t in study.trials] == list(range(6))
 
 
-@pytest.mark.parametrize("method", ["random", "tpe"])
-def test_a_seeded_sweep_repeats_its_trials(tmp_path, method):
+@pytest.mark.parametrize("method", ["random", "tpe", "gp"])
+def test_a_seeded_sweep_repeats_its_trials(tmp_path, monkeypatch, method):
+  """Seeds 0, 0, 1: the same trials, then others. gp is Optuna's
+  GPSampler (torch); after the startup trials it, not a random fallback,
+  proposes every trial."""
+  modelled = []
+  if method == "gp":
+    sample = optuna.samplers.GPSampler.sample_relative
+
+    def spy(self, study, trial, search_space):
+      params = sample(self, study, trial, search_space)
+      if params:  # {} during the startup trials.
+        modelled.append(trial.number)
+      return params
+    monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", spy)
   space = dict(optimizer=dict(
       learning_rate=dict(low=1e-4, high=1e-2, log=True),
       warmup_steps=dict(low=0, high=100)))
-  trials = 4  # TPE's first 2 (sweep.startup_trials) are random.
+  trials = 4  # TPE's and GP's first 2 (sweep.startup_trials) are random.
   runs = []
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
     (tmp_path / name).mkdir()
     study = run(tmp_path / name, method, space, trials, seed)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * trials
     runs.append([t.params for t in study.trials])
-  assert len(runs[0]) == trials
   assert runs[0] == runs[1]
   assert runs[0] != runs[2]
   assert len({p["optimizer.learning_rate"] for p in runs[0]}) == trials
+  if method == "gp":
+    assert modelled == [2, 3] * 3
+
+
+def test_a_worker_starts_no_trial_after_its_minutes(tmp_path, monkeypatch):
+  """sweep.budget.minutes=1.5 with trials of a minute each (a fake clock):
+  the second trial starts at minute 1 and finishes, no third starts; the
+  same command again runs the rest of the budget, in the next slots."""
+  clock = [0.0]
+  monkeypatch.setattr(study_lib, "time", types.SimpleNamespace(
+      monotonic=lambda: clock[0], sleep=time.sleep))
+  s, params = sweep("grid", GRID)
+  study = study_lib.open_study(s, params, tmp_path, identity={})
+  objective = quadratic(params, "grid")
+
+  def a_minute(trial, slot):
+    clock[0] += 60.0
+    return objective(trial, slot)
+  logged = []
+  study_lib.work(study, a_minute, trials=6, minutes=1.5, log=logged.append)
+  assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+  assert logged == ["sweep.budget.minutes=1.5 has passed: this worker starts "
+                    "no more trials; rerun the command to go on."]
+  study_lib.work(study, a_minute, trials=6, minutes=1.5, log=logged.append)
+  assert len(study.trials) == 4
+  study_lib.work(study, objective, trials=6, log=logged.append)
+  assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+  assert [t.user_attrs["slot"] for t in study.trials] == list(range(6))
 
 
 WORKER = textwrap.dedent("""
@@ -49,7 +95,7 @@ WORKER = textwrap.dedent("""
     from objectives import GRID, quadratic, sweep
     from lm.sweep import spec, study as study_lib
     folder = pathlib.Path({folder!r})
-    s, params = sweep("grid", GRID)
+    s, params = sweep("grid", GRID, storage={storage!r})
     study = study_lib.open_study(s, params, folder, identity={{}})
     (folder / f"ready_{{sys.argv[1]}}").touch()
     for _ in range(1200):  # Start together (or fail in a minute).
@@ -68,10 +114,24 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_workers_share_one_study(tmp_path):
-  """Two processes on one SQLite study: every grid point runs once, none
-  is lost, and both took trials."""
-  code = WORKER.format(folder=str(tmp_path))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request):
+  """sweep.storage: "" (the default SQLite file in the workdir), or the URL
+  of a PostgreSQL server started for the test (tests/sweep/postgres.py)."""
+  if request.param == "sqlite":
+    yield ""
+    return
+  if postgres.binaries() is None:
+    pytest.skip("PostgreSQL: needs pgserver and psycopg[binary] "
+                "(requirements-test.txt)")
+  with postgres.server() as url:
+    yield url
+
+
+def test_two_workers_share_one_study(tmp_path, storage):
+  """Two processes on one study: every grid point runs once, none is lost,
+  and both took trials."""
+  code = WORKER.format(folder=str(tmp_path), storage=storage)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [REPO, os.path.join(REPO, "tests", "sweep")]))
   workers = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=REPO,
@@ -80,14 +140,28 @@ def test_two_workers_share_one_study(tmp_path):
   for w in workers:
     _, err = w.communicate(timeout=300)
     assert w.returncode == 0, err[-3000:]
-  s, params = sweep("grid", GRID)
-  study = study_lib.open_study(s, params, tmp_path, identity={})
+  # Read back by Optuna alone, from the database the URL names.
+  study = optuna.load_study(study_name=tmp_path.name, storage=(
+      storage or f"sqlite:///{tmp_path / 'study.db'}"))
   trials = [t for t in study.trials
             if not t.user_attrs.get(study_lib.OVER_BUDGET)]
   points = [tuple(sorted(t.params.items())) for t in trials]
   assert len(points) == 6 and len(set(points)) == 6
   assert all(t.state.name == "COMPLETE" for t in trials)
   assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}
+
+
+def test_a_storage_without_its_driver_says_what_to_install(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.setitem(sys.modules, "psycopg2", None)  # Not installed.
+  s, params = sweep("grid", GRID, storage="postgresql+psycopg2://sweeper:"
+                    "secret@dbhost/sweeps")
+  with pytest.raises(ConfigError) as e:
+    study_lib.open_study(s, params, tmp_path, identity={})
+  assert str(e.value) == (
+      "sweep.storage=postgresql+psycopg2://sweeper:***@dbhost/sweeps: its "
+      "database driver is not installed (psycopg2); pip install "
+      "psycopg2-binary on every worker.")
 
 
 def test_best_so_far():

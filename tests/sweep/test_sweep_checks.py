@@ -60,8 +60,9 @@ def test_gp_without_torch_says_what_to_install(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
       None if name == "torch" else find(name, *a)))
   with pytest.raises(ConfigError, match="sweep.method=gp: Optuna's GPSampler "
-                     "needs torch.*pip install torch"):
+                     "needs torch.*pip install torch") as e:
     sweep_checks.check(_sweep(method="gp"), mlp_digits.get_config())
+  assert "\n" not in str(e.value)
 
 
 def test_each_task_logs_the_eval_metrics_it_declares():
