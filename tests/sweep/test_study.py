@@ -121,9 +121,9 @@ def storage(request):
   if request.param == "sqlite":
     yield ""
     return
-  if postgres.binaries() is None:
-    pytest.skip("PostgreSQL: needs pgserver and psycopg[binary] "
-                "(requirements-test.txt)")
+  assert postgres.binaries() is not None, (
+      "PostgreSQL: install pgserver and psycopg[binary] "
+      "(pip install -r requirements-test.txt)")
   with postgres.server() as url:
     yield url
 
