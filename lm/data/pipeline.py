@@ -249,20 +249,46 @@ def _write_cache(folder: epath.Path, split: str, split_tokens: SplitTokens,
 
 
 class Windows(grain.sources.RandomAccessDataSource):
-  """Windows of `length` + 1 tokens (inputs + shifted targets), each
-  starting where the previous one's inputs end: every token is predicted
-  once."""
+  """Windows of `length` + 1 tokens (inputs + shifted targets), window i
+  starting at token i * `stride`. The default stride, `length`, starts each
+  where the previous one's inputs end: every token is predicted once.
+  `stride` = `length` + 1 makes the windows disjoint (no token in two):
+  DP-SGD's examples (`PrivateWindows`)."""
 
-  def __init__(self, tokens: np.ndarray, length: int):
+  def __init__(self, tokens: np.ndarray, length: int,
+               stride: int | None = None):
     self.tokens = tokens
     self.length = length
+    self.stride = stride or length
 
   def __len__(self) -> int:
-    return (len(self.tokens) - 1) // self.length
+    return max(0, (len(self.tokens) - self.length - 1) // self.stride + 1)
 
   def __getitem__(self, i: int) -> np.ndarray:
-    start = int(i) * self.length
+    start = int(i) * self.stride
     return self.tokens[start:start + self.length + 1].astype(np.int32)
+
+
+class PrivateWindows(Windows):
+  """DP-SGD's training examples (lm/data/poisson.py samples them): the
+  fixed enumeration of disjoint windows of `length` + 1 tokens of the
+  split's token stream, each an example {"tokens": L+1}. Disjoint, so that
+  adding or removing one example changes one window's tokens only (the
+  first token of each is an input, never a target)."""
+
+  def __init__(self, tokens: np.ndarray, length: int):
+    super().__init__(tokens, length, stride=length + 1)
+
+  def __getitem__(self, i: int) -> dict:
+    return {"tokens": super().__getitem__(i)}
+
+
+def private_windows(config) -> PrivateWindows:
+  """The training split of config.data as DP-SGD's examples (prepared and
+  tokenized first if needed)."""
+  tok = tokenizer_lib.get(config.data.tokenizer)
+  tokens = load_tokens(prepare(config.data), "train", tok).tokens
+  return PrivateWindows(tokens, seq_len(config))
 
 
 def _share(batches: grain.MapDataset, share_index: int, share_count: int):
@@ -277,10 +303,12 @@ def _share(batches: grain.MapDataset, share_index: int, share_count: int):
 
 
 def train_iterator(tokens: np.ndarray, *, length: int, batch_size: int,
-                   seed: int, share_index: int = 0, share_count: int = 1):
+                   seed: int, share_index: int = 0, share_count: int = 1,
+                   stride: int | None = None):
   """Endless shuffled batches: this process's `batch_size // share_count`
-  rows of each global batch of `batch_size` windows."""
-  windows = grain.MapDataset.source(Windows(tokens, length))
+  rows of each global batch of `batch_size` windows (`Windows`' stride:
+  `length + 1` shuffles DP-SGD's disjoint windows)."""
+  windows = grain.MapDataset.source(Windows(tokens, length, stride))
   if len(windows) < batch_size:
     raise sources.DataError(
         f"The training split has {len(windows)} windows of "
@@ -345,14 +373,20 @@ class Data:
   eval_bytes_per_token: float
 
 
-def make(config, share_index: int = 0, share_count: int = 1) -> Data:
+def make(config, share_index: int = 0, share_count: int = 1,
+         train=None) -> Data:
   """Prepares (if needed) and opens the corpus named by `config.data`.
 
   The global batches are the same for every process count; this process
   gets rows [i*B/n, (i+1)*B/n) of each, with (i, n) = (share_index,
-  share_count) from `lm.parallel.mesh.batch_share`.
+  share_count) from `lm.parallel.mesh.batch_share`. `train`: an iterator
+  to train from instead of the shuffled windows (DP-SGD's Poisson batches).
   """
   tok = tokenizer_lib.get(config.data.tokenizer)
+  if train is not None:
+    return Data(train=train, tokenizer=tok, **eval_data(
+        config, "validation", config.train.eval_batches, share_index,
+        share_count))
   b = prepare(config.data)
   train_tokens = load_tokens(b, "train", tok)
   if config.data.packing == "segments":

@@ -128,8 +128,9 @@ def _batch(config, mesh: dict[str, int], process_count: int) -> None:
             f"multiple of {micro * shards}, or fewer microbatches.")
 
 
-# DP-SGD's per-example gradients are tested for the classifiers' plain
-# step on data, fsdp and tensor axes; each of these would change it.
+# DP-SGD's per-example gradients are tested for the classifiers' and the
+# LM's plain step on data, fsdp and tensor axes; each of these would change
+# it.
 _NOT_PRIVATE = (
     (lambda c, m: c.precision.compute_dtype == "float16",
      "config.precision.compute_dtype='float16'",
@@ -145,6 +146,13 @@ _NOT_PRIVATE = (
     (lambda c, m: m["stage"] > 1 or m["sequence"] > 1 or m["expert"] > 1,
      "config.mesh.stage/sequence/expert > 1",
      "use the data, fsdp and tensor axes"),
+    (lambda c, m: "moe" in c.model and c.model.moe.experts > 0,
+     "config.model.moe.experts > 0", "use a dense model (experts=0)"),
+    (lambda c, m: c.task == "lm" and c.data.packing != "concat",
+     "config.data.packing='segments'",
+     "use config.data.packing='concat': an example is one window of the "
+     "token stream, and packing documents into windows is no fixed "
+     "enumeration of windows to sample from"),
     (lambda c, m: c.data.get("balance_classes", False),
      "config.data.balance_classes=True",
      "set config.data.balance_classes=False (oversampling the small classes"
@@ -153,19 +161,20 @@ _NOT_PRIVATE = (
 
 
 def _privacy(config, mesh: dict[str, int]) -> None:
-  """What DP-SGD trains (the classifiers) and combines with."""
+  """What DP-SGD trains (the classifiers, the LM) and combines with."""
   if not privacy.enabled(config.privacy):
     return
   why = {"gan": "the GAN's generator never sees an example, and its "
                 "discriminator's step mixes real examples with generated "
                 "ones: per-example clipping does not apply",
-         "lm": "per-example gradients of the LM are not supported yet",
-         "sft": "per-example gradients of the LM are not supported yet"}
-  require(config.task == "classify",
+         "sft": "its records are packed several to a window, so a sampled "
+                "window is not one example (per-record sampling is not "
+                "implemented)"}
+  require(config.task in ("classify", "lm"),
           f"config.privacy (DP-SGD) with config.task={config.task!r}: "
           f"{why.get(config.task, 'not supported')}; train the classifiers "
-          "(config.task='classify') privately, or set "
-          "config.privacy.noise_multiplier=0 and target_epsilon=0.")
+          "(config.task='classify') or the LM (config.task='lm') privately, "
+          "or set config.privacy.noise_multiplier=0 and target_epsilon=0.")
   for bad, key, fix in _NOT_PRIVATE:
     require(not bad(config, mesh),
             f"config.privacy (DP-SGD) with {key} is not supported; {fix}.")

@@ -37,7 +37,7 @@ class Task(Protocol):
   def privacy_examples(self) -> int:
     """How many training examples DP-SGD samples from (its accountant's
     dataset size). Called only with config.privacy on, which lm/run/checks.py
-    allows only for the tasks that implement it (classify)."""
+    allows only for the tasks that implement it (classify, lm)."""
 
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data)."""

@@ -17,10 +17,8 @@ import numpy as np
 import optax
 
 from lm import checks, metrics, paths
-from lm.data import genres, images, poisson, sources
-from lm.parallel import mesh as mesh_lib
+from lm.data import genres, images, sources
 from lm.tasks.supervised import Supervised
-from lm.train import privacy
 
 TEXT_DATASETS = ("shakespeare_genres",)
 DATASETS = images.DATASETS + TEXT_DATASETS
@@ -94,47 +92,20 @@ class Classification(Supervised):
   def make_data(self, share_index: int = 0, share_count: int = 1):
     data = make_data(self.config, share_index, share_count)
     if self._poisson():  # DP-SGD: the sampling its accountant assumes.
-      source, transform = self._train_source()
-      data.train = poisson.train_iterator(
-          source, rate=self.config.train.batch_size / len(source),
-          rows=self._padded_rows(share_count) // share_count,
-          seed=self.config.seed, share_index=share_index,
-          share_count=share_count, transform=transform)
+      data.train = self._poisson_train(share_index, share_count)
     return data
 
-  def privacy_examples(self) -> int:
-    """The training examples DP-SGD samples from (the accountant's N)."""
-    return len(self._train_source()[0])
-
-  def _poisson(self) -> bool:
-    c = self.config.privacy
-    return privacy.enabled(c) and c.sampling == "poisson"
-
-  def _train_source(self):
+  def _privacy_source(self):
+    """(train examples, augmentation), read once: what DP-SGD samples."""
     if self._source is None:
       data = genres if self.key == "tokens" else images
       self._source = data.train_source(self.config)
     return self._source
 
-  def _padded_rows(self, share_count: int = 1) -> int:
-    """Global rows of a padded Poisson batch: a multiple of the batch
-    shards x accumulation steps (lm/data/poisson.py)."""
-    config = self.config
-    mesh = mesh_lib.check(config.mesh, jax.device_count(),
-                          jax.process_count())
-    unit = mesh_lib.batch_divisor(mesh) * config.train.grad_accum_steps
-    n = self.privacy_examples()
-    return poisson.padded_rows(n, config.train.batch_size / n,
-                               config.train.steps, unit, share_count)
-
   def batch_spec(self) -> dict:
     """The global train batch's shapes (tools that compile without data);
     DP-SGD's Poisson batches are padded, with a mask."""
-    if self._poisson():
-      b = self._padded_rows()
-      mask = {"mask": jax.ShapeDtypeStruct((b,), jnp.float32)}
-    else:
-      b, mask = self.config.train.batch_size, {}
+    b, mask = self._padded_spec()
     if self.key == "tokens":
       inputs = jax.ShapeDtypeStruct((b, self.config.data.seq_len), jnp.int32)
     else:

@@ -15,6 +15,12 @@ does not change it.
 A mixture-of-experts model adds its layers' weighted auxiliary losses
 (router z-loss, load balancing) to the training loss and logs them with the
 dropped-token fraction.
+
+With DP-SGD (config.privacy) an example is one disjoint window of L+1
+tokens of the training stream (lm/data/pipeline.py's PrivateWindows), each
+step's batch a Poisson sample of them (lm/data/poisson.py), and an
+example's loss its own mean token cross-entropy (a batch of one):
+docs/privacy.md.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from lm.data import pipeline, tokenizer as tokenizer_lib
 from lm.models import attention, transformer
 from lm.parallel import axis_size, context
 from lm.tasks.supervised import Supervised
+from lm.train import privacy
 
 # The fields of a packed batch (lm/data/packing.py).
 PACKED = ("inputs", "targets", "positions", "segment_ids", "weights")
@@ -135,6 +142,7 @@ class LanguageModeling(Supervised):
 
   def __init__(self, config):
     self.config = config
+    self._windows = None  # DP-SGD's examples, once read.
 
   def check(self, model_cfg, mesh: dict[str, int]) -> None:
     del mesh
@@ -163,13 +171,32 @@ class LanguageModeling(Supervised):
         "lower config.data.seq_len.")
 
   def make_data(self, share_index: int = 0, share_count: int = 1):
-    return pipeline.make(self.config, share_index, share_count)
+    train = None  # DP-SGD: batches of its examples, the disjoint windows.
+    if self._poisson():
+      train = self._poisson_train(share_index, share_count)
+    elif privacy.enabled(self.config.privacy):  # sampling=shuffle.
+      windows = self._privacy_source()[0]
+      train = pipeline.train_iterator(
+          windows.tokens, length=windows.length,
+          batch_size=self.config.train.batch_size, seed=self.config.seed,
+          share_index=share_index, share_count=share_count,
+          stride=windows.stride)
+    return pipeline.make(self.config, share_index, share_count, train=train)
+
+  def _privacy_source(self):
+    """DP-SGD's examples: the disjoint windows of the training split."""
+    if self._windows is None:
+      self._windows = pipeline.private_windows(self.config)
+    return self._windows, None
 
   def batch_spec(self) -> dict:
-    """The global train batch's shapes (tools that compile without data)."""
-    rows, length = self.config.train.batch_size, pipeline.seq_len(self.config)
+    """The global train batch's shapes (tools that compile without data);
+    DP-SGD's Poisson batches are padded, with a mask."""
+    rows, mask = self._padded_spec()
+    length = pipeline.seq_len(self.config)
     if self.config.data.packing == "concat":
-      return {"tokens": jax.ShapeDtypeStruct((rows, length + 1), jnp.int32)}
+      return {"tokens": jax.ShapeDtypeStruct((rows, length + 1), jnp.int32),
+              **mask}
     return {k: jax.ShapeDtypeStruct(
         (rows, length), jnp.float32 if k == "weights" else jnp.int32)
             for k in PACKED}

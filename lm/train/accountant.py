@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -135,10 +136,12 @@ def plan(config, num_examples: int) -> Plan:
                  f"more than the {num_examples} training examples; with "
                  "privacy it is the expected batch (sampling rate batch_size"
                  " / examples), so lower it.")
+  # A delta well below 1 / examples: the next power of ten under a tenth.
+  suggest = 10.0 ** (math.floor(math.log10(1 / num_examples)) - 1)
   checks.require(c.delta < 1 / num_examples,
                  f"{key}delta={c.delta:g} is not below 1 / {num_examples} "
                  "training examples: a mechanism that publishes one random "
-                 f"example satisfies it. Use e.g. {key}delta=1e-5.")
+                 f"example satisfies it. Use e.g. {key}delta={suggest:g}.")
   if c.noise_multiplier == 0:  # Spend target_epsilon in exactly the run.
     sigma = calibrate(c.target_epsilon, q, train.steps, c.delta, c.accountant)
     return Plan(sigma, q, c.delta, c.accountant, train.steps, True)

