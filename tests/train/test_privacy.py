@@ -147,7 +147,7 @@ def test_a_sharded_private_run_equals_one_device():
   config.train.update(steps=3, batch_size=10)  # The expected batch.
   ref_history, ref_state, _ = run_steps(config, dict(data=1), batches)
   sharded = config.copy_and_resolve_references()
-  #sharded.train.grad_accum_steps = 2
+  sharded.train.grad_accum_steps = 2
   history, state, _ = run_steps(sharded, dict(data=2, fsdp=2, tensor=2),
                                 batches)
   assert_same_run(history, state, ref_history, ref_state)
