@@ -75,17 +75,35 @@ class _OrbaxErrors(logging.Filter):
     return _verbose()
 
 
+_REPLICA_PARALLEL_OFF = []  # Registered once per process (orbax warns).
+
+
 def _one_writer_per_array() -> None:
-  """With one process, that process writes every replica of every array, so
-  orbax's replica-parallel saving (each replica writes a slice of a
-  replicated shard: for several hosts) only adds work: a compiled slice
-  program per shard shape and device, 56 of them (11 s) for the tiny LM on
-  8 simulated devices. Off there; on for several processes (orbax's
-  default)."""
-  if jax.process_count() == 1:
+  """One process on simulated CPU devices writes every replica of every
+  array itself, so orbax's replica-parallel saving (each replica writes a
+  slice of a replicated shard: spreads the writes over hosts and chips)
+  only adds work there: a compiled slice program per shard shape and
+  device, 56 of them (11 s) for the tiny LM on 8 simulated devices. Off for
+  that case only; several processes, GPUs and TPUs keep orbax's default.
+  The handler is orbax's default one otherwise (its array metadata store
+  keeps typed PRNG keys typed; orbax has no public getter for it)."""
+  if (_REPLICA_PARALLEL_OFF or jax.process_count() > 1
+      or jax.default_backend() != "cpu"):
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  absl_log = logging.getLogger("absl")  # Orbax warns that it overrides.
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
     ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            array_metadata_store=getattr(default, "_array_metadata_store",
+                                         None)),
         override=True)
+  finally:
+    absl_log.setLevel(level)
+  _REPLICA_PARALLEL_OFF.append(True)
 
 
 class Checkpointer:
