@@ -288,7 +288,13 @@ def private_windows(config) -> PrivateWindows:
   tokenized first if needed)."""
   tok = tokenizer_lib.get(config.data.tokenizer)
   tokens = load_tokens(prepare(config.data), "train", tok).tokens
-  return PrivateWindows(tokens, seq_len(config))
+  windows = PrivateWindows(tokens, seq_len(config))
+  if not len(windows):
+    raise sources.DataError(
+        f"The training split has {len(tokens)} tokens, fewer than one "
+        f"window of {seq_len(config) + 1}: DP-SGD has no example to sample; "
+        "lower config.data.seq_len (or config.model.max_len).")
+  return windows
 
 
 def _share(batches: grain.MapDataset, share_index: int, share_count: int):

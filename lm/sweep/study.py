@@ -105,11 +105,14 @@ def _storage(sweep, url: str, engine: dict) -> optuna.storages.RDBStorage:
     except ImportError as e:
       # Optuna wraps the driver's ModuleNotFoundError in an ImportError.
       missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
-      name = getattr(missing, "name", None) or "its driver"
+      name = getattr(missing, "name", None)
+      scheme = url.split(":", 1)[0]  # postgresql+psycopg: psycopg.
+      driver = name or scheme.split("+", 1)[-1]
+      why = "" if name else f": {e}"
       raise ConfigError(
           f"sweep.storage={_hide_password(url)}: its database driver is not "
-          f"installed ({name}); pip install {DRIVERS.get(name, name)} on "
-          "every worker.") from e
+          f"installed ({driver}{why}); pip install "
+          f"{DRIVERS.get(driver, driver)} on every worker.") from e
     except sqlalchemy.exc.ArgumentError as e:
       raise ConfigError(
           f"sweep.storage={_hide_password(url)} is not a database URL "

@@ -37,6 +37,14 @@ def server():
     nobody = pwd.getpwnam("nobody")
     os.chown(folder, nobody.pw_uid, nobody.pw_gid)
     as_user = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+    # A venv under a 0700 home (/root) is closed to `nobody`: its own copy
+    # of the binaries and their libraries (34 MB), laid out as in
+    # site-packages (the binaries find libpq at $ORIGIN/../../../).
+    site = bin_dir.parents[2]
+    shutil.copytree(bin_dir.parent, folder / "pgserver" / "pginstall",
+                    symlinks=True, ignore=shutil.ignore_patterns("include"))
+    shutil.copytree(site / "pgserver.libs", folder / "pgserver.libs")
+    bin_dir = folder / "pgserver" / "pginstall" / "bin"
   data = folder / "data"
 
   def run(*args):
