@@ -26,7 +26,6 @@ from typing import Callable
 
 import grain
 import numpy as np
-from scipy import stats
 
 from lm.data.sources import DataError
 
@@ -44,6 +43,7 @@ def padded_rows(num_examples: int, rate: float, steps: int, unit: int,
                     "shards are a multiple of the processes.")
   mine = math.ceil(num_examples / share_count)
   per_step = OVERFLOW / (steps * share_count)
+  from scipy import stats  # noqa: PLC0415 - 0.4 s: not at import.
   need = int(stats.binom.isf(per_step, mine, rate))
   while need < mine and stats.binom.sf(need, mine, rate) > per_step:
     need += 1

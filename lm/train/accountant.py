@@ -20,11 +20,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-
-import dp_accounting
-from dp_accounting import pld, rdp
+import typing
 
 from lm import checks
+
+if typing.TYPE_CHECKING:
+  import dp_accounting
+
+
+def _dp():
+  """dp-accounting, imported when privacy is on: it pulls in scipy.signal
+  (1-3 s), which every other run would pay at start-up."""
+  import dp_accounting  # noqa: PLC0415
+  import dp_accounting.pld  # noqa: PLC0415, F401
+  import dp_accounting.rdp  # noqa: PLC0415, F401
+  return dp_accounting
 
 
 class _KnownOrderWarnings(logging.Filter):
@@ -43,6 +53,7 @@ logging.getLogger("absl").addFilter(_KnownOrderWarnings())
 def event(noise_multiplier: float, sampling_rate: float, steps: int
           ) -> dp_accounting.DpEvent:
   """`steps` Poisson-subsampled Gaussian mechanisms."""
+  dp_accounting = _dp()
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(
           sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
@@ -51,9 +62,9 @@ def event(noise_multiplier: float, sampling_rate: float, steps: int
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
   if name == "rdp":
-    return rdp.RdpAccountant()
+    return _dp().rdp.RdpAccountant()
   if name == "pld":
-    return pld.PLDAccountant()
+    return _dp().pld.PLDAccountant()
   raise ValueError(f"config.privacy.accountant={name!r} is unknown; use rdp "
                    "or pld.")
 
@@ -72,6 +83,7 @@ def calibrate(target_epsilon: float, sampling_rate: float, steps: int,
               delta: float, accountant: str = "rdp") -> float:
   """The smallest noise multiplier (to 1e-4 relative) whose `steps` steps
   spend at most `target_epsilon` at `delta`."""
+  dp_accounting = _dp()
   sigma = dp_accounting.calibrate_dp_mechanism(
       lambda: _accountant(accountant),
       lambda s: event(s, sampling_rate, steps), target_epsilon, delta,
