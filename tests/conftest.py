@@ -173,31 +173,39 @@ def pytest_collection_modifyitems(items):
 # modules in SPLIT_MODULES, which share nothing but session fixtures.
 SPLIT_MODULES = ("tests/e2e/test_docs_commands.py", "tests/e2e/test_multihost.py",
                  "tests/e2e/test_resume.py")
-# The slowest units, slowest first (CPU seconds with a cold compilation
-# cache on a 2-core machine, 2026-11-29: 195 ... 22). A unit not named here
+# The slowest units, slowest first (seconds on a loaded 2-core machine with a
+# cold compilation cache, 2026-11-30: 616 ... 30). A unit not named here
 # runs after these, in collection order; a stale entry costs only balance.
 _DOCS = "tests/e2e/test_docs_commands.py::test_every_command_runs"
 _MULTIHOST = "tests/e2e/test_multihost.py::test_"
 LONGEST_FIRST = (
-    "tests/parallel/test_strategies.py", f"{_DOCS}[docs/interop.md]",
-    "tests/parallel/test_inspect.py", "tests/quant/test_quant.py",
-    "tests/models/test_families.py", "tests/models/test_perf_options.py",
-    "tests/interop/test_hf.py", f"{_DOCS}[docs/compression.md]",
-    "tests/train/test_precision.py", "tests/e2e/test_faults.py",
-    "tests/train/test_lora.py", f"{_DOCS}[docs/parallelism.md]",
-    f"{_DOCS}[README.md]", "tests/models/test_model.py",
-    "tests/serve/test_engine.py", "tests/parallel/test_pipeline.py",
-    "tests/parallel/test_context.py", "tests/parallel/test_parallel.py",
-    f"{_MULTIHOST}two_processes_equal_one_process_across_a_resume",
-    f"{_DOCS}[docs/finetuning.md]", "tests/interop/test_export.py",
-    "tests/models/test_segments.py", f"{_DOCS}[docs/evaluation.md]",
-    "tests/tasks/test_tasks.py", "tests/tasks/test_sft.py",
+    "tests/parallel/test_strategies.py", "tests/quant/test_quant.py",
+    "tests/parallel/test_inspect.py", "tests/models/test_families.py",
+    "tests/models/test_perf_options.py", "tests/interop/test_hf.py",
+    f"{_DOCS}[docs/interop.md]", f"{_DOCS}[docs/compression.md]",
+    "tests/e2e/test_faults.py", "tests/tasks/test_tasks.py",
+    "tests/train/test_lora.py", "tests/run/test_tracking.py",
+    "tests/interop/test_export.py", "tests/run/test_aot.py",
+    "tests/models/test_model.py", "tests/train/test_prune.py",
+    f"{_DOCS}[docs/parallelism.md]", "tests/parallel/test_pipeline.py",
+    "tests/serve/test_engine.py", f"{_DOCS}[README.md]",
+    "tests/train/test_precision.py", "tests/models/test_segments.py",
+    "tests/models/test_moe.py", "tests/tasks/test_sft.py",
+    "tests/parallel/test_parallel.py", "tests/parallel/test_context.py",
     "tests/serve/test_server.py",
+    f"{_MULTIHOST}two_processes_equal_one_process_across_a_resume",
+    f"{_DOCS}[docs/finetuning.md]",
     f"{_MULTIHOST}a_killed_process_ends_the_job_and_nothing_is_lost",
-    "tests/train/test_prune.py", f"{_DOCS}[docs/multihost.md]",
-    "tests/models/test_moe.py", "tests/e2e/test_resume.py::test_resume_"
-    "in_a_fresh_process_is_exact", "tests/interop/test_harness.py",
-    "tests/train/test_distill.py", "tests/run/test_cli.py")
+    "tests/run/test_cli.py", "tests/interop/test_harness.py",
+    "tests/train/test_distill.py", "tests/train/test_privacy.py",
+    "tests/explain/test_integrated_gradients.py", "tests/train/test_optim.py",
+    f"{_DOCS}[docs/multihost.md]", "tests/models/test_sample.py",
+    f"{_DOCS}[docs/evaluation.md]",
+    f"{_MULTIHOST}sigterm_on_one_process_saves_one_checkpoint_on_all",
+    "tests/e2e/test_distill_run.py",
+    f"{_MULTIHOST}a_two_process_import_reads_half_each_and_equals_one_process",
+    "tests/e2e/test_resume.py::test_resume_in_a_fresh_process_is_exact",
+    "tests/parallel/test_reduce.py", f"{_DOCS}[docs/planning.md]")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
