@@ -70,29 +70,37 @@ def train(config: str, args: list[str], workdir: Path) -> dict:
                     if k not in ("step", "split")})
 
 
+def epsilon_rows(config: str, shared: list[str], workdir_root: Path,
+                 steps: int | None, metric: str) -> dict:
+  """The non-private run and one per epsilon of EPSILONS (noise calibrated
+  for the planned steps), each with the `shared` overrides; `steps`: a
+  check of the script only (a few steps, no measurement)."""
+  if steps:
+    shared = [a for a in shared if "steps=" not in a and "every=" not in a]
+    shared += common.few_steps(steps)
+  rows = {}
+  for eps in (None, *EPSILONS):
+    label = "non-private" if eps is None else f"epsilon {eps:g}"
+    args = list(shared)
+    if eps is not None:
+      args += [f"--config.privacy.target_epsilon={eps}",
+               f"--config.privacy.delta={DELTA}"]
+    rows[label] = train(config, args, workdir_root / label.replace(" ", "_"))
+    print(workdir_root.name, label, rows[label]["eval"][metric],
+          f"{rows[label]['wall_s']:.0f} s", flush=True)
+  return rows
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir_root", type=Path, default=Path("runs/privacy"))
   common.add_steps_flag(parser)
   common.add_out_flag(parser, NAME)
   flags = parser.parse_args(argv)
-  results = {}
-  for dataset, (config, shared) in RUNS.items():
-    if flags.steps:  # A check of this script only.
-      shared = [a for a in shared if "steps=" not in a and "every=" not in a]
-      shared += common.few_steps(flags.steps)
-    rows = {}
-    for eps in (None, *EPSILONS):
-      label = "non-private" if eps is None else f"epsilon {eps:g}"
-      args = list(shared)
-      if eps is not None:
-        args += [f"--config.privacy.target_epsilon={eps}",
-                 f"--config.privacy.delta={DELTA}"]
-      rows[label] = train(config, args,
-                          flags.workdir_root / dataset / label.replace(" ", "_"))
-      print(dataset, label, rows[label]["eval"]["accuracy"],
-            f"{rows[label]['wall_s']:.0f} s", flush=True)
-    results[dataset] = rows
+  results = {dataset: epsilon_rows(config, shared,
+                                   flags.workdir_root / dataset, flags.steps,
+                                   "accuracy")
+             for dataset, (config, shared) in RUNS.items()}
   common.write(NAME, {"delta": DELTA, "runs": results}, flags.out, argv=None)
 
 

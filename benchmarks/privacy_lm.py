@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.privacy import DELTA, EPSILONS, train
+from benchmarks.privacy import DELTA, EPSILONS, epsilon_rows
 
 NAME = "privacy_lm"
 CONFIG = "configs/lm.py:tiny"
@@ -36,21 +36,7 @@ def main(argv: list[str]) -> None:
   common.add_steps_flag(parser)
   common.add_out_flag(parser, NAME)
   flags = parser.parse_args(argv)
-  shared = list(SHARED)
-  if flags.steps:  # A check of this script only.
-    shared = [a for a in shared if "steps=" not in a and "every=" not in a]
-    shared += common.few_steps(flags.steps)
-  rows = {}
-  for eps in (None, *EPSILONS):
-    label = "non-private" if eps is None else f"epsilon {eps:g}"
-    args = list(shared)
-    if eps is not None:
-      args += [f"--config.privacy.target_epsilon={eps}",
-               f"--config.privacy.delta={DELTA}"]
-    rows[label] = train(CONFIG, args,
-                        flags.workdir_root / label.replace(" ", "_"))
-    print(label, rows[label]["eval"]["loss"], f"{rows[label]['wall_s']:.0f} s",
-          flush=True)
+  rows = epsilon_rows(CONFIG, SHARED, flags.workdir_root, flags.steps, "loss")
   common.write(NAME, {"delta": DELTA, "config": CONFIG, "runs": rows},
                flags.out, argv=None)
 
