@@ -31,10 +31,13 @@ GOAL_S = 300
 RECIPES = {
     "demo": ("`make demo`: configs/lm.py:tiny as it is (float32, batch 32, "
              "400 steps)", []),
-    "fast": ("bfloat16 compute, batch 8, 1,800 steps",
+    "fast": ("bfloat16 compute, batch 8, 2,000 steps, peak learning rate "
+             "4e-3 decayed to 0",
              ["--config.precision.compute_dtype=bfloat16",
-              "--config.train.batch_size=8", "--config.train.steps=1800",
-              "--config.train.eval_every=450",
+              "--config.train.batch_size=8", "--config.train.steps=2000",
+              "--config.train.eval_every=500",
+              "--config.optimizer.learning_rate=4e-3",
+              "--config.optimizer.end_learning_rate_fraction=0.0",
               # The demo's 8 eval batches of 32: the same 256 windows.
               "--config.train.eval_batches=32"]),
 }
