@@ -1,10 +1,15 @@
 """Every test runs on 8 simulated CPU devices (set before jax is imported)."""
 import os
+import re
 import sys
 
 # The caller's XLA flags (e.g. --xla_cpu_max_isa=AVX2, to run the suite as
 # on a CPU without AVX-512) apply to the tests and to every script they start.
-BASE_XLA_FLAGS = os.environ.get("XLA_FLAGS", "").strip()
+# Not the device count: xdist's workers inherit the environment this module
+# sets below in the controller, and a script a test runs on one device must
+# get one there too.
+BASE_XLA_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                        os.environ.get("XLA_FLAGS", "")).strip()
 
 
 def xla_flags(devices: int = 8) -> str:
