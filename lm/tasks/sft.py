@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 
-from lm import checks
 from lm.data import sft as sft_data
 from lm.tasks import language
 from lm.tasks.language import LanguageModeling
+from lm.tasks.supervised import Supervised
 
 
 class FineTuning(LanguageModeling):
@@ -31,13 +31,9 @@ class FineTuning(LanguageModeling):
   def make_data(self, share_index: int = 0, share_count: int = 1):
     return sft_data.make(self.config, share_index, share_count)
 
-  def _privacy_source(self):
-    """Not the LM's windows: lm/run/checks.py refuses DP-SGD for SFT
-    (records are packed several to a window) before this is asked."""
-    raise checks.ConfigError(
-        "config.privacy (DP-SGD) with config.task='sft' is not supported: "
-        "its records are packed several to a window, so a sampled window is "
-        "not one example; train config.task='lm' privately.")
+  # Not the LM's windows: lm/run/checks.py refuses DP-SGD for SFT (records
+  # are packed several to a window) before this could be asked.
+  _privacy_source = Supervised._privacy_source
 
   @staticmethod
   def summarize(outputs: list[dict], data, *, workdir=None,

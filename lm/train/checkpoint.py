@@ -20,6 +20,7 @@ What goes wrong, and what happens (docs/troubleshooting.md):
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -75,9 +76,7 @@ class _OrbaxErrors(logging.Filter):
     return _verbose()
 
 
-_REPLICA_PARALLEL_OFF = []  # Registered once per process (orbax warns).
-
-
+@functools.cache  # Once per process: orbax warns at each registration.
 def _one_writer_per_array() -> None:
   """One process on simulated CPU devices writes every replica of every
   array itself, so orbax's replica-parallel saving (each replica writes a
@@ -87,8 +86,7 @@ def _one_writer_per_array() -> None:
   that case only; several processes, GPUs and TPUs keep orbax's default.
   The handler is orbax's default one otherwise (its array metadata store
   keeps typed PRNG keys typed; orbax has no public getter for it)."""
-  if (_REPLICA_PARALLEL_OFF or jax.process_count() > 1
-      or jax.default_backend() != "cpu"):
+  if jax.process_count() > 1 or jax.default_backend() != "cpu":
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
   absl_log = logging.getLogger("absl")  # Orbax warns that it overrides.
@@ -103,7 +101,6 @@ def _one_writer_per_array() -> None:
         override=True)
   finally:
     absl_log.setLevel(level)
-  _REPLICA_PARALLEL_OFF.append(True)
 
 
 class Checkpointer:

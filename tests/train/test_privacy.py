@@ -47,6 +47,38 @@ def _batch(rows: int, scale: float):
           "label": rng.integers(0, 10, rows).astype(np.int32)}
 
 
+def _one_at_a_time(loss, graphdef, params, batch, rows: int):
+  """The reference for per-example gradients: jax.grad of each row's loss,
+  taken alone (one compile, `rows` calls). (losses, gradients, their global
+  norms in float64)."""
+  single = jax.jit(jax.value_and_grad(
+      lambda p, one: loss(nnx.merge(graphdef, p), one, None)[0]))
+  values, grads, norms = [], [], []
+  for i in range(rows):
+    value, g = single(params, {k: v[i:i + 1] for k, v in batch.items()})
+    values.append(value)
+    grads.append(g)
+    norms.append(float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                                   for x in jax.tree.leaves(g)))))
+  return values, grads, norms
+
+
+def _assert_clipped(clipped_B, norms, clip: float, params) -> np.ndarray:
+  """Every clipped row's norm is at most `clip`: the rows whose norm
+  (`norms`, before clipping) exceeded it at exactly `clip`, the others
+  unchanged. Returns which rows were clipped."""
+  after = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)),
+                             axis=tuple(range(1, x.ndim)))
+                      for x in jax.tree.leaves(clipped_B)))
+  eps32 = np.finfo(np.float32).eps
+  tol = 4 * eps32 * np.sqrt(sum(x.size for x in jax.tree.leaves(params)))
+  assert np.all(after <= clip * (1 + tol))
+  big = np.array(norms) > clip
+  np.testing.assert_allclose(after[big], clip, rtol=tol)
+  np.testing.assert_allclose(after[~big], np.array(norms)[~big], rtol=tol)
+  return big
+
+
 def test_every_example_is_clipped_and_the_sum_is_of_the_masked_rows():
   """Per-example gradients (vmap) equal each example's own gradient; after
   clipping each has norm <= clip_norm (the large ones exactly clip_norm,
@@ -57,15 +89,7 @@ def test_every_example_is_clipped_and_the_sum_is_of_the_masked_rows():
   key = jax.random.key(0)
   (_, _), grads_B = jax.jit(lambda p, b: privacy._example_grads(
       loss, p, graphdef, b, key))(params, batch)
-  # The reference: one example at a time (one compile, six calls).
-  single = jax.jit(jax.grad(
-      lambda p, one: loss(nnx.merge(graphdef, p), one, None)[0]))
-  norms, singles = [], []
-  for i in range(rows):
-    g = single(params, {k: v[i:i + 1] for k, v in batch.items()})
-    singles.append(g)
-    norms.append(float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
-                                   for x in jax.tree.leaves(g)))))
+  _, singles, norms = _one_at_a_time(loss, graphdef, params, batch, rows)
   for i in range(rows):
     assert_reordered(jax.tree.map(lambda x: x[i], grads_B), singles[i],
                      reduction=32)
@@ -74,16 +98,9 @@ def test_every_example_is_clipped_and_the_sum_is_of_the_masked_rows():
   assert min(norms) < clip < max(norms)
 
   clipped_B, norms_B = privacy.clip(grads_B, clip)
-  after = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)),
-                             axis=tuple(range(1, x.ndim)))
-                      for x in jax.tree.leaves(clipped_B)))
   eps32 = np.finfo(np.float32).eps
   np.testing.assert_allclose(norms_B, norms, rtol=8 * eps32 * np.sqrt(32))
-  tol = 4 * eps32 * np.sqrt(sum(x.size for x in jax.tree.leaves(params)))
-  assert np.all(after <= clip * (1 + tol))
-  big = np.array(norms) > clip
-  np.testing.assert_allclose(after[big], clip, rtol=tol)
-  np.testing.assert_allclose(after[~big], np.array(norms)[~big], rtol=tol)
+  big = _assert_clipped(clipped_B, norms, clip, params)
 
   mask = np.array([1, 0, 1, 1, 0, 1], np.float32)
   sums, summed = jax.jit(lambda p, b: privacy.clipped_sum(
@@ -233,16 +250,9 @@ def test_the_lms_per_example_gradients_are_each_sequences_own_clipped():
   key = jax.random.key(0)
   (loss_B, _), grads_B = jax.jit(lambda p, b: privacy._example_grads(
       loss, p, graphdef, b, key))(params, batch)
-  # The reference: a plain loop of jax.grad, one window at a time.
-  single = jax.jit(jax.value_and_grad(
-      lambda p, one: loss(nnx.merge(graphdef, p), one, None)[0]))
-  norms, singles = [], []
-  for i in range(rows):
-    value, g = single(params, {"tokens": batch["tokens"][i:i + 1]})
-    singles.append(g)
-    norms.append(float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
-                                   for x in jax.tree.leaves(g)))))
-    np.testing.assert_allclose(loss_B[i], value, rtol=1e-6)
+  values, singles, norms = _one_at_a_time(loss, graphdef, params, batch,
+                                          rows)
+  np.testing.assert_allclose(loss_B, values, rtol=1e-6)
   for i in range(rows):
     # A weight's gradient sums over the window's tokens and the width.
     assert_reordered(jax.tree.map(lambda x: x[i], grads_B), singles[i],
@@ -250,12 +260,4 @@ def test_the_lms_per_example_gradients_are_each_sequences_own_clipped():
   clip = float(np.median(norms))  # Some clipped, some not.
   assert min(norms) < clip < max(norms)
   clipped_B, _ = jax.jit(privacy.clip, static_argnums=1)(grads_B, clip)
-  after = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)),
-                             axis=tuple(range(1, x.ndim)))
-                      for x in jax.tree.leaves(clipped_B)))
-  eps32 = np.finfo(np.float32).eps
-  tol = 4 * eps32 * np.sqrt(sum(x.size for x in jax.tree.leaves(params)))
-  assert np.all(after <= clip * (1 + tol))
-  big = np.array(norms) > clip
-  np.testing.assert_allclose(after[big], clip, rtol=tol)
-  np.testing.assert_allclose(after[~big], np.array(norms)[~big], rtol=tol)
+  _assert_clipped(clipped_B, norms, clip, params)
