@@ -8,6 +8,8 @@ A table lives between `<!-- table: NAME:TABLE -->` and `<!-- end table -->`:
 benchmarks/NAME.py's `tables(results)["TABLE"]`, from
 benchmarks/results/NAME.json, under a line naming the command that measured
 it, its date and the CPU. Nothing between the markers is written by hand.
+A second machine's results go to `NAME--LABEL.json` (the benchmark's `--out`)
+and render through NAME's `tables` under `<!-- table: NAME--LABEL:TABLE -->`.
 """
 from __future__ import annotations
 
@@ -24,14 +26,22 @@ BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+):(?P<table>[\w.-]+) -->\n)"
 
 def source_line(results: dict) -> str:
   cpu = results["machine"]["cpu"]
-  bf16 = "with" if cpu["avx512_bf16"] else "without"
+  bf16 = f"{'with' if cpu['avx512_bf16'] else 'without'} AVX512-BF16"
+  if "amx_bf16" in cpu:  # Recorded since the peer benchmark: AMX tiles.
+    bf16 += " and AMX" if cpu["amx_bf16"] else ", without AMX"
   return (f"Measured by `{results['command']}` on {results['date']} "
           f"(commit {results['commit']}; {cpu['model']}, {cpu['cores']} "
-          f"cores, {bf16} AVX512-BF16; jax {results['machine'].get('jax')}).")
+          f"cores, {bf16}; jax {results['machine'].get('jax')}).")
+
+
+def _command(name: str) -> str:
+  module, _, label = name.partition("--")
+  out = f" --out=benchmarks/results/{name}.json" if label else ""
+  return f"python benchmarks/{module}.py{out}"
 
 
 def render_block(name: str, table: str) -> str:
-  module = importlib.import_module(f"benchmarks.{name}")
+  module = importlib.import_module(f"benchmarks.{name.split('--')[0]}")
   results = common.read(name)
   return f"{source_line(results)}\n\n{module.tables(results)[table]}\n"
 
@@ -62,7 +72,7 @@ def main(argv: list[str]) -> int:
     return 1
   if missing:
     print("no results for " + ", ".join(sorted(missing)) + " (run "
-          + " and ".join(f"python benchmarks/{n}.py" for n in sorted(missing))
+          + " and ".join(_command(n) for n in sorted(missing))
           + "); their tables are unchanged")
     return 1
   return 0
