@@ -34,14 +34,18 @@ def source_line(results: dict) -> str:
           f"cores, {bf16}; jax {results['machine'].get('jax')}).")
 
 
+def _script(name: str) -> str:
+  """NAME--LABEL (a second machine's results) is measured by NAME.py."""
+  return name.partition("--")[0]
+
+
 def _command(name: str) -> str:
-  module, _, label = name.partition("--")
-  out = f" --out=benchmarks/results/{name}.json" if label else ""
-  return f"python benchmarks/{module}.py{out}"
+  out = f" --out=benchmarks/results/{name}.json" if "--" in name else ""
+  return f"python benchmarks/{_script(name)}.py{out}"
 
 
 def render_block(name: str, table: str) -> str:
-  module = importlib.import_module(f"benchmarks.{name.split('--')[0]}")
+  module = importlib.import_module(f"benchmarks.{_script(name)}")
   results = common.read(name)
   return f"{source_line(results)}\n\n{module.tables(results)[table]}\n"
 
