@@ -248,29 +248,28 @@ def test_chunked_attention_in_low_precision_follows_xla(dtype):
                      reduction=1)
 
 
-def test_rope_table_equals_the_formula():
-  """RoPE from the numpy sin/cos table equals computing the angles in the
-  step, at arbitrary (context-parallel-like) positions."""
-  x = jax.random.normal(jax.random.key(3), (2, 6, 3, 8))
-  positions = jnp.array([[0, 5, 1, 4, 2, 3], [17, 9, 11, 0, 23, 8]])
-  inv_freq = 10_000.0 ** (-jnp.arange(4) / 4)
-  angle = positions[:, :, None, None] * inv_freq
-  x1, x2 = x[..., :4], x[..., 4:]
-  want = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
-                          x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
-  np.testing.assert_allclose(layers.rope(x, positions, 10_000.0, 24), want,
-                             rtol=1e-5, atol=1e-5)
+# Arbitrary (context-parallel-like) positions, below max_len 24.
+ROPE_POSITIONS = [[0, 5, 1, 4, 2, 3], [17, 9, 11, 0, 23, 8]]
 
 
 def _rope_formula(x, positions):
-  """RoPE with the angles computed in the step, as plain jnp (autodiff's
-  gradient is the reference for the custom VJP)."""
+  """RoPE with the angles computed in the step, in plain jnp: the reference
+  for the table's values and (by autodiff) for the custom VJP's gradient."""
   half = x.shape[-1] // 2
   inv_freq = 10_000.0 ** (-jnp.arange(half) / half)
   angle = positions[:, :, None, None] * inv_freq
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
                           x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+
+
+def test_rope_table_equals_the_formula():
+  """RoPE from the numpy sin/cos table equals computing the angles in the
+  step."""
+  x = jax.random.normal(jax.random.key(3), (2, 6, 3, 8))
+  positions = jnp.array(ROPE_POSITIONS)
+  np.testing.assert_allclose(layers.rope(x, positions, 10_000.0, 24),
+                             _rope_formula(x, positions), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -282,7 +281,7 @@ def test_rope_gradient_equals_autodiff(dtype):
   kx, kg = jax.random.split(jax.random.key(4))
   x = jax.random.normal(kx, (2, 6, 3, 8)).astype(dtype)
   g = jax.random.normal(kg, x.shape).astype(dtype)
-  positions = jnp.array([[0, 5, 1, 4, 2, 3], [17, 9, 11, 0, 23, 8]])
+  positions = jnp.array(ROPE_POSITIONS)
   _, back = jax.vjp(lambda x: layers.rope(x, positions, 10_000.0, 24), x)
   _, back_want = jax.vjp(
       lambda x: _rope_formula(x.astype(jnp.float32), positions).astype(dtype),
