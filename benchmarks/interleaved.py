@@ -12,6 +12,13 @@ drift of a shared machine hits all variants alike. Prints each variant's
 median step time, its speed against the first variant, and its compile time.
 Differences under ~3% are within this machine's run-to-run noise.
 
+--all_devices lays the config's mesh over every device instead of one, e.g.
+the demo's mesh of 8 simulated devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  python benchmarks/interleaved.py --size=tiny --all_devices \
+      'mesh.data=2' 'mesh.fsdp=2' 'mesh.tensor=2' -- '' 'model.fused_qkv=True'
+
 An exploration tool: it prints its table and writes no JSON, so nothing it
 measures is published in the docs (benchmarks/common.py); what the docs
 show comes from benchmarks/perf_options.py and the others.
@@ -41,6 +48,9 @@ def main():
   parser.add_argument("--size", default="bench")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--all_devices", action="store_true",
+                      help="The config's mesh over every device (default: "
+                      "one device).")
   parser.add_argument("common", nargs="*")
   argv = sys.argv[1:]
   split = argv.index("--") if "--" in argv else len(argv)
@@ -60,7 +70,8 @@ def main():
   from lm.data import pipeline  # noqa: PLC0415
 
   base_config = _override(lm_config.get_config(args.size), common)
-  mesh = lm.parallel.make_mesh(base_config.mesh, jax.devices()[:1])
+  devices = jax.devices() if args.all_devices else jax.devices()[:1]
+  mesh = lm.parallel.make_mesh(base_config.mesh, devices)
   rng = np.random.default_rng(0)
   runs = []
   with jax.set_mesh(mesh):
