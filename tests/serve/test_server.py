@@ -36,7 +36,12 @@ LIMIT = 48  # --max_tokens_limit
 # Slots fewer than the concurrent requests (a queue), chunks shorter than
 # most prompts (several prefill steps each).
 SERVE_ARGS = ["--port=0", "--slots=4", "--prefill_chunk=8",
-              "--prefill_batch=2", f"--max_tokens_limit={LIMIT}"]
+              "--prefill_batch=2"]
+# The tests that race a request against the client or a signal need one
+# that outlasts any stall of a loaded machine: the tiny model decodes 48
+# tokens in ~40 ms, but with a 4,096-token cache each token takes ~4.5 ms
+# on a 2-core AMD EPYC (CI once lost the 40 ms race).
+LONG_LEN = 4096
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +60,13 @@ def run(tmp_path_factory):
   return workdir
 
 
-def _start(workdir, log_path):
+def _start(workdir, log_path, limit=LIMIT):
   """(process, base url): scripts/serve.py once its startup line is out."""
   log = open(log_path, "w")
   proc = subprocess.Popen(
       [sys.executable, "scripts/serve.py", f"--workdir={workdir}",
-       *SERVE_ARGS], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+       *SERVE_ARGS, f"--max_tokens_limit={limit}"], cwd=REPO,
+      stdout=subprocess.PIPE, stderr=log, text=True,
       env=dict(os.environ, XLA_FLAGS=BASE_XLA_FLAGS))
   line = proc.stdout.readline()
   if not line.startswith("serving"):
@@ -68,6 +74,12 @@ def _start(workdir, log_path):
     raise AssertionError(line + open(log_path).read()[-3000:])
   port = re.search(r":(\d+)/v1", line)[1]
   return proc, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+  """The tiny random LM with a LONG_LEN context: slow to decode to its end."""
+  return init_run(tmp_path_factory.mktemp("long"), max_len=LONG_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -261,30 +273,36 @@ def test_bad_chat_requests_and_the_server_stays_up(server):
       model="init", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_a_client_that_leaves_frees_its_slot(server):
-  health = f"{server.removesuffix('/v1')}/health"
-  aborted = httpx.get(health).json()["finished"].get("abort", 0)
-  with httpx.stream("POST", f"{server}/completions", timeout=60, json=dict(
-      prompt="x", max_tokens=LIMIT, temperature=0, stream=True)) as r:
-    lines = r.iter_lines()
-    assert next(lines).startswith("data: ")
-  # Gone after one chunk: the request ends as aborted, not at its length.
-  deadline = time.monotonic() + 30
-  while time.monotonic() < deadline:
-    now = httpx.get(health).json()
-    if now["busy"] == 0 and now["finished"].get("abort", 0) == aborted + 1:
-      break
-    time.sleep(0.1)
-  assert now["busy"] == 0 and now["finished"].get("abort", 0) == aborted + 1
+def test_a_client_that_leaves_frees_its_slot(long_run, tmp_path):
+  proc, url = _start(long_run, tmp_path / "serve.log", limit=LONG_LEN)
+  try:
+    health = f"{url.removesuffix('/v1')}/health"
+    with httpx.stream("POST", f"{url}/completions", timeout=60, json=dict(
+        prompt="x", max_tokens=LONG_LEN - 8, temperature=0, stream=True)) as r:
+      lines = r.iter_lines()
+      assert next(lines).startswith("data: ")
+    # Gone after one chunk: the request ends as aborted, not at its length,
+    # and its slot frees at the next step, long before the ~18 s its
+    # 4,088 tokens would take (so a server that forgets to cancel fails).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+      now = httpx.get(health).json()
+      if now["busy"] == 0 and now["finished"] == {"abort": 1}:
+        break
+      time.sleep(0.1)
+    assert now["busy"] == 0 and now["finished"] == {"abort": 1}, now
+  finally:
+    proc.kill()
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
-    run, tmp_path):
-  proc, url = _start(run, tmp_path / "serve.log")
+    long_run, tmp_path):
+  proc, url = _start(long_run, tmp_path / "serve.log", limit=LONG_LEN)
   try:
     chunks = []
+    # ~2 s of decoding: still in flight when the signal lands.
     with httpx.stream("POST", f"{url}/completions", timeout=60, json=dict(
-        prompt="x", max_tokens=LIMIT, temperature=0, stream=True)) as r:
+        prompt="x", max_tokens=400, temperature=0, stream=True)) as r:
       lines = r.iter_lines()
       chunks.append(next(lines))
       proc.send_signal(signal.SIGTERM)
