@@ -2,7 +2,13 @@ r"""Time to quality: validation bits per byte against wall-clock seconds, for
 the demo's recipe and the faster one, on the demo's mesh (8 simulated CPU
 devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
 
-    python benchmarks/time_to_quality.py [--only=demo,fast]
+    python benchmarks/time_to_quality.py [--only=demo,fast] [--seeds=3]
+
+Each recipe trains once per seed (`--config.seed`: the initial weights and
+the data order; seed 0 is the command as the docs give it). One seed's
+final figure moves by about 0.01 with anything that changes the rounding,
+which is more than the goal's margin, so the table reports the median over
+seeds, their range, and how many seeds met the goal.
 
 --only re-measures those recipes and keeps the others' runs from the
 results file when it was measured on the same CPU.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,10 +90,13 @@ def plot(results: dict, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  for name, run in results["runs"].items():
-    ax.plot([e["seconds"] / 60 for e in run["evals"]],
-            [e["bits_per_byte"] for e in run["evals"]], marker="o",
-            label=f"{name}: {RECIPES[name][0].split(':')[0]}")
+  for i, (name, run) in enumerate(results["runs"].items()):
+    for j, seed in enumerate(run["seeds"]):
+      ax.plot([e["seconds"] / 60 for e in seed["evals"]],
+              [e["bits_per_byte"] for e in seed["evals"]], marker="o",
+              color=f"C{i}", alpha=0.8, lw=1, ms=3,
+              label=(f"{name} ({len(run['seeds'])} seeds)" if j == 0
+                     else None))
   ax.axhline(GOAL_BPB, color="grey", ls="--", lw=0.8)
   ax.axvline(GOAL_S / 60, color="grey", ls=":", lw=0.8)
   ax.set_xlabel("wall-clock minutes from launch (2-core CPU, 8 simulated "
@@ -108,24 +118,32 @@ def _kept(path: Path, names: list[str]) -> dict:
   if old["machine"]["cpu"] != common.cpu():
     return {}
   return {k: v for k, v in old["runs"].items()
-          if k in RECIPES and k not in names}
+          if k in RECIPES and k not in names and "seeds" in v}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--only", default=",".join(RECIPES),
                       help="Comma-separated recipes to run.")
+  parser.add_argument("--seeds", type=int, default=3,
+                      help="Runs per recipe, with config.seed 0..N-1.")
   common.add_out_flag(parser, NAME)
   args = parser.parse_args()
   names = common.parse_only(parser, args.only, RECIPES)
+  if args.seeds < 1:
+    parser.error(f"--seeds={args.seeds}: need at least 1.")
   runs = _kept(args.out, names)
   for name in names:
-    with tempfile.TemporaryDirectory() as tmp:
-      runs[name] = {"overrides": RECIPES[name][1],
-                    "evals": train(RECIPES[name][1], Path(tmp) / "run")}
-    last = runs[name]["evals"][-1]
-    print(f"{name}: {last['bits_per_byte']:.3f} bits per byte at step "
-          f"{last['step']}, {last['seconds']:.0f} s", flush=True)
+    runs[name] = {"overrides": RECIPES[name][1], "seeds": []}
+    for seed in range(args.seeds):
+      with tempfile.TemporaryDirectory() as tmp:
+        evals = train([*RECIPES[name][1], f"--config.seed={seed}"],
+                      Path(tmp) / "run")
+      runs[name]["seeds"].append({"seed": seed, "evals": evals})
+      last = evals[-1]
+      print(f"{name}, seed {seed}: {last['bits_per_byte']:.4f} bits per "
+            f"byte at step {last['step']}, {last['seconds']:.0f} s",
+            flush=True)
   runs = {k: runs[k] for k in RECIPES if k in runs}
   path = common.write(NAME, {"runs": runs}, args.out)
   plot(json.loads(path.read_text()), path.with_suffix(".png"))
@@ -135,17 +153,20 @@ def main() -> None:
 def tables(results: dict) -> dict[str, str]:
   rows = []
   for name, run in results["runs"].items():
-    last = run["evals"][-1]
-    reached = next((e for e in run["evals"]
-                    if e["bits_per_byte"] <= GOAL_BPB), None)
+    lasts = [seed["evals"][-1] for seed in run["seeds"]]
+    bpb = [e["bits_per_byte"] for e in lasts]
+    met = sum(any(e["bits_per_byte"] <= GOAL_BPB and e["seconds"] <= GOAL_S
+                  for e in seed["evals"]) for seed in run["seeds"])
     rows.append([
-        f"`{name}`", RECIPES[name][0], last["step"],
-        f"{last['bits_per_byte']:.3f}", f"{last['seconds'] / 60:.1f}",
-        (f"{reached['seconds'] / 60:.1f} (step {reached['step']})"
-         if reached else "not reached")])
+        f"`{name}`", RECIPES[name][0], lasts[0]["step"],
+        f"{statistics.median(bpb):.3f} ({min(bpb):.3f}-{max(bpb):.3f})",
+        f"{statistics.median(e['seconds'] for e in lasts) / 60:.1f}",
+        f"{met} of {len(lasts)}"])
   return {"table": common.markdown(
-      ["recipe", "what", "steps", "final bits per byte",
-       "minutes to the final eval", f"minutes to ≤ {GOAL_BPB}"], rows,
+      ["recipe", "what", "steps",
+       "final bits per byte: median (range) over seeds",
+       "minutes to the final eval (median)",
+       f"seeds at ≤ {GOAL_BPB} within {GOAL_S // 60} minutes"], rows,
       "llrrrr")}
 
 
