@@ -118,7 +118,7 @@ def _kept(path: Path, names: list[str]) -> dict:
   if old["machine"]["cpu"] != common.cpu():
     return {}
   return {k: v for k, v in old["runs"].items()
-          if k in RECIPES and k not in names and "seeds" in v}
+          if k in RECIPES and k not in names}
 
 
 def main() -> None:
