@@ -1,8 +1,8 @@
 r"""Time to quality: validation bits per byte against wall-clock seconds, for
-the demo's recipe and the faster one, on the demo's mesh (8 simulated CPU
+the demo's recipe and faster ones, on the demo's mesh (8 simulated CPU
 devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
 
-    python benchmarks/time_to_quality.py [--only=demo,fast] [--seeds=3]
+    python benchmarks/time_to_quality.py [--only=demo,fast,bpe] [--seeds=3]
 
 Each recipe trains once per seed (`--config.seed`: the initial weights and
 the data order; seed 0 is the command as the docs give it). One seed's
@@ -14,11 +14,15 @@ seeds, their range, and how many seeds met the goal.
 results file when it was measured on the same CPU.
 
 Each recipe is scripts/train.py in a fresh run directory; the clock starts
-when the process is launched (so it counts start-up, compilation and the
-evals, not only the steps) and each eval's time is when its line reaches
-our pipe. Writes benchmarks/results/time_to_quality.json and the curve,
-time_to_quality.png next to it. Run on a quiet machine: the figures are
-wall-clock.
+when the process is launched (a BPE recipe's: when its tokenizer's training
+is), so it counts start-up, compilation and the evals, not only the steps;
+each eval's time is when its line reaches our pipe. The in-training evals
+read the first 256 windows of the validation split (or all of it, if it
+has fewer); bits per byte are comparable across tokenizers, but a BPE
+window holds more text, so the final model of every run is also evaluated
+on the whole split (scripts/eval.py), outside the clock. Writes
+benchmarks/results/time_to_quality.json and the curve, time_to_quality.png
+next to it. Run on a quiet machine: the figures are wall-clock.
 """
 from __future__ import annotations
 
@@ -31,42 +35,68 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks import common, demo
 
 NAME = "time_to_quality"
 GOAL_BPB = 2.2
 GOAL_S = 300
-# name -> (what it changes, the overrides on top of the demo's command).
+
+
+class Recipe(NamedTuple):
+  what: str
+  overrides: list[str]  # On top of the demo's command.
+  bpe_vocab: int = 0  # > 0: a byte-level BPE of this many pieces.
+
+
+FAST = ["--config.precision.compute_dtype=bfloat16",
+        "--config.train.batch_size=8", "--config.train.steps=1850",
+        "--config.train.eval_every=500",
+        "--config.optimizer.learning_rate=3e-3",
+        "--config.optimizer.end_learning_rate_fraction=0.0",
+        "--config.optimizer.weight_decay=0.2",
+        "--config.model.n_kv_heads=4",
+        # A 5-minute run saves once, at the end (the demo: every 200).
+        "--config.train.checkpoint_every=0",
+        # The demo's 8 eval batches of 32: 256 windows. A BPE window holds
+        # more text, so the BPE's split ends first (at 216 windows).
+        "--config.train.eval_batches=32"]
+BPE_VOCAB = 1024
 RECIPES = {
-    "demo": ("`make demo`: configs/lm.py:tiny as it is (float32, batch 32, "
-             "400 steps)", []),
-    "fast": ("bfloat16 compute, batch 8, 1,850 steps, peak learning rate "
-             "3e-3 decayed to 0, weight decay 0.2, 4 key/value heads, "
-             "a checkpoint at the end only",
-             ["--config.precision.compute_dtype=bfloat16",
-              "--config.train.batch_size=8", "--config.train.steps=1850",
-              "--config.train.eval_every=500",
-              "--config.optimizer.learning_rate=3e-3",
-              "--config.optimizer.end_learning_rate_fraction=0.0",
-              "--config.optimizer.weight_decay=0.2",
-              "--config.model.n_kv_heads=4",
-              # A 5-minute run saves once, at the end (the demo: every 200).
-              "--config.train.checkpoint_every=0",
-              # The demo's 8 eval batches of 32: the same 256 windows.
-              "--config.train.eval_batches=32"]),
+    "demo": Recipe("`make demo`: configs/lm.py:tiny as it is (float32, batch "
+                   "32, 400 steps)", []),
+    "fast": Recipe("bfloat16 compute, batch 8, 1,850 steps, peak learning "
+                   "rate 3e-3 decayed to 0, weight decay 0.2, 4 key/value "
+                   "heads, a checkpoint at the end only", FAST),
+    "bpe": Recipe(f"`fast` with a {BPE_VOCAB:,}-piece byte-level BPE trained "
+                  "on the train split (scripts/train_tokenizer.py, inside "
+                  "the clock) instead of bytes",
+                  [*FAST, f"--config.model.vocab_size={BPE_VOCAB}"],
+                  BPE_VOCAB),
 }
 EVAL_LINE = re.compile(r"step\s+(\d+)/\d+ \| eval \|")
 
 
-def train(overrides: list[str], workdir: Path) -> list[dict]:
-  """Trains one recipe; every eval of its metrics.jsonl with `seconds`, the
-  wall-clock from launch to that eval's line on stdout."""
+def train(recipe: Recipe, seed: int, tmp: Path) -> dict:
+  """Trains one recipe with one seed in `tmp`: every eval of its
+  metrics.jsonl with `seconds`, the wall-clock from launch to that eval's
+  line on stdout (a BPE recipe's clock starts with its tokenizer's
+  training), and the final model's bits per byte on the whole validation
+  split (`scripts/eval.py`: every whole batch of it)."""
+  workdir = tmp / "run"
+  overrides = [*recipe.overrides, f"--config.seed={seed}"]
+  start = time.monotonic()
+  if recipe.bpe_vocab:
+    common.run([sys.executable, "scripts/train_tokenizer.py",
+                "--config=configs/lm.py:tiny", f"--out={tmp / 'tokenizer'}",
+                f"--vocab_size={recipe.bpe_vocab}"])
+    overrides.append(
+        f"--config.data.tokenizer={tmp / 'tokenizer' / 'tokenizer.json'}")
   cmd = [sys.executable, "-u", "scripts/train.py", f"--workdir={workdir}",
          *demo.ARGS, *overrides]
   env = dict(common.simulated_devices(), PYTHONUNBUFFERED="1")
   seconds = {}
-  start = time.monotonic()
   with subprocess.Popen(cmd, cwd=common.REPO, env=env, text=True,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT) as proc:
@@ -80,9 +110,22 @@ def train(overrides: list[str], workdir: Path) -> list[dict]:
                        + "".join(tail))
   evals = [json.loads(s) for s in
            (workdir / "metrics.jsonl").read_text().splitlines() if s]
-  return [{"step": e["step"], "seconds": seconds[e["step"]],
-           "bits_per_byte": e["bits_per_byte"]}
-          for e in evals if e["split"] == "eval"]
+  whole = common.run([sys.executable, "scripts/eval.py",
+                      f"--workdir={workdir}", "--split=validation",
+                      "--batches=100000"], env=env).stdout
+  return {"evals": [{"step": e["step"], "seconds": seconds[e["step"]],
+                     "bits_per_byte": e["bits_per_byte"]}
+                    for e in evals if e["split"] == "eval"],
+          "validation": _eval_line(whole)}
+
+
+def _eval_line(out: str) -> dict:
+  """scripts/eval.py's line: the batches and bits per byte."""
+  match = re.search(r"validation \((\d+) batches\):.*bits_per_byte "
+                    r"([\d.]+)", out)
+  if not match:
+    raise RuntimeError(f"no eval line in scripts/eval.py's output:\n{out}")
+  return {"batches": int(match[1]), "bits_per_byte": float(match[2])}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -134,15 +177,17 @@ def main() -> None:
     parser.error(f"--seeds={args.seeds}: need at least 1.")
   runs = _kept(args.out, names)
   for name in names:
-    runs[name] = {"overrides": RECIPES[name][1], "seeds": []}
+    recipe = RECIPES[name]
+    runs[name] = {"overrides": recipe.overrides,
+                  "bpe_vocab": recipe.bpe_vocab, "seeds": []}
     for seed in range(args.seeds):
       with tempfile.TemporaryDirectory() as tmp:
-        evals = train([*RECIPES[name][1], f"--config.seed={seed}"],
-                      Path(tmp) / "run")
-      runs[name]["seeds"].append({"seed": seed, "evals": evals})
-      last = evals[-1]
+        measured = train(recipe, seed, Path(tmp))
+      runs[name]["seeds"].append({"seed": seed, **measured})
+      last = measured["evals"][-1]
       print(f"{name}, seed {seed}: {last['bits_per_byte']:.4f} bits per "
-            f"byte at step {last['step']}, {last['seconds']:.0f} s",
+            f"byte at step {last['step']}, {last['seconds']:.0f} s; whole "
+            f"validation split {measured['validation']['bits_per_byte']:.4f}",
             flush=True)
   runs = {k: runs[k] for k in RECIPES if k in runs}
   path = common.write(NAME, {"runs": runs}, args.out)
@@ -155,19 +200,22 @@ def tables(results: dict) -> dict[str, str]:
   for name, run in results["runs"].items():
     lasts = [seed["evals"][-1] for seed in run["seeds"]]
     bpb = [e["bits_per_byte"] for e in lasts]
+    whole = [seed["validation"]["bits_per_byte"] for seed in run["seeds"]]
     met = sum(any(e["bits_per_byte"] <= GOAL_BPB and e["seconds"] <= GOAL_S
                   for e in seed["evals"]) for seed in run["seeds"])
     rows.append([
-        f"`{name}`", RECIPES[name][0], lasts[0]["step"],
+        f"`{name}`", RECIPES[name].what, lasts[0]["step"],
         f"{statistics.median(bpb):.3f} ({min(bpb):.3f}-{max(bpb):.3f})",
         f"{statistics.median(e['seconds'] for e in lasts) / 60:.1f}",
-        f"{met} of {len(lasts)}"])
+        f"{met} of {len(lasts)}",
+        f"{statistics.median(whole):.3f} ({min(whole):.3f}-{max(whole):.3f})"])
   return {"table": common.markdown(
       ["recipe", "what", "steps",
        "final bits per byte: median (range) over seeds",
        "minutes to the final eval (median)",
-       f"seeds at ≤ {GOAL_BPB} within {GOAL_S // 60} minutes"], rows,
-      "llrrrr")}
+       f"seeds at ≤ {GOAL_BPB} within {GOAL_S // 60} minutes",
+       "the final model on the whole validation split: median (range)"],
+      rows, "llrrrrr")}
 
 
 if __name__ == "__main__":
