@@ -128,12 +128,17 @@ def _eval_line(out: str) -> dict:
   return {"batches": int(match[1]), "bits_per_byte": float(match[2])}
 
 
+def _in_order(runs: dict) -> list[tuple[str, dict]]:
+  """The runs in RECIPES' order (the results file sorts its keys)."""
+  return [(name, runs[name]) for name in RECIPES if name in runs]
+
+
 def plot(results: dict, path: Path) -> None:
   import matplotlib  # noqa: PLC0415  (slow: not at import)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  for i, (name, run) in enumerate(results["runs"].items()):
+  for i, (name, run) in enumerate(_in_order(results["runs"])):
     for j, seed in enumerate(run["seeds"]):
       ax.plot([e["seconds"] / 60 for e in seed["evals"]],
               [e["bits_per_byte"] for e in seed["evals"]], marker="o",
@@ -189,7 +194,6 @@ def main() -> None:
             f"byte at step {last['step']}, {last['seconds']:.0f} s; whole "
             f"validation split {measured['validation']['bits_per_byte']:.4f}",
             flush=True)
-  runs = {k: runs[k] for k in RECIPES if k in runs}
   path = common.write(NAME, {"runs": runs}, args.out)
   plot(json.loads(path.read_text()), path.with_suffix(".png"))
   print(f"wrote {path} and {path.with_suffix('.png')}")
@@ -197,7 +201,7 @@ def main() -> None:
 
 def tables(results: dict) -> dict[str, str]:
   rows = []
-  for name, run in results["runs"].items():
+  for name, run in _in_order(results["runs"]):
     lasts = [seed["evals"][-1] for seed in run["seeds"]]
     bpb = [e["bits_per_byte"] for e in lasts]
     whole = [seed["validation"]["bits_per_byte"] for seed in run["seeds"]]
