@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -145,6 +146,20 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     raise RuntimeError(f"{shlex.join(cmd)} exited {out.returncode}:\n"
                        + (out.stdout + out.stderr)[-4000:])
   return out
+
+
+def eval_whole_validation(workdir: Path, env: dict | None = None) -> dict:
+  """The run's latest checkpoint on every whole batch of the validation
+  split (scripts/eval.py): {"batches", "bits_per_byte"}. A run's own evals
+  read its first config.train.eval_batches batches, which hold more text
+  with a BPE than with bytes; this is the same text for any tokenizer."""
+  out = run([sys.executable, "scripts/eval.py", f"--workdir={workdir}",
+             "--split=validation", "--batches=100000"], env=env).stdout
+  match = re.search(r"validation \((\d+) batches\):.*bits_per_byte "
+                    r"([\d.]+)", out)
+  if not match:
+    raise RuntimeError(f"no eval line in scripts/eval.py's output:\n{out}")
+  return {"batches": int(match[1]), "bits_per_byte": float(match[2])}
 
 
 def markdown(header: list[str], rows: list[list], align: str = "") -> str:

@@ -110,22 +110,10 @@ def train(recipe: Recipe, seed: int, tmp: Path) -> dict:
                        + "".join(tail))
   evals = [json.loads(s) for s in
            (workdir / "metrics.jsonl").read_text().splitlines() if s]
-  whole = common.run([sys.executable, "scripts/eval.py",
-                      f"--workdir={workdir}", "--split=validation",
-                      "--batches=100000"], env=env).stdout
   return {"evals": [{"step": e["step"], "seconds": seconds[e["step"]],
                      "bits_per_byte": e["bits_per_byte"]}
                     for e in evals if e["split"] == "eval"],
-          "validation": _eval_line(whole)}
-
-
-def _eval_line(out: str) -> dict:
-  """scripts/eval.py's line: the batches and bits per byte."""
-  match = re.search(r"validation \((\d+) batches\):.*bits_per_byte "
-                    r"([\d.]+)", out)
-  if not match:
-    raise RuntimeError(f"no eval line in scripts/eval.py's output:\n{out}")
-  return {"batches": int(match[1]), "bits_per_byte": float(match[2])}
+          "validation": common.eval_whole_validation(workdir, env)}
 
 
 def _in_order(runs: dict) -> list[tuple[str, dict]]:

@@ -50,12 +50,9 @@ def _train(workdir: Path, steps: int, *extra: str) -> dict:
                     f"--config.optimizer.warmup_steps={min(50, steps)}",
                     *extra]).stdout
   final = re.search(r"final eval: (.*)$", out, re.M)[1]
-  whole = common.run([sys.executable, "scripts/eval.py",
-                      f"--workdir={workdir}", "--split=validation",
-                      "--batches=100000"]).stdout
+  whole = common.eval_whole_validation(workdir)
   return {**{k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", final)},
-          "whole_split_bits_per_byte": float(
-              re.search(r"bits_per_byte ([\d.]+)", whole)[1])}
+          "whole_split_bits_per_byte": whole["bits_per_byte"]}
 
 
 def measure(tmp: Path, steps: int) -> dict:
