@@ -1,8 +1,8 @@
 r"""Time to quality: validation bits per byte against wall-clock seconds, for
-the demo's recipe and faster ones, on the demo's mesh (8 simulated CPU
+`make demo`'s recipe and the ones it came from, on the demo's mesh (8 simulated CPU
 devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
 
-    python benchmarks/time_to_quality.py [--only=demo,fast,bpe] [--seeds=3]
+    python benchmarks/time_to_quality.py [--only=tiny,fast,demo] [--seeds=3]
 
 Each recipe trains once per seed (`--config.seed`: the initial weights and
 the data order; seed 0 is the command as the docs give it). One seed's
@@ -46,34 +46,23 @@ GOAL_S = 300
 
 class Recipe(NamedTuple):
   what: str
-  overrides: list[str]  # On top of the demo's command.
+  args: list[str]  # scripts/train.py's, besides --workdir.
   bpe_vocab: int = 0  # > 0: a byte-level BPE of this many pieces.
 
 
-FAST = ["--config.precision.compute_dtype=bfloat16",
-        "--config.train.batch_size=8", "--config.train.steps=1850",
-        "--config.train.eval_every=500",
-        "--config.optimizer.learning_rate=3e-3",
-        "--config.optimizer.end_learning_rate_fraction=0.0",
-        "--config.optimizer.weight_decay=0.2",
-        "--config.model.n_kv_heads=4",
-        # A 5-minute run saves once, at the end (the demo: every 200).
-        "--config.train.checkpoint_every=0",
-        # The demo's 8 eval batches of 32: 256 windows. A BPE window holds
-        # more text, so the BPE's split ends first (at 216 windows).
-        "--config.train.eval_batches=32"]
-BPE_VOCAB = 1024
+TINY = ["--config=configs/lm.py:tiny", "--config.mesh.data=2",
+        "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
 RECIPES = {
-    "demo": Recipe("`make demo`: configs/lm.py:tiny as it is (float32, batch "
-                   "32, 400 steps)", []),
-    "fast": Recipe("bfloat16 compute, batch 8, 1,850 steps, peak learning "
-                   "rate 3e-3 decayed to 0, weight decay 0.2, 4 key/value "
-                   "heads, a checkpoint at the end only", FAST),
-    "bpe": Recipe(f"`fast` with a {BPE_VOCAB:,}-piece byte-level BPE trained "
-                  "on the train split (scripts/train_tokenizer.py, inside "
-                  "the clock) instead of bytes",
-                  [*FAST, f"--config.model.vocab_size={BPE_VOCAB}"],
-                  BPE_VOCAB),
+    "tiny": Recipe("configs/lm.py:tiny as it is (float32, batch 32, 400 "
+                   "steps; `make demo`'s recipe until 2026-11-30)", TINY),
+    "fast": Recipe("configs/lm.py:demo with bytes as tokens: bfloat16 "
+                   "compute, batch 8, 1,850 steps, peak learning rate 3e-3 "
+                   "decayed to 0, weight decay 0.2, 4 key/value heads, a "
+                   "checkpoint at the end only", demo.ARGS),
+    "demo": Recipe(f"`make demo`: `fast` with a {demo.BPE_VOCAB:,}-piece "
+                   "byte-level BPE trained on the train split "
+                   "(scripts/train_tokenizer.py, inside the clock)",
+                   demo.ARGS, demo.BPE_VOCAB),
 }
 EVAL_LINE = re.compile(r"step\s+(\d+)/\d+ \| eval \|")
 
@@ -85,16 +74,11 @@ def train(recipe: Recipe, seed: int, tmp: Path) -> dict:
   training), and the final model's bits per byte on the whole validation
   split (`scripts/eval.py`: every whole batch of it)."""
   workdir = tmp / "run"
-  overrides = [*recipe.overrides, f"--config.seed={seed}"]
   start = time.monotonic()
-  if recipe.bpe_vocab:
-    common.run([sys.executable, "scripts/train_tokenizer.py",
-                "--config=configs/lm.py:tiny", f"--out={tmp / 'tokenizer'}",
-                f"--vocab_size={recipe.bpe_vocab}"])
-    overrides.append(
-        f"--config.data.tokenizer={tmp / 'tokenizer' / 'tokenizer.json'}")
+  tokenizer = (demo.train_tokenizer(tmp / "tokenizer", recipe.bpe_vocab)
+               if recipe.bpe_vocab else [])
   cmd = [sys.executable, "-u", "scripts/train.py", f"--workdir={workdir}",
-         *demo.ARGS, *overrides]
+         *recipe.args, *tokenizer, f"--config.seed={seed}"]
   env = dict(common.simulated_devices(), PYTHONUNBUFFERED="1")
   seconds = {}
   with subprocess.Popen(cmd, cwd=common.REPO, env=env, text=True,
@@ -171,7 +155,7 @@ def main() -> None:
   runs = _kept(args.out, names)
   for name in names:
     recipe = RECIPES[name]
-    runs[name] = {"overrides": recipe.overrides,
+    runs[name] = {"args": recipe.args,
                   "bpe_vocab": recipe.bpe_vocab, "seeds": []}
     for seed in range(args.seeds):
       with tempfile.TemporaryDirectory() as tmp:
