@@ -94,7 +94,8 @@ def main() -> None:
 
 def tables(results: dict) -> dict[str, str]:
   curve = common.markdown(
-      ["step", "validation loss", "perplexity", "bits per byte"],
+      ["step", "validation loss (per token)", "perplexity (per token)",
+       "bits per byte"],
       [[e["step"], f"{e['loss']:.3f}", f"{e['perplexity']:.2f}",
         f"{e['bits_per_byte']:.3f}"] for e in results["evals"]], "rrrr")
   minutes, seconds = divmod(round(results["wall_s"]), 60)
