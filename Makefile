@@ -26,7 +26,7 @@ setup: $(VENV)/.installed
 data: setup
 	$(VENV)/bin/python scripts/prepare_data.py --config=configs/lm.py:demo
 
-# The tokenizer is trained each time (about 3 s; the same file each time):
+# The tokenizer is trained each time (seconds; the same file each time):
 # benchmarks/demo.py and benchmarks/time_to_quality.py count it too.
 demo: data
 	rm -rf $(DEMO_DIR)

@@ -87,8 +87,8 @@ def main() -> None:
   if not evals or evals[-1]["step"] != total or not rates:
     raise RuntimeError(f"{workdir}/metrics.jsonl lacks the eval at step "
                        f"{total} or train lines after the first.")
-  data = dict(args=train_args, bpe_vocab=BPE_VOCAB, wall_s=wall, params=num_params(workdir),
-              evals=evals, tokens_per_sec=rates)
+  data = dict(args=train_args, bpe_vocab=BPE_VOCAB, wall_s=wall,
+              params=num_params(workdir), evals=evals, tokens_per_sec=rates)
   print(f"wrote {common.write(NAME, data, args.out)}")
 
 

@@ -1,6 +1,6 @@
 r"""Time to quality: validation bits per byte against wall-clock seconds, for
-`make demo`'s recipe and the ones it came from, on the demo's mesh (8 simulated CPU
-devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
+`make demo`'s recipe and the ones it came from, on the demo's mesh (8
+simulated CPU devices as data=2 x fsdp=2 x tensor=2) and held-out plays.
 
     python benchmarks/time_to_quality.py [--only=tiny,fast,demo] [--seeds=3]
 
