@@ -82,16 +82,17 @@ def breakdown(trace: dict) -> list[dict]:
   for start, end in steps:
     inside = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in kernels
               if start <= e["ts"] < end]
-    gemm = [(s, e) for s, e, n in inside if GEMM.match(n)]
-    every = [(s, e) for s, e, _ in inside]
-    kinds = collections.Counter()
+    gemm, kinds = [], collections.Counter()
     for s, e, n in inside:
-      if not GEMM.match(n):
+      if GEMM.match(n):
+        gemm.append((s, e))
+      else:
         kinds[_kind(n)] += (e - s) / 1e3
+    gemm_wall, any_wall = _union(gemm), _union([(s, e) for s, e, _ in inside])
     out.append({"step_ms": (end - start) / 1e3,
-                "gemm_ms": _union(gemm) / 1e3,
-                "other_alone_ms": (_union(every) - _union(gemm)) / 1e3,
-                "nothing_ms": (end - start - _union(every)) / 1e3,
+                "gemm_ms": gemm_wall / 1e3,
+                "other_alone_ms": (any_wall - gemm_wall) / 1e3,
+                "nothing_ms": (end - start - any_wall) / 1e3,
                 "other_thread_ms": dict(kinds)})
   return out
 

@@ -39,12 +39,12 @@ from lm import config as base_config
 LLAMA3 = dict(vocab_size=128_256, n_kv_heads=8, max_len=8192,
               rope_base=500_000.0, norm_eps=1e-5, tie_embeddings=False,
               scan_layers=True, remat="full")
+TINY = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
+            max_len=256)
 SIZES = {
-    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=512,
-                 max_len=256),
+    "tiny": TINY,
     # tiny without GQA (4 key/value heads learned more per second).
-    "demo": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512,
-                 max_len=256),
+    "demo": dict(TINY, n_kv_heads=4),
     "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
                   d_ff=1408, max_len=1024),
     # TinyLlama-like shapes: 22 x (GQA 32/4 heads, SwiGLU 5632).
