@@ -80,6 +80,8 @@ def provenance() -> dict:
                             capture_output=True, text=True).stdout.strip()
   except OSError:
     commit = ""
+  # A copy of the tree without its .git (a lent GPU machine's) is told.
+  commit = commit or os.environ.get("LM_COMMIT", "")
   return {"commit": commit, "date": datetime.date.today().isoformat()}
 
 

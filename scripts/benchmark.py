@@ -100,12 +100,15 @@ def main(argv):
   import lm.train.state  # noqa: PLC0415
   import lm.tasks  # noqa: PLC0415
   import lm.train.step  # noqa: PLC0415
-  from lm import config as config_lib, cpu  # noqa: PLC0415
+  from lm import cpu  # noqa: PLC0415
   from lm.data import pipeline  # noqa: PLC0415
   from lm.models import transformer  # noqa: PLC0415
   from lm.run import perf  # noqa: PLC0415
 
-  config = config_lib.resolve(_CONFIG.value)
+  from lm.run import checks  # noqa: PLC0415
+  # The training script's checks, before anything compiles: a choice this
+  # backend cannot run (attention_impl=cudnn on a CPU) is one line.
+  config, _ = checks.validate(_CONFIG.value)
   steps, ref = _STEPS.value, _ref_path(_REF.value)
   if steps <= WARMUP_STEPS:
     raise UsageError(f"--steps must exceed the {WARMUP_STEPS} warm-up steps.")
