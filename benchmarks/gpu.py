@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,17 @@ VARIANTS = {
     "cudnn_remat_dots_batch32": ["--config.model.attention_impl=cudnn",
                                  "--config.model.remat=dots",
                                  "--config.train.batch_size=32"],
+    "cudnn_remat_dots_no_batch": ["--config.model.attention_impl=cudnn",
+                                  "--config.model.remat=dots_no_batch"],
+    "cudnn_remat_dots_batch24": ["--config.model.attention_impl=cudnn",
+                                 "--config.model.remat=dots",
+                                 "--config.train.batch_size=24"],
+    # Every GEMM on cuBLAS (XLA otherwise autotunes Triton GEMMs in too).
+    "cudnn_remat_dots_cublas": ["--config.model.attention_impl=cudnn",
+                                "--config.model.remat=dots"],
 }
+# Extra XLA_FLAGS per variant.
+XLA_FLAGS = {"cudnn_remat_dots_cublas": "--xla_gpu_enable_triton_gemm=false"}
 
 # bfloat16 keeps 8 significant bits: rounding q, k, v, P and the outputs
 # gives norm-relative errors of a few 2^-9; 4 ulps leaves room for the
@@ -114,15 +125,18 @@ def gpu_info() -> dict:
 
 
 def run_variant(config: str, args: list[str], steps: int, rounds: int,
-                timeout: float) -> dict:
+                timeout: float, xla_flags: str = "") -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "bench.json"
     cmd = [sys.executable, "scripts/benchmark.py", f"--config={config}",
            *OVERRIDES, f"--steps={steps}", f"--rounds={rounds}",
            f"--out={out}", *args]
     try:
+      env = dict(os.environ)
+      if xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
       proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
       return {"error": f"over {timeout:.0f} s"}
     if proc.returncode or not out.exists():
@@ -190,7 +204,7 @@ def main() -> None:
         flush=True)
   for name in only:
     run = run_variant(args.config, VARIANTS[name], args.steps, args.rounds,
-                      args.timeout)
+                      args.timeout, XLA_FLAGS.get(name, ""))
     data["runs"][name] = run
     print(name, json.dumps({k: v for k, v in run.items() if k != "log_tail"}),
           flush=True)
