@@ -75,13 +75,15 @@ def add_out_flag(parser, name: str) -> None:
 
 def provenance() -> dict:
   """The commit and date a measurement is made at."""
+  # A copy of the tree measured elsewhere (a lent GPU machine's, whose .git
+  # need not match the tree) is told its commit.
+  commit = os.environ.get("LM_COMMIT", "")
   try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
+    commit = commit or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+        capture_output=True, text=True).stdout.strip()
   except OSError:
-    commit = ""
-  # A copy of the tree without its .git (a lent GPU machine's) is told.
-  commit = commit or os.environ.get("LM_COMMIT", "")
+    pass
   return {"commit": commit, "date": datetime.date.today().isoformat()}
 
 

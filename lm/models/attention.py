@@ -2,6 +2,10 @@
 
 `config.model.attention_impl` picks one:
 
+  auto     (the default) cudnn where it runs: on a GPU, in bfloat16 or
+           float16, head dim a multiple of 8 up to 128, without segment
+           ids or an explicit mask; chunked everywhere else (every CPU and
+           TPU program is chunked's). Resolved at trace time (`resolve`).
   chunked  ours, in plain jnp, every backend. The queries are cut into
            `config.model.attention_chunks` chunks and each chunk attends only
            to the keys up to its own end, so causal attention skips the
@@ -48,10 +52,25 @@ from lm import backend as backend_lib
 from lm.models import tuning
 
 # Implementation -> the backends that can run it.
-BACKENDS = {"chunked": ("cpu", "gpu", "tpu"), "xla": ("cpu", "gpu", "tpu"),
-            "cudnn": ("gpu",)}
-# The implementations that honour segment ids (see above).
-SEGMENTS = ("chunked", "xla")
+BACKENDS = {"auto": ("cpu", "gpu", "tpu"), "chunked": ("cpu", "gpu", "tpu"),
+            "xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",)}
+# The implementations that honour segment ids (see above); auto does by
+# choosing chunked for them.
+SEGMENTS = ("auto", "chunked", "xla")
+
+
+def resolve(impl: str, dtype, head_dim: int, masked: bool) -> str:
+  """The implementation `impl` runs as: itself, or auto's choice for this
+  backend, dtype, head dim and whether a mask or segment ids apply. cuDNN's
+  flash attention was 1.8x faster than chunked in the 1b preset's step on
+  an H200 (docs/performance.md, "One GPU"); it takes only 16-bit inputs
+  and head dims up to 128."""
+  if impl != "auto":
+    return impl
+  cudnn_runs = (backend_lib.name() == "gpu" and not masked
+                and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if cudnn_runs else "chunked"
 
 
 def supports_segments(impl: str) -> bool:
@@ -78,6 +97,8 @@ def attend(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, *, causal: bool, impl: str,
   and (self-attention, S == L) only within segments when segment_ids_BxL is
   given."""
   dtype = q_BxLxHxK.dtype
+  impl = resolve(impl, dtype, q_BxLxHxK.shape[-1],
+                 masked=mask is not None or segment_ids_BxL is not None)
   if segment_ids_BxL is not None:
     check_segments(impl)
     if mask is not None:

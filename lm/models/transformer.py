@@ -63,8 +63,9 @@ class Config:
   causal: bool = True
   scan_layers: bool = False  # nnx.scan over stacked layers: O(1) compile.
   remat: str = "none"  # A key of tuning.REMAT_POLICIES.
-  # A key of attention.BACKENDS: "chunked" (ours) | "xla" | "cudnn".
-  attention_impl: str = "chunked"
+  # A key of attention.BACKENDS: "auto" (cudnn where it runs, else
+  # chunked) | "chunked" (ours) | "xla" | "cudnn".
+  attention_impl: str = "auto"
   attention_chunks: int = 2  # Query chunks of the "chunked" causal attention.
   # Projection gradients: "small_left" (tuning.weight_einsum) | "autodiff".
   einsum_grad: str = "small_left"

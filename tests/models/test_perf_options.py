@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import assert_reordered, tiny_config
+from lm import backend
 from lm.run import checks
 from lm.models import attention, layers, transformer, tuning
 
@@ -224,6 +225,42 @@ def test_unsupported_options_name_the_key_and_the_choices():
                        match=rf"config.model.{key}='{value}' needs a .*gpu.* "
                        "backend; this one is cpu. Use one of"):
       checks.validate(c, num_devices=1)
+
+
+def test_auto_attention_is_cudnn_only_where_cudnn_runs():
+  """attention_impl="auto" (the default) is cuDNN's flash attention on a GPU
+  for 16-bit inputs with head dims it takes and no mask or segment ids, and
+  chunked everywhere else; an explicit choice is kept."""
+  assert transformer.Config().attention_impl == "auto"
+  bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+  gpu_cases = {(bf16, 64, False): "cudnn", (f16, 128, False): "cudnn",
+               (f32, 64, False): "chunked", (bf16, 64, True): "chunked",
+               (bf16, 256, False): "chunked", (bf16, 12, False): "chunked"}
+  for platform in ("gpu", "tpu", "cpu"):
+    with backend.target(platform):
+      for (dtype, head_dim, masked), want in gpu_cases.items():
+        got = attention.resolve("auto", dtype, head_dim, masked)
+        assert got == (want if platform == "gpu" else "chunked"), (
+            platform, dtype, head_dim, masked)
+      for impl in ("chunked", "xla", "cudnn"):
+        assert attention.resolve(impl, bf16, 64, False) == impl
+
+
+def test_auto_attention_on_cpu_is_chunked_exactly():
+  """On a CPU the default runs chunked's program: the same outputs and
+  gradients, bit for bit (every CPU figure measured with chunked holds)."""
+  kq, kk, kv, kg = jax.random.split(jax.random.key(4), 4)
+  q = jax.random.normal(kq, (2, 32, 4, 16), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (2, 32, 2, 16), jnp.bfloat16)
+          for key in (kk, kv))
+  g = jax.random.normal(kg, q.shape, jnp.bfloat16)
+
+  def vjp(impl):
+    out, back = jax.vjp(lambda q, k, v: attention.attend(
+        q, k, v, causal=True, impl=impl, chunks=2), q, k, v)
+    return [out, *back(g)]
+  for auto, chunked in zip(vjp("auto"), vjp("chunked")):
+    np.testing.assert_array_equal(np.float32(auto), np.float32(chunked))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
