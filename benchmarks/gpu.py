@@ -257,7 +257,14 @@ def tables(results: dict) -> dict[str, str]:
           f"a bfloat16 8192^3 matmul ran at {ceiling:.0f} TFLOP/s there. "
           f"{results['rounds']} rounds x {results['steps']} steps per "
           f"variant, medians.\n\n")
-  return {"table": head + common.markdown(
+  parity = [[impl, *(f"{100 * errs[t]:.2f}" for t in ("out", "dq", "dk",
+                                                         "dv"))]
+            for impl, errs in results["attention_parity"].items()]
+  return {"parity": common.markdown(
+      ["attention (bfloat16)", "output (%)", "dq (%)", "dk (%)", "dv (%)"],
+      parity, "lrrrr") + f"\n\nThe bound (PARITY_RTOL): "
+      f"{100 * PARITY_RTOL:.2f}%.",
+      "table": head + common.markdown(
       ["attention", "remat", "batch (x 2048 tokens)", "GEMMs", "step (ms)",
        "tokens/s", "MFU (% of 989 TFLOP/s)", "% of the measured matmul",
        "compile (s)", "XLA peak memory (GiB)"], rows, "llrlrrrrrr")}

@@ -15,4 +15,6 @@ for name in presets collectives context_memory speed perf_options scaling \
   echo "== benchmarks/$name.py"
   "$PY" "benchmarks/$name.py"
 done
+# benchmarks/gpu.py needs a GPU: run it on one (docs/performance.md, "One
+# GPU"), then render.
 "$PY" benchmarks/render_docs.py

@@ -13,7 +13,9 @@ Presets (the part after the colon):
          first (benchmarks/demo.py says how).
   small  a single accelerator.
   1b     TinyLlama's shapes (about 1B parameters with the byte vocabulary):
-         TPU pod slices / GPU nodes (FSDP over all devices).
+         TPU pod slices / GPU nodes (FSDP over all devices). On one GPU
+         with memory to spare, --config.model.remat=dots is faster
+         (docs/performance.md, "One GPU").
   bench  the reference shapes of ../shared/bench/ref_lm.py (GELU MLP, tied
          embeddings, seq 256, batch 16) for scripts/benchmark.py.
   long   tiny's width with 4096-token windows, ring attention over
