@@ -2,9 +2,8 @@ r"""The ~1B-parameter model's train step on one GPU: step time and MFU.
 
     python benchmarks/gpu.py [--only=chunked,cudnn,...] [--steps=10 --rounds=2]
 
-Runs docs/performance.md's GPU command (scripts/benchmark.py on
-`configs/lm.py:1b`, batch 16 x 2048 tokens, bfloat16, random tokens, no
-input pipeline) once per variant below, each in a fresh process, and
+Runs scripts/benchmark.py on `configs/lm.py:1b` (batch 16 x 2048 tokens,
+bfloat16, random tokens, no input pipeline) once per variant below, each in a fresh process, and
 records its median step time, tokens/s and MFU (analytic model FLOPs, the
 recomputation of remat not counted, over the data sheet's dense bfloat16
 peak: 989 TFLOP/s for an H100 or H200). Beside it, the bfloat16 matmul
@@ -13,8 +12,8 @@ rate this GPU reaches in jax (8192^3, random data): the practical ceiling.
 Every variant starts from the same seed and reads the same random
 batches; its last loss is recorded and must be finite (at initialization
 on random tokens it sits near ln(vocabulary) for any correct model, so it
-checks for NaNs, not equivalence: tests/models/test_attention.py proves
-the implementations equal). A variant that fails (out of memory, say) is
+checks for NaNs, not equivalence: tests/models/test_perf_options.py and
+the parity check below compare the implementations). A variant that fails (out of memory, say) is
 recorded with its error's last line and the rest still run; results are
 written after each.
 
