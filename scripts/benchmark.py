@@ -103,9 +103,8 @@ def main(argv):
   from lm import cpu  # noqa: PLC0415
   from lm.data import pipeline  # noqa: PLC0415
   from lm.models import transformer  # noqa: PLC0415
-  from lm.run import perf  # noqa: PLC0415
+  from lm.run import checks, perf  # noqa: PLC0415
 
-  from lm.run import checks  # noqa: PLC0415
   # The training script's checks, before anything compiles: a choice this
   # backend cannot run (attention_impl=cudnn on a CPU) is one line.
   config, _ = checks.validate(_CONFIG.value)

@@ -62,9 +62,9 @@ SEGMENTS = ("auto", "chunked", "xla")
 def resolve(impl: str, dtype, head_dim: int, masked: bool) -> str:
   """The implementation `impl` runs as: itself, or auto's choice for this
   backend, dtype, head dim and whether a mask or segment ids apply. cuDNN's
-  flash attention was 1.8x faster than chunked in the 1b preset's step on
-  an H200 (docs/performance.md, "One GPU"); it takes only 16-bit inputs
-  and head dims up to 128."""
+  flash attention ran the 1b preset's step on an H200 in about half of
+  chunked's time (docs/performance.md, "One GPU"); it takes only 16-bit
+  inputs and head dims up to 128."""
   if impl != "auto":
     return impl
   cudnn_runs = (backend_lib.name() == "gpu" and not masked

@@ -57,6 +57,11 @@ CASES = [
      ["configs/nothing.py does not exist"]),
     ("launch_local", ["--num_processes=0", "--", TINY],
      ["--num_processes and --devices_per_process must be >= 1"]),
+    # The benchmark runs the training script's checks before it compiles.
+    ("benchmark", ["--config=configs/lm.py:bench", "--input_batches=0",
+                   "--config.model.attention_impl=cudnn"],
+     ["config.model.attention_impl='cudnn' needs a gpu backend",
+      "this one is cpu"]),
 ]
 
 
