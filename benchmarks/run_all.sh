@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 for name in presets collectives context_memory speed perf_options scaling \
     compression_speed pipeline_bubble multihost parallelism demo families \
-    compression_modes aot_search aot; do
+    compression_modes aot_search aot tpu_attention; do
   echo "== benchmarks/$name.py"
   "$PY" "benchmarks/$name.py"
 done
