@@ -3,19 +3,20 @@ r"""The ~1B-parameter model's train step on one GPU: step time and MFU.
     python benchmarks/gpu.py [--only=chunked,cudnn,...] [--steps=10 --rounds=2]
 
 Runs scripts/benchmark.py on `configs/lm.py:1b` (batch 16 x 2048 tokens,
-bfloat16, random tokens, no input pipeline) once per variant below, each in a fresh process, and
-records its median step time, tokens/s and MFU (analytic model FLOPs, the
-recomputation of remat not counted, over the data sheet's dense bfloat16
-peak: 989 TFLOP/s for an H100 or H200). Beside it, the bfloat16 matmul
-rate this GPU reaches in jax (8192^3, random data): the practical ceiling.
+bfloat16, random tokens, no input pipeline) once per variant below, each in
+a fresh process, and records its median step time, tokens/s and MFU
+(analytic model FLOPs, the recomputation of remat not counted, over the
+data sheet's dense bfloat16 peak: 989 TFLOP/s for an H100 or H200).
+Beside it, the bfloat16 matmul rate this GPU reaches in jax (8192^3, random
+data): the practical ceiling.
 
 Every variant starts from the same seed and reads the same random
 batches; its last loss is recorded and must be finite (at initialization
 on random tokens it sits near ln(vocabulary) for any correct model, so it
 checks for NaNs, not equivalence: tests/models/test_perf_options.py and
-the parity check below compare the implementations). A variant that fails (out of memory, say) is
-recorded with its error's last line and the rest still run; results are
-written after each.
+the parity check below compare the implementations). A variant that fails
+(out of memory, say) is recorded with its error's last line and the rest
+still run; results are written after each.
 
 Before the timings, each attention implementation's output and gradients on
 this GPU are compared with a float32 reference (jax.nn's XLA attention on
@@ -133,10 +134,10 @@ def run_variant(config: str, args: list[str], steps: int, rounds: int,
     cmd = [sys.executable, "scripts/benchmark.py", f"--config={config}",
            *OVERRIDES, f"--steps={steps}", f"--rounds={rounds}",
            f"--out={out}", *args]
+    env = dict(os.environ)
+    if xla_flags:
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     try:
-      env = dict(os.environ)
-      if xla_flags:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
       proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True,
                             text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -239,7 +240,7 @@ def tables(results: dict) -> dict[str, str]:
   for name, r in sorted(results["runs"].items(),
                         key=lambda kv: -kv[1].get("mfu", -1)):
     args = r.get("args", VARIANTS.get(name, []))
-    setting = [_setting(args, "model.attention_impl", "chunked"),
+    setting = [_setting(args, "model.attention_impl", "auto"),
                _setting(args, "model.remat", "full"),
                _setting(args, "train.batch_size", "16"),
                "cuBLAS only" if name in XLA_FLAGS else "XLA's choice"]
