@@ -9,9 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-for name in presets collectives context_memory speed perf_options scaling \
-    compression_speed pipeline_bubble multihost parallelism demo families \
-    compression_modes aot_search aot tpu_attention; do
+# peer_torch, decode, hf_round_trip and import_memory compare with PyTorch /
+# transformers: the test dependencies (`make test` installs them).
+for name in presets collectives context_memory speed peer_torch step_profile \
+    perf_options scaling compile_cache init_compile decode compression_speed \
+    pipeline_bubble multihost parallelism import_memory demo time_to_quality \
+    families tokenizers compression_modes finetune lora_sizes privacy \
+    privacy_lm sweep hf_round_trip aot_search aot tpu_attention; do
   echo "== benchmarks/$name.py"
   "$PY" "benchmarks/$name.py"
 done

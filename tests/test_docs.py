@@ -33,6 +33,18 @@ def test_no_hand_written_table_holds_a_figure():
         assert not FIGURE.search(cells), f"{path.name}: {line}"
 
 
+def test_run_all_measures_every_published_results_file():
+  """benchmarks/run_all.sh ("measures every figure the docs publish") runs
+  the benchmark behind each results file, except gpu.py (needs a GPU) and
+  a second machine's NAME--LABEL files."""
+  script = (common.REPO / "benchmarks" / "run_all.sh").read_text()
+  names = {p.name.split("--")[0].removesuffix(".json")
+           for p in common.RESULTS.glob("*.json")} - {"gpu"}
+  missing = sorted(n for n in names if not re.search(rf"\b{n}\b", script))
+  assert not missing, f"benchmarks/run_all.sh does not run {missing}"
+  assert len(names) >= 25
+
+
 def test_the_renderer_names_the_command():
   results = {"command": "python benchmarks/x.py --steps=3", "date": "d",
              "commit": "c", "machine": {"cpu": {

@@ -33,10 +33,10 @@ class TrainState:
 # The init program runs once, and on XLA:CPU it took as long to compile as
 # the train step (the tiny LM on 8 devices: 2.6 s of a 10 s two-step run):
 # its random-number kernels are many, and LLVM optimizes each at level 3.
-# At level 1 it compiles in 25-45% less time, gives the same bits
-# (tests/train/test_state.py) and runs no slower (performance log, entry 13).
-# CPU only: measured there, and other backends' compilers take their own
-# options.
+# At level 1 it gives the same bits (tests/train/test_state.py) and compiles
+# 0.4-0.8 s sooner; what it adds to the run is less (docs/performance.md,
+# "Compile time"). CPU only: measured there, and other backends' compilers
+# take their own options.
 INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
