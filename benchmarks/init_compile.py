@@ -67,8 +67,8 @@ def child(case: str, compile_: str) -> dict:
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(jax.device_get(state)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  params = sum(x.size for x in jax.tree.leaves(state.params))
-  return {"compile_s": compile_s, "run_s": run_s, "params": int(params),
+  return {"compile_s": compile_s, "run_s": run_s,
+          "params": state_lib.count_params(state.params),
           "sha256": digest.hexdigest()}
 
 
