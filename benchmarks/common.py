@@ -52,7 +52,12 @@ def machine() -> dict:
       versions[name] = md.version(name)
     except md.PackageNotFoundError:
       pass
-  return {"cpu": cpu(), "python": platform.python_version(), **versions}
+  from lm import cpu as lm_cpu  # noqa: PLC0415
+  # What malloc ran with (lm/cpu.py): huge pages change CPU step times.
+  memory = {"transparent_huge_pages": lm_cpu.transparent_huge_pages(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+  return {"cpu": cpu(), "python": platform.python_version(), **versions,
+          "memory": memory}
 
 
 def command(argv: list[str] | None = None) -> str:

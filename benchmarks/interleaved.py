@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+from lm import cpu
+
 
 def _override(config, overrides: str):
   for item in filter(None, overrides.split(";")):
@@ -44,6 +46,7 @@ def _override(config, overrides: str):
 
 
 def main():
+  cpu.use_huge_pages()  # As a script does: our steps run in this process.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", default="bench")
   parser.add_argument("--rounds", type=int, default=3)

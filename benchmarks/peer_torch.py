@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from lm import cpu
 
 NAME = "peer_torch"
 DTYPES = ("float32", "bfloat16")
@@ -246,6 +247,7 @@ def tables(results: dict) -> dict[str, str]:
 
 
 def main() -> None:
+  cpu.use_huge_pages()  # As a script does: our steps run in this process.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=12,
                       help=f"Steps per round and side, {WARMUP} of them "

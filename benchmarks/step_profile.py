@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common, peer_torch
+from lm import cpu
 
 NAME = "step_profile"
 GEMM = re.compile(r"^ynn_fusion")
@@ -138,6 +139,7 @@ def measure(dtype: str, steps: int) -> dict:
 
 
 def main() -> None:
+  cpu.use_huge_pages()  # As a script does: our steps run in this process.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=3,
                       help="Traced steps per dtype (after the timed ones).")

@@ -1,9 +1,14 @@
 """What this machine's CPU can do, read from /proc/cpuinfo: whether it has
 bfloat16 GEMM instructions (AVX512-BF16 or AMX), which decides how a
-bfloat16 model's matmuls run on it (config.precision.cpu_bf16_dots)."""
+bfloat16 model's matmuls run on it (config.precision.cpu_bf16_dots); and
+whether its C library should ask for huge pages (`use_huge_pages`)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import re
+import sys
 
 BF16_GEMM_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -31,3 +36,79 @@ def bf16_dots(setting: str) -> str:
   if setting != "auto":
     return setting
   return "native" if has_bf16_gemm() else "float32"
+
+
+# Python packages of the accelerator backends jax loads when installed
+# (jax[cuda12], jax[cuda13], jax[tpu]); with none of them jax runs on the CPU.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+# glibc >= 2.35: malloc asks the kernel for transparent huge pages
+# (madvise MADV_HUGEPAGE) for what it maps.
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
+
+
+def jax_runs_on_cpu(environ=os.environ) -> bool:
+  """Whether jax will compute on the CPU in a process with `environ`,
+  judged before it starts a backend: JAX_PLATFORMS names the CPU first,
+  or it is unset and no accelerator plugin is installed."""
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
+
+
+def transparent_huge_pages() -> str:
+  """The kernel's transparent huge page mode: "always", "madvise" or
+  "never" ("" where unknown: not Linux)."""
+  try:
+    with open(THP_MODE_FILE) as f:
+      found = re.search(r"\[(\w+)\]", f.read())
+  except OSError:
+    return ""
+  return found.group(1) if found else ""
+
+
+def _glibc_version() -> tuple[int, ...]:
+  """(2, 36) for glibc 2.36; () for another C library."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (AttributeError, OSError, ValueError):
+    return ()
+  return tuple(int(p) for p in version.split(".")[:2]) if name == "glibc" else ()
+
+
+def huge_page_environ(environ=os.environ) -> dict | None:
+  """The environment to run this process in for malloc to ask for huge
+  pages, or None when it needs no change: the tunable is set already
+  (either way: `glibc.malloc.hugetlb=0` in GLIBC_TUNABLES opts out), the
+  backend is not the CPU, the kernel grants huge pages only on request
+  ("madvise") and glibc is 2.35 or newer; otherwise there is nothing to
+  gain.
+
+  Why: XLA:CPU allocates each execution's temporaries as one block (546 MB
+  for benchmarks/peer_torch.py's float32 step) on one of its threads, where
+  glibc maps a block that large afresh and unmaps it when freed. Every step
+  then page-faults all of it in again, 4 KiB at a time: 141,000 minor
+  faults and 0.27 s of kernel time per 0.85 s step on a 2-core AMD EPYC.
+  With huge pages, a few hundred faults (docs/performance.md, "Huge pages").
+  """
+  if HUGE_PAGE_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+    return None
+  if (not jax_runs_on_cpu(environ) or transparent_huge_pages() != "madvise"
+      or _glibc_version() < (2, 35)):
+    return None
+  tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  return {**environ, "GLIBC_TUNABLES": ":".join(
+      [*tunables, f"{HUGE_PAGE_TUNABLE}=1"])}
+
+
+def use_huge_pages() -> None:
+  """Re-runs this process (same pid and arguments) in `huge_page_environ`
+  when that changes anything: glibc reads its tunables only at start.
+  Call it first thing, before the work begins (scripts do, in
+  lm/run/cli.py); the processes it starts inherit the setting."""
+  environ = huge_page_environ()
+  if environ is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)

@@ -38,6 +38,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 # CPU's matmul peak under the suite's load (and caching that for later runs).
 os.environ.setdefault("LM_PEAK_TFLOPS", "1")
 
+# Each script the tests start would re-run itself once to malloc with huge
+# pages (lm/cpu.py); the environment it would ask for is set here instead,
+# for those scripts and for xdist's workers.
+from lm import cpu  # noqa: E402
+
+os.environ.update(cpu.huge_page_environ() or {})
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402

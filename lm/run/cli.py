@@ -21,6 +21,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from lm import cpu
 from lm.checks import UserError
 
 _VERBOSE = flags.DEFINE_boolean(
@@ -180,7 +181,9 @@ def _orbax_leftover(unraisable) -> bool:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with the error handling above."""
+  """app.run(main) with the error handling above; first, on a CPU backend,
+  malloc with huge pages (lm/cpu.py: re-runs the script once if needed)."""
+  cpu.use_huge_pages()
   def guarded(argv):
     _quiet_hooks()  # Here: absl has installed its own excepthook by now.
     if _VERBOSE.value:  # The library's own quiet spots read the environment.
