@@ -39,8 +39,11 @@ def bf16_dots(setting: str) -> str:
 
 
 # Python packages of the accelerator backends jax loads when installed
-# (jax[cuda12], jax[cuda13], jax[tpu]); with none of them jax runs on the CPU.
+# (jax[cuda12], jax[cuda13], jax[tpu]), and the device files of the
+# accelerators they drive: with a plugin but no device (libtpu is a test
+# dependency here), jax falls back to the CPU.
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0")
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 # glibc >= 2.35: malloc asks the kernel for transparent huge pages
 # (madvise MADV_HUGEPAGE) for what it maps.
@@ -50,11 +53,12 @@ HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
 def jax_runs_on_cpu(environ=os.environ) -> bool:
   """Whether jax will compute on the CPU in a process with `environ`,
   judged before it starts a backend: JAX_PLATFORMS names the CPU first,
-  or it is unset and no accelerator plugin is installed."""
+  or it is unset and there is no accelerator plugin or no accelerator."""
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  return not any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
+  return not (any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
+              and any(os.path.exists(d) for d in ACCELERATOR_DEVICES))
 
 
 def transparent_huge_pages() -> str:

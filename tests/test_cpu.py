@@ -51,13 +51,16 @@ def test_the_platform_is_read_from_jax_platforms(environ, want):
   assert cpu.jax_runs_on_cpu(environ) is want
 
 
-def test_without_jax_platforms_an_installed_plugin_means_an_accelerator(
+def test_without_jax_platforms_a_plugin_and_its_device_mean_an_accelerator(
     monkeypatch):
-  installed = set()
+  installed, devices = set(), set()
   monkeypatch.setattr(cpu.importlib.util, "find_spec",
                       lambda name: object() if name in installed else None)
+  monkeypatch.setattr(cpu.os.path, "exists", lambda path: path in devices)
   assert cpu.jax_runs_on_cpu({})
   installed.add("libtpu")
+  assert cpu.jax_runs_on_cpu({})  # No TPU here: jax falls back to the CPU.
+  devices.add("/dev/accel0")
   assert not cpu.jax_runs_on_cpu({})
 
 
