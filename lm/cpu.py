@@ -94,7 +94,7 @@ def huge_page_environ(environ=os.environ) -> dict | None:
   glibc maps a block that large afresh and unmaps it when freed. Every step
   then page-faults all of it in again, 4 KiB at a time: 141,000 minor
   faults and 0.27 s of kernel time per 0.85 s step on a 2-core AMD EPYC.
-  With huge pages, a few hundred faults (docs/performance.md, "Huge pages").
+  With huge pages, a few hundred (docs/performance.md, performance log).
   """
   if HUGE_PAGE_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
     return None
