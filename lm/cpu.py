@@ -82,12 +82,12 @@ def _glibc_version() -> tuple[int, ...]:
 
 
 def huge_page_environ(environ=os.environ) -> dict | None:
-  """The environment to run this process in for malloc to ask for huge
-  pages, or None when it needs no change: the tunable is set already
-  (either way: `glibc.malloc.hugetlb=0` in GLIBC_TUNABLES opts out), the
-  backend is not the CPU, the kernel grants huge pages only on request
-  ("madvise") and glibc is 2.35 or newer; otherwise there is nothing to
-  gain.
+  """The environment this process should run in for glibc's malloc to ask
+  for huge pages, or None if it needs no change. It changes only where
+  that helps: jax runs on the CPU, the kernel grants huge pages on request
+  ("madvise"; "always" grants them anyway, "never" not at all), glibc is
+  2.35 or newer, and GLIBC_TUNABLES does not set the tunable already
+  (either way: `glibc.malloc.hugetlb=0` opts out).
 
   Why: XLA:CPU allocates each execution's temporaries as one block (546 MB
   for benchmarks/peer_torch.py's float32 step) on one of its threads, where
