@@ -6,10 +6,12 @@ PyTorch (benchmarks/peer_torch.py's Llama-shaped bench model, one device).
 
 XLA:CPU runs a compiled step as a graph of kernels ("thunks") on its
 threads, several at once where the graph allows. The trace has each kernel
-as an event on the thread that ran it. A kernel named `ynn_fusion*` is a
-dot XLA handed to YNNPACK, its GEMM library (attention's batched matmuls
-included); every other kernel is XLA's own code (elementwise fusions,
-reductions, layout copies, ...). Per traced step (the client's wait for
+as an event on the thread that ran it. A GEMM kernel is a dot XLA handed to
+YNNPACK, its GEMM library (attention's batched matmuls included): a
+`ynn_fusion*` kernel whose computation in the compiled HLO is a dot (XLA
+also hands YNNPACK some reductions, under the same name). Every other
+kernel is XLA's own code (elementwise fusions, reductions, layout copies,
+...) or such a reduction. Per traced step (the client's wait for
 the step's completion):
 - `GEMMs`: the wall time in which at least one GEMM kernel runs;
 - `other kernels alone`: the wall time in which only XLA's own kernels
@@ -17,7 +19,10 @@ the step's completion):
 - `nothing`: no kernel runs (dispatch, and the gaps between kernels).
 Those three add up to the step. The second table splits the other kernels'
 thread time (summed over threads, so it can exceed their wall time) by the
-kind of fusion XLA named them after, largest first.
+kind of fusion XLA named them after, largest first. The third groups the
+GEMM kernels by their dot's shape, read from the compiled step's HLO
+(batch x M x K x N, the operand dtype), with their thread time per step and
+the rate each ran at on its thread: 2 M K N per batch element over its time.
 
 The profiler's overhead makes a traced step somewhat slower than the
 untraced steps of the same run, which are reported beside it.
@@ -28,6 +33,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import re
 import statistics
 import sys
@@ -39,7 +45,6 @@ from benchmarks import common, peer_torch
 from lm import cpu
 
 NAME = "step_profile"
-GEMM = re.compile(r"^ynn_fusion")
 STEP = "ThunkExecutor::Execute (wait for completion)"
 WARMUP, TIMED = 5, 5
 TOP_KINDS = 6
@@ -63,9 +68,47 @@ def _kind(name: str) -> str:
   return re.sub(r"\.\d+$", "", name)
 
 
-def breakdown(trace: dict) -> list[dict]:
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def gemm_shapes(hlo: str) -> dict[str, dict]:
+  """{GEMM kernel name: its dot's shape} from a compiled module's HLO text
+  (`compiled.as_text()`): the `ynn_fusion` instructions whose computation
+  is a dot (the others are reductions). The shape is {"dtype", "batch", "m", "k", "n", "flops"}: M, K
+  and N multiply the lhs's free, the contracted and the rhs's free
+  dimensions, batch the batch dimensions; flops = 2 batch M K N."""
+  bodies = {m["name"]: m["body"] for m in re.finditer(
+      r"^%(?P<name>[\w.]+) \(.*?\n(?P<body>.*?)\n\}", hlo, re.S | re.M)}
+  out = {}
+  for m in re.finditer(r"%(?P<kernel>ynn_fusion[\w.]*) = .*?"
+                       r"calls=%(?P<body>[\w.]+)", hlo):
+    body = bodies.get(m["body"], "")
+    shapes = {v["name"]: (v["dtype"], _dims(v["dims"])) for v in re.finditer(
+        r"%(?P<name>[\w.]+) = (?P<dtype>\w+)\[(?P<dims>[\d,]*)\]", body)}
+    dot = re.search(r"dot\(%(?P<lhs>[\w.]+), %(?P<rhs>[\w.]+)\)(?P<attrs>.*)",
+                    body)
+    if dot is None:
+      continue
+    (dtype, lhs), (_, rhs) = shapes[dot["lhs"]], shapes[dot["rhs"]]
+    attrs = {a: _dims(v) for a, v in re.findall(r"(\w+_dims)=\{([\d,]*)\}",
+                                                 dot["attrs"])}
+    def size(dims, axes):
+      return math.prod(dims[i] for i in axes)
+    lb, lc = attrs.get("lhs_batch_dims", []), attrs["lhs_contracting_dims"]
+    rb, rc = attrs.get("rhs_batch_dims", []), attrs["rhs_contracting_dims"]
+    shape = {"dtype": dtype, "batch": size(lhs, lb), "k": size(lhs, lc),
+             "m": size(lhs, [i for i in range(len(lhs)) if i not in lb + lc]),
+             "n": size(rhs, [i for i in range(len(rhs)) if i not in rb + rc])}
+    shape["flops"] = 2 * shape["batch"] * shape["m"] * shape["k"] * shape["n"]
+    out[m["kernel"]] = shape
+  return out
+
+
+def breakdown(trace: dict, gemms: set[str]) -> list[dict]:
   """Per traced step: its wall time and the parts described above (ms),
-  and the other kernels' thread time by kind."""
+  the other kernels' thread time by kind and the GEMM kernels' by name.
+  `gemms`: the GEMM kernels' names (gemm_shapes' keys)."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -83,10 +126,11 @@ def breakdown(trace: dict) -> list[dict]:
   for start, end in steps:
     inside = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in kernels
               if start <= e["ts"] < end]
-    gemm, kinds = [], collections.Counter()
+    gemm, kinds, by_gemm = [], collections.Counter(), collections.Counter()
     for s, e, n in inside:
-      if GEMM.match(n):
+      if n in gemms:
         gemm.append((s, e))
+        by_gemm[n] += (e - s) / 1e3
       else:
         kinds[_kind(n)] += (e - s) / 1e3
     gemm_wall, any_wall = _union(gemm), _union([(s, e) for s, e, _ in inside])
@@ -94,7 +138,8 @@ def breakdown(trace: dict) -> list[dict]:
                 "gemm_ms": gemm_wall / 1e3,
                 "other_alone_ms": (any_wall - gemm_wall) / 1e3,
                 "nothing_ms": (end - start - any_wall) / 1e3,
-                "other_thread_ms": dict(kinds)})
+                "other_thread_ms": dict(kinds),
+                "gemm_thread_ms": dict(by_gemm)})
   return out
 
 
@@ -118,6 +163,7 @@ def measure(dtype: str, steps: int) -> dict:
     b = {"tokens": jax.device_put(tokens, setup.batch_sharding())}
     step = lm.train.step.jit_train_step(setup, lm.tasks.get(config))
     compiled = step.lower(state, b).compile()
+    shapes = gemm_shapes(compiled.as_text())
     untraced = []
     for i in range(WARMUP + TIMED):
       t = time.perf_counter()
@@ -131,11 +177,12 @@ def measure(dtype: str, steps: int) -> dict:
         jax.block_until_ready((state, metrics))
     path, = Path(tmp).glob("plugins/profile/*/perfetto_trace.json.gz")
     with gzip.open(path) as f:
-      traced = breakdown(json.load(f))
+      traced = breakdown(json.load(f), set(shapes))
   if len(traced) != steps:
     raise RuntimeError(f"{dtype}: {len(traced)} steps in the trace, "
                        f"{steps} traced.")
-  return {"untraced_step_ms": untraced, "traced": traced}
+  return {"untraced_step_ms": untraced, "traced": traced,
+          "gemm_shapes": shapes}
 
 
 def main() -> None:
@@ -187,7 +234,40 @@ def tables(results: dict) -> dict[str, str]:
        "other kernels alone", "nothing"], rows, "lrrrrr"),
           "kinds": common.markdown(
       ["compute dtype", "kernel kind (XLA's fusion name)",
-       "thread time per step (ms)"], kind_rows, "llr")}
+       "thread time per step (ms)"], kind_rows, "llr"),
+          "gemms": common.markdown(
+      ["compute dtype", "GEMM batch x M x K x N", "kernels per step",
+       "thread time per step (ms)", "GFLOP/s on its thread"],
+      [row for dtype in peer_torch.DTYPES if dtype in results["runs"]
+       for row in _gemm_rows(dtype, results["runs"][dtype])], "llrrr")}
+
+
+def _gemm_rows(dtype: str, run: dict) -> list[list[str]]:
+  """The GEMMs of one run grouped by shape, the most thread time first (the
+  TOP_KINDS largest, then the rest and all together)."""
+  shapes = run.get("gemm_shapes")
+  if not shapes:  # Measured before the GEMMs were recorded by shape.
+    return []
+  names = collections.defaultdict(list)
+  for name, sh in shapes.items():
+    names[f"{sh['batch']} x {sh['m']} x {sh['k']} x {sh['n']} "
+          f"({sh['dtype']})"].append(name)
+  groups = {label: {
+      "kernels": len(ns), "flops": sum(shapes[n]["flops"] for n in ns),
+      "ms": statistics.median(sum(step["gemm_thread_ms"].get(n, 0.0)
+                                  for n in ns) for step in run["traced"])}
+            for label, ns in names.items()}
+
+  def row(label: str, gs: list[dict]) -> list[str]:
+    ms, flops = sum(g["ms"] for g in gs), sum(g["flops"] for g in gs)
+    return [dtype, label, str(sum(g["kernels"] for g in gs)), f"{ms:.1f}",
+            f"{flops / ms / 1e6:.0f}"]
+  top = sorted(groups, key=lambda k: -groups[k]["ms"])
+  rows = [row(key, [groups[key]]) for key in top[:TOP_KINDS]]
+  if len(top) > TOP_KINDS:
+    rows.append(row(f"the other {len(top) - TOP_KINDS} shapes",
+                    [groups[k] for k in top[TOP_KINDS:]]))
+  return rows + [row("all GEMMs", list(groups.values()))]
 
 
 if __name__ == "__main__":
