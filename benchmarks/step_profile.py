@@ -21,8 +21,10 @@ Those three add up to the step. The second table splits the other kernels'
 thread time (summed over threads, so it can exceed their wall time) by the
 kind of fusion XLA named them after, largest first. The third groups the
 GEMM kernels by their dot's shape, read from the compiled step's HLO
-(batch x M x K x N, the operand dtype), with their thread time per step and
-the rate each ran at on its thread: 2 M K N per batch element over its time.
+(batch x M x K x N, the operand dtype), with their time per step, the rate
+they ran at (2 M K N per batch element over that time; YNNPACK splits a
+GEMM over the free threads, so one that runs alone may use both cores) and
+the share of that time another GEMM ran beside them.
 
 The profiler's overhead makes a traced step somewhat slower than the
 untraced steps of the same run, which are reported beside it.
@@ -108,8 +110,9 @@ def gemm_shapes(hlo: str) -> dict[str, dict]:
 
 def breakdown(trace: dict, gemms: set[str]) -> list[dict]:
   """Per traced step: its wall time and the parts described above (ms),
-  the other kernels' thread time by kind and the GEMM kernels' by name.
-  `gemms`: the GEMM kernels' names (gemm_shapes' keys)."""
+  the other kernels' thread time by kind, and per GEMM kernel (by name) its
+  time and the part of it another GEMM ran beside it. `gemms`: the GEMM
+  kernels' names (gemm_shapes' keys)."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -135,12 +138,20 @@ def breakdown(trace: dict, gemms: set[str]) -> list[dict]:
       else:
         kinds[_kind(n)] += (e - s) / 1e3
     gemm_wall, any_wall = _union(gemm), _union([(s, e) for s, e, _ in inside])
+    # Per GEMM kernel, the part of its time another GEMM ran beside it.
+    beside = collections.Counter()
+    for s, e, n in inside:
+      if n in gemms:
+        others = [(max(s, s2), min(e, e2)) for s2, e2, n2 in inside
+                  if n2 in gemms and n2 != n and s2 < e and e2 > s]
+        beside[n] += _union(others) / 1e3
     out.append({"step_ms": (end - start) / 1e3,
                 "gemm_ms": gemm_wall / 1e3,
                 "other_alone_ms": (any_wall - gemm_wall) / 1e3,
                 "nothing_ms": (end - start - any_wall) / 1e3,
                 "other_thread_ms": dict(kinds),
-                "gemm_thread_ms": dict(by_gemm)})
+                "gemm_thread_ms": dict(by_gemm),
+                "gemm_beside_ms": dict(beside)})
   return out
 
 
@@ -243,9 +254,10 @@ def tables(results: dict) -> dict[str, str]:
        "thread time per step (ms)"], kind_rows, "llr"),
           "gemms": common.markdown(
       ["compute dtype", "GEMM batch x M x K x N", "kernels per step",
-       "thread time per step (ms)", "GFLOP/s on its thread"],
+       "time per step (ms)", "GFLOP/s while it runs",
+       "beside another GEMM"],
       [row for dtype in peer_torch.DTYPES if dtype in results["runs"]
-       for row in _gemm_rows(dtype, results["runs"][dtype])], "llrrr")}
+       for row in _gemm_rows(dtype, results["runs"][dtype])], "llrrrr")}
 
 
 def _gemm_rows(dtype: str, run: dict) -> list[list[str]]:
@@ -258,16 +270,20 @@ def _gemm_rows(dtype: str, run: dict) -> list[list[str]]:
   for name, sh in shapes.items():
     names[f"{sh['batch']} x {sh['m']} x {sh['k']} x {sh['n']} "
           f"({sh['dtype']})"].append(name)
+  def median_ms(key: str, ns: list[str]) -> float:
+    return statistics.median(sum(step[key].get(n, 0.0) for n in ns)
+                             for step in run["traced"])
   groups = {label: {
       "kernels": len(ns), "flops": sum(shapes[n]["flops"] for n in ns),
-      "ms": statistics.median(sum(step["gemm_thread_ms"].get(n, 0.0)
-                                  for n in ns) for step in run["traced"])}
+      "ms": median_ms("gemm_thread_ms", ns),
+      "beside_ms": median_ms("gemm_beside_ms", ns)}
             for label, ns in names.items()}
 
   def row(label: str, gs: list[dict]) -> list[str]:
     ms, flops = sum(g["ms"] for g in gs), sum(g["flops"] for g in gs)
+    beside = sum(g["beside_ms"] for g in gs)
     return [dtype, label, str(sum(g["kernels"] for g in gs)), f"{ms:.1f}",
-            f"{flops / ms / 1e6:.0f}"]
+            f"{flops / ms / 1e6:.0f}", f"{100 * beside / ms:.0f}%"]
   top = sorted(groups, key=lambda k: -groups[k]["ms"])
   rows = [row(key, [groups[key]]) for key in top[:TOP_KINDS]]
   if len(top) > TOP_KINDS:

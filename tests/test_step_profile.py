@@ -33,8 +33,9 @@ def test_gemm_shapes_are_the_dots_of_the_program():
 
 
 def test_only_named_gemms_count_as_gemm_time():
-  """A trace of one step: a GEMM and a YNNPACK reduction side by side, then
-  a loop fusion alone; only the GEMM's interval counts as GEMM time."""
+  """A trace of one 10 ms step on two threads: GEMMs A (0-4 ms) and B
+  (2-5 ms) side by side, then a YNNPACK reduction (5-6 ms) and a loop
+  fusion (6-9 ms); only A's and B's intervals count as GEMM time."""
   thread = {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
             "args": {"name": "XLAEigen/7"}}
   def span(name, ts, dur, tid=7):
@@ -43,11 +44,13 @@ def test_only_named_gemms_count_as_gemm_time():
   trace = {"traceEvents": [
       thread, {**thread, "tid": 8, "args": {"name": "XLAEigen/8"}},
       span(step_profile.STEP, 0, 10_000, tid=1),
-      span("ynn_fusion.3", 0, 4_000), span("ynn_fusion.4", 0, 6_000, tid=8),
+      span("ynn_fusion.3", 0, 4_000), span("ynn_fusion.5", 2_000, 3_000, 8),
+      span("ynn_fusion.4", 5_000, 1_000, tid=8),
       span("add_fusion.1", 6_000, 3_000)]}
-  step, = step_profile.breakdown(trace, {"ynn_fusion.3"})
-  assert step["gemm_ms"] == 4.0
-  assert step["other_alone_ms"] == 5.0  # The reduction's 4-6 ms and 6-9 ms.
+  step, = step_profile.breakdown(trace, {"ynn_fusion.3", "ynn_fusion.5"})
+  assert step["gemm_ms"] == 5.0
+  assert step["other_alone_ms"] == 4.0
   assert step["nothing_ms"] == 1.0
-  assert step["gemm_thread_ms"] == {"ynn_fusion.3": 4.0}
-  assert step["other_thread_ms"] == {"ynn_fusion": 6.0, "add_fusion": 3.0}
+  assert step["gemm_thread_ms"] == {"ynn_fusion.3": 4.0, "ynn_fusion.5": 3.0}
+  assert step["gemm_beside_ms"] == {"ynn_fusion.3": 2.0, "ynn_fusion.5": 2.0}
+  assert step["other_thread_ms"] == {"ynn_fusion": 1.0, "add_fusion": 3.0}
