@@ -199,10 +199,9 @@ def measure(dtype: str, steps: int) -> dict:
 
 def main() -> None:
   cpu.use_huge_pages()  # As a script does: our steps run in this process.
-  # This CPU's steps, and no TPU probe: where libtpu is installed (the test
-  # dependencies), jax loads its profiler with it, whose sampler of the
-  # CPU's performance counters polls on a thread of its own; on 2 cores
-  # that made the traced steps ~1.7x slower than the untraced ones.
+  # This CPU's steps, and no TPU probe: with libtpu installed (the test
+  # dependencies) it would load libtpu's profiler, which slows the traced
+  # steps (lm/cpu.libtpu_profiler_on_cpu).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=3,

@@ -64,6 +64,21 @@ def test_without_jax_platforms_a_plugin_and_its_device_mean_an_accelerator(
   assert not cpu.jax_runs_on_cpu({})
 
 
+@pytest.mark.parametrize("environ, installed, devices, want", [
+    ({}, {"libtpu"}, set(), True),  # The TPU probe loads it; no TPU.
+    ({}, set(), set(), False),  # No libtpu.
+    ({"JAX_PLATFORMS": "cpu"}, {"libtpu"}, set(), False),  # No probe.
+    ({"JAX_PLATFORMS": "cpu,tpu"}, {"libtpu"}, set(), True),
+    ({}, {"libtpu"}, {"/dev/accel0"}, False),  # A TPU: not the CPU.
+])
+def test_libtpus_profiler_is_flagged_where_jax_loads_it_for_the_cpu(
+    monkeypatch, environ, installed, devices, want):
+  monkeypatch.setattr(cpu.importlib.util, "find_spec",
+                      lambda name: object() if name in installed else None)
+  monkeypatch.setattr(cpu.os.path, "exists", lambda path: path in devices)
+  assert cpu.libtpu_profiler_on_cpu(environ) is want
+
+
 @pytest.mark.parametrize("mode, environ, want", [
     ("madvise", {"JAX_PLATFORMS": "cpu"}, "glibc.malloc.hugetlb=1"),
     # Others' tunables are kept.

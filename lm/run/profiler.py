@@ -22,7 +22,7 @@ import contextlib
 
 import jax
 
-from lm import paths
+from lm import cpu, paths
 from lm.run.metrics_log import log
 
 
@@ -43,6 +43,11 @@ class Window:
     if self.enabled and not self.tracing:
       start, stop = self.steps
       if start <= done < stop:
+        if cpu.libtpu_profiler_on_cpu():
+          log("profiling on the CPU with libtpu installed: jax's TPU probe "
+              "loaded libtpu's profiler, which slows the traced steps and "
+              "inflates their kernels' times; for a faithful profile run "
+              "with JAX_PLATFORMS=cpu (docs/tracking.md)")
         jax.profiler.start_trace(str(self.directory))
         self.tracing = True
     if self.tracing:

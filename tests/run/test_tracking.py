@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import _gan_mlp, tiny_config
 from lm.checks import ConfigError, UserError
-from lm.run import goodput, loop, wandb_sink
+from lm import cpu
+from lm.run import goodput, loop, profiler, wandb_sink
 from lm.run.metrics_log import MetricsLog
 
 
@@ -146,6 +147,21 @@ def test_profile_trace_holds_the_window_steps_across_the_resume(gan_run):
     phases |= {e.name for e in events} & set(goodput.PARTS)
   assert steps == [[1], [2]]
   assert {"step", "data"} <= phases
+
+
+@pytest.mark.parametrize("libtpu_profiler", [True, False])
+def test_a_cpu_trace_beside_libtpus_profiler_says_how_to_avoid_it(
+    tmp_path, monkeypatch, capsys, libtpu_profiler):
+  """Only where libtpu's profiler would run beside a CPU computation
+  (lm/cpu.libtpu_profiler_on_cpu) does the trace's start say so."""
+  monkeypatch.setattr(cpu, "libtpu_profiler_on_cpu", lambda: libtpu_profiler)
+  window = profiler.Window((0, 1), tmp_path)
+  with window.step(0):
+    jax.block_until_ready(jax.numpy.ones(3) * 2)
+  window.after(1)
+  out = capsys.readouterr().out
+  assert ("JAX_PLATFORMS=cpu" in out) is libtpu_profiler, out
+  assert "profile of 1 step(s)" in out
 
 
 def test_time_breakdown_adds_up_and_continues_across_the_resume(gan_run):
