@@ -75,12 +75,17 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
+def _size(dims: list[int], axes: list[int]) -> int:
+  return math.prod(dims[i] for i in axes)
+
+
 def gemm_shapes(hlo: str) -> dict[str, dict]:
   """{GEMM kernel name: its dot's shape} from a compiled module's HLO text
   (`compiled.as_text()`): the `ynn_fusion` instructions whose computation
-  is a dot (the others are reductions). The shape is {"dtype", "batch", "m", "k", "n", "flops"}: M, K
-  and N multiply the lhs's free, the contracted and the rhs's free
-  dimensions, batch the batch dimensions; flops = 2 batch M K N."""
+  is a dot (the others are reductions). A shape is {"dtype", "batch", "m",
+  "k", "n", "flops"}: M, K and N multiply the lhs's free, the contracted
+  and the rhs's free dimensions, batch the batch dimensions; flops =
+  2 batch M K N."""
   bodies = {m["name"]: m["body"] for m in re.finditer(
       r"^%(?P<name>[\w.]+) \(.*?\n(?P<body>.*?)\n\}", hlo, re.S | re.M)}
   out = {}
@@ -96,13 +101,11 @@ def gemm_shapes(hlo: str) -> dict[str, dict]:
     (dtype, lhs), (_, rhs) = shapes[dot["lhs"]], shapes[dot["rhs"]]
     attrs = {a: _dims(v) for a, v in re.findall(r"(\w+_dims)=\{([\d,]*)\}",
                                                  dot["attrs"])}
-    def size(dims, axes):
-      return math.prod(dims[i] for i in axes)
     lb, lc = attrs.get("lhs_batch_dims", []), attrs["lhs_contracting_dims"]
     rb, rc = attrs.get("rhs_batch_dims", []), attrs["rhs_contracting_dims"]
-    shape = {"dtype": dtype, "batch": size(lhs, lb), "k": size(lhs, lc),
-             "m": size(lhs, [i for i in range(len(lhs)) if i not in lb + lc]),
-             "n": size(rhs, [i for i in range(len(rhs)) if i not in rb + rc])}
+    shape = {"dtype": dtype, "batch": _size(lhs, lb), "k": _size(lhs, lc),
+             "m": _size(lhs, [i for i in range(len(lhs)) if i not in lb + lc]),
+             "n": _size(rhs, [i for i in range(len(rhs)) if i not in rb + rc])}
     shape["flops"] = 2 * shape["batch"] * shape["m"] * shape["k"] * shape["n"]
     out[m["kernel"]] = shape
   return out
