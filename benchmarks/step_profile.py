@@ -136,18 +136,17 @@ def breakdown(trace: dict, gemms: set[str]) -> list[dict]:
     gemm, kinds, by_gemm = [], collections.Counter(), collections.Counter()
     for s, e, n in inside:
       if n in gemms:
-        gemm.append((s, e))
+        gemm.append((s, e, n))
         by_gemm[n] += (e - s) / 1e3
       else:
         kinds[_kind(n)] += (e - s) / 1e3
-    gemm_wall, any_wall = _union(gemm), _union([(s, e) for s, e, _ in inside])
+    gemm_wall = _union([(s, e) for s, e, _ in gemm])
+    any_wall = _union([(s, e) for s, e, _ in inside])
     # Per GEMM kernel, the part of its time another GEMM ran beside it.
     beside = collections.Counter()
-    for s, e, n in inside:
-      if n in gemms:
-        others = [(max(s, s2), min(e, e2)) for s2, e2, n2 in inside
-                  if n2 in gemms and n2 != n and s2 < e and e2 > s]
-        beside[n] += _union(others) / 1e3
+    for s, e, n in gemm:
+      beside[n] += _union([(max(s, s2), min(e, e2)) for s2, e2, n2 in gemm
+                           if n2 != n and s2 < e and e2 > s]) / 1e3
     out.append({"step_ms": (end - start) / 1e3,
                 "gemm_ms": gemm_wall / 1e3,
                 "other_alone_ms": (any_wall - gemm_wall) / 1e3,
