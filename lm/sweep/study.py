@@ -44,6 +44,10 @@ OVER_BUDGET = "over_budget"
 # A bare postgresql:// URL means SQLAlchemy's default PostgreSQL driver:
 # psycopg (3) from SQLAlchemy 2.1 on, psycopg2 before.
 DRIVERS = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary"}
+# PostgreSQL's SQLSTATEs for creating what exists, as a worker that lost
+# the race to create Optuna's schema sees: duplicate_object (an enum type),
+# duplicate_table.
+DUPLICATE_SCHEMA = {"42710", "42P07"}
 
 
 class TrialError(Exception):
@@ -118,13 +122,21 @@ def _storage(sweep, url: str, engine: dict) -> optuna.storages.RDBStorage:
           f"sweep.storage={_hide_password(url)} is not a database URL "
           f"({e}); e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB, or "
           "leave it empty for SQLite.") from e
-    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.ProgrammingError) as e:
       # Another worker is creating the same tables right now: once it has,
-      # opening succeeds.
-      if attempt == 4:
+      # opening succeeds. On PostgreSQL the loser sees a table or enum type
+      # that did not exist when it checked ("already exists").
+      if attempt == 4 or (isinstance(e, sqlalchemy.exc.ProgrammingError)
+                          and _sqlstate(e) not in DUPLICATE_SCHEMA):
         raise
       time.sleep(0.2 + random.random())
   raise AssertionError("unreachable")
+
+
+def _sqlstate(e) -> str | None:
+  """The server's error code: psycopg 3 calls it sqlstate, psycopg2 pgcode."""
+  return getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
 
 
 def _wal(engine) -> None:

@@ -155,6 +155,32 @@ def test_two_workers_share_one_study(tmp_path, storage):
   assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}
 
 
+def test_a_worker_that_loses_the_schema_race_opens_the_study(tmp_path,
+                                                             monkeypatch):
+  """Two workers starting on a fresh PostgreSQL database both create
+  Optuna's tables; the one that checked before the other committed gets
+  'type "studydirection" already exists'. Replayed here on a real server:
+  the schema exists, and this worker's first check for the enum type says
+  it does not (as it did before the other worker's commit)."""
+  from sqlalchemy.dialects.postgresql import base as pg
+  assert postgres.binaries() is not None, (
+      "PostgreSQL: install pgserver and psycopg[binary] "
+      "(pip install -r requirements-test.txt)")
+  has_type = pg.PGDialect.has_type
+  checks = []
+
+  def stale_check(self, *args, **kwargs):
+    checks.append(args)
+    return len(checks) > 1 and has_type(self, *args, **kwargs)
+  with postgres.server() as url:
+    s, params = sweep("grid", GRID, storage=url)
+    study_lib.open_study(s, params, tmp_path, identity={})  # The other one.
+    monkeypatch.setattr(pg.PGDialect, "has_type", stale_check)
+    study = study_lib.open_study(s, params, tmp_path, identity={})
+  assert len(checks) > 1  # It raced, and tried again.
+  assert study.study_name == tmp_path.name
+
+
 def test_a_storage_without_its_driver_says_what_to_install(tmp_path,
                                                            monkeypatch):
   monkeypatch.setitem(sys.modules, "psycopg2", None)  # Not installed.
