@@ -36,7 +36,6 @@ def main(argv):
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
   import lm_eval  # noqa: PLC0415
-  from lm_eval.tasks import TaskManager  # noqa: PLC0415
   from lm_eval.utils import make_table  # noqa: PLC0415
 
   from lm import paths  # noqa: PLC0415
@@ -52,10 +51,12 @@ def main(argv):
       corpus.corpus, corpus.text_dir = "shakespeare", ""
     harness_tasks.build(corpus, tasks_dir)
   include = [str(tasks_dir)] + ([_INCLUDE.value] if _INCLUDE.value else [])
+  # torch_random_seed=None: the model is ours, so the harness need not import
+  # torch (where it is installed) to seed a generator nothing reads.
   results = lm_eval.simple_evaluate(
       model=model, tasks=_TASKS.value,
-      task_manager=TaskManager(include_path=include),
-      limit=_LIMIT.value or None, log_samples=False)
+      task_manager=harness_tasks.task_manager(_TASKS.value, include),
+      limit=_LIMIT.value or None, log_samples=False, torch_random_seed=None)
   print(make_table(results))
   (paths.resolve(_WORKDIR.value) / "eval_harness.json").write_text(
       json.dumps(results["results"], indent=1, default=str) + "\n")

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from lm_eval.api.instance import Instance
 
-from conftest import REPO, init_run, xla_flags
-from lm.interop import compare, harness
+from conftest import REPO, init_run, tiny_config, xla_flags
+from lm.interop import compare, harness, harness_tasks
 from lm.run import restore
 from lm.tasks import language
 
@@ -80,6 +80,20 @@ def test_rolling_windows_cover_a_long_text_once(run, model):
   # Each byte is predicted once: per byte, near a uniform model's log(256)
   # for this untrained model, not a multiple of it.
   assert 0.5 * np.log(256) < -rolling / len(text) < 2 * np.log(256)
+
+
+def test_the_harness_own_tasks_are_indexed_only_when_asked_for(data_dir,
+                                                                tmp_path):
+  """The local tasks need only their folder; a task it lacks (one of the
+  harness's own, here hellaswag) is still found."""
+  harness_tasks.build(tiny_config(data_dir).data, tmp_path, items=4,
+                      passages=2)
+  local = harness_tasks.task_manager(list(harness_tasks.TASKS),
+                                     [str(tmp_path)])
+  assert set(local.all_tasks) == set(harness_tasks.TASKS)
+  both = harness_tasks.task_manager(["shakespeare_rolling", "hellaswag"],
+                                    [str(tmp_path)])
+  assert {"hellaswag", *harness_tasks.TASKS} <= set(both.all_tasks)
 
 
 @pytest.mark.slow
